@@ -1,0 +1,17 @@
+"""boltzlab: the package behind the BoltzLab course on neural samplers of Boltzmann distributions.
+
+Modules, one concept each:
+
+- ``config``     budgets (``BOLTZLAB_BUDGET``) and the sizes every notebook asks for
+- ``energies``   target energies E(x) and forces -grad E(x) with p(x) ∝ exp(-E(x)/kT)
+- ``mcmc``       Metropolis, MALA and parallel tempering over many chains; diagnostics
+- ``reference``  the shipped MCMC reference sets and the command that builds them
+- ``metrics``    energy W2, distance histograms, x-W2, Kish ESS, log Z, mode coverage
+- ``plots``      histograms, densities, traces
+- ``widgets``    ipywidgets used in the chapters
+- ``kernels``    Triton kernels and fast CPU paths for LJ forces and the DEM score target
+- ``exercises``  builds exercises/ from solutions/
+- ``grading``    in-notebook checks and the grading command
+"""
+
+__version__ = "0.1.0"
