@@ -1,0 +1,63 @@
+# BoltzLab. `make lab` opens the course; `make test` runs everything CI runs.
+# Both set up .venv first (pip, with torch pinned to the CPU build: requirements.txt).
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PORT   ?= 8888
+LAB_ARGS ?=
+JOBS   ?= 2
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup lab test test-fast sync exercises check-exercises grade bench reference clean-venv help
+
+help:
+	@echo "make lab        set up, then open JupyterLab on chapter 00"
+	@echo "make test       set up, then run the whole test suite (unit + notebooks, smoke budget)"
+	@echo "make sync       pair chapters/*.py and solutions/*.py with their .ipynb (jupytext --sync)"
+	@echo "make exercises  regenerate exercises/ from solutions/"
+	@echo "make grade SUBMISSIONS=dir [OUT=scores.csv]   grade submitted notebooks"
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.txt
+	mkdir -p $(VENV)/share/jupyter/lab/settings
+	cp jupyter/overrides.json $(VENV)/share/jupyter/lab/settings/overrides.json
+	touch $(STAMP)
+
+lab: setup
+	$(BIN)/jupyter lab --port=$(PORT) $(LAB_ARGS) chapters/00_boltzmann_mcmc.ipynb
+
+test: setup
+	BOLTZLAB_BUDGET=smoke $(BIN)/python -m pytest -n $(JOBS) --dist loadfile \
+	  --nbval-lax --nbval-current-env -p no:cacheprovider \
+	  tests chapters solutions exercises
+
+test-fast: setup
+	$(BIN)/python -m pytest -n $(JOBS) --dist loadfile -m "not slow" tests
+
+sync: setup
+	$(BIN)/jupytext --sync chapters/[0-9A]*.py solutions/*.py
+
+exercises: setup
+	$(BIN)/python -m boltzlab.exercises build
+
+check-exercises: setup
+	$(BIN)/python -m boltzlab.exercises check
+
+SUBMISSIONS ?= submissions
+OUT ?= scores.csv
+grade: setup
+	$(BIN)/python -m boltzlab.grading grade $(SUBMISSIONS) --out $(OUT) --feedback feedback
+
+bench: setup
+	$(BIN)/python benchmarks/bench_score_estimator.py
+
+reference: setup
+	$(BIN)/python -m boltzlab.reference build all
+
+clean-venv:
+	rm -rf $(VENV)

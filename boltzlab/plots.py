@@ -1,0 +1,355 @@
+r"""Plots used throughout the course (matplotlib).
+
+Every function draws into ``ax`` when given one and otherwise opens a new figure with
+``plt.subplots`` (so that notebooks show it); it returns the ``Axes`` it drew on
+(``ax.figure`` is the figure) and never calls ``plt.show``. Numbers printed in legends
+are computed by :mod:`boltzlab.metrics`, so a plot and a table never disagree.
+
+=============================  =============================================================
+:func:`energy_histogram`       energy histograms of several samplers against a reference,
+                               with the energy W2 of each in the legend
+:func:`distance_histogram_plot` the same for interatomic distances, with W2 and TVD
+:func:`boltzmann_density_grid` p(x) = exp(-E(x)/kT) / Z on a 2-D grid, Z by the grid sum
+:func:`density_2d`             that density as an image (or filled contours)
+:func:`samples_2d`             a scatter of 2-D samples, to overlay on a density
+:func:`trace_plot`             MCMC traces, one line per chain
+:func:`training_curve`         a loss (or any metric) per iteration, optionally smoothed
+=============================  =============================================================
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from matplotlib.axes import Axes
+from torch import Tensor
+
+from boltzlab import metrics
+from boltzlab.energies import Energy
+
+__all__ = [
+    "energy_histogram",
+    "distance_histogram_plot",
+    "boltzmann_density_grid",
+    "density_2d",
+    "samples_2d",
+    "trace_plot",
+    "training_curve",
+]
+
+REFERENCE_STYLE = dict(color="0.6", alpha=0.5, fill=True, linewidth=0)
+
+
+def _axes(ax: Axes | None, figsize: tuple[float, float] = (6.0, 4.0)) -> Axes:
+    if ax is not None:
+        return ax
+    _, new_ax = plt.subplots(figsize=figsize)
+    return new_ax
+
+
+def _as_numpy_1d(values: Tensor | Sequence[float], name: str) -> np.ndarray:
+    if isinstance(values, Tensor):
+        return values.detach().to("cpu", torch.float64).reshape(-1).numpy()
+    arr = np.asarray(values, dtype=np.float64)
+    if arr.ndim != 1:
+        raise ValueError(f"{name}: expected a 1-D sequence of numbers, got shape {arr.shape}")
+    return arr
+
+
+def _finite_part(values: Tensor, name: str) -> tuple[Tensor, int]:
+    """Drop NaN/inf values, returning the rest (float64, flat) and how many were dropped."""
+    if not isinstance(values, Tensor):
+        raise ValueError(f"{name}: expected a torch.Tensor, got {type(values).__name__}")
+    v = values.detach().reshape(-1).to("cpu", torch.float64)
+    finite = torch.isfinite(v)
+    kept = v[finite]
+    if kept.numel() == 0:
+        raise ValueError(f"{name}: no finite values to plot ({v.numel()} given)")
+    return kept, int((~finite).sum())
+
+
+def _plot_range(reference: Tensor | None, others: Sequence[Tensor], pad: float = 0.05) -> tuple[float, float]:
+    # the reference decides the window: a diverged sampler's huge values must not squash
+    # the plot (they are reported as a fraction outside instead)
+    pool = reference if reference is not None else torch.cat(list(others))
+    lo, hi = (float(q) for q in torch.quantile(pool, pool.new_tensor([0.001, 0.999])))
+    if not hi > lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    width = hi - lo
+    return lo - pad * width, hi + pad * width
+
+
+def _sampler_label(name: str, scores: str, hist: metrics.Histogram, n_dropped: int) -> str:
+    notes = [scores]
+    outside = hist.below + hist.above
+    if outside > 0:
+        notes.append(f"{100 * outside:.1f}% outside plot")
+    if n_dropped:
+        notes.append(f"{n_dropped} non-finite dropped")
+    return f"{name} ({'; '.join(notes)})"
+
+
+def _stairs(ax: Axes, hist: metrics.Histogram, label: str, **style: object) -> None:
+    ax.stairs(hist.density.numpy(), hist.edges.numpy(), label=label, **style)
+
+
+def energy_histogram(
+    samples_energies: Mapping[str, Tensor],
+    reference: Tensor | None = None,
+    bins: int = 100,
+    range: tuple[float, float] | None = None,
+    ax: Axes | None = None,
+    reference_label: str = "reference",
+    xlabel: str = "energy E(x)",
+) -> Axes:
+    """Energy histograms of several samplers, each against a reference.
+
+    ``samples_energies`` maps a sampler's name to its energies ``(n,)``; ``reference``
+    (``(m,)``) is drawn filled in grey. With a reference, each sampler's legend entry
+    gives its energy W2 (:func:`boltzlab.metrics.energy_w2`, W2 not W2^2) against it.
+    ``range`` defaults to the central 99.8% of the reference (or of all energies)
+    plus 5% on each side; the share of a sampler's energies outside it is printed in
+    the legend, and NaN/inf energies are dropped and counted there too.
+    Each histogram is a density over its in-range values (mass outside is not drawn).
+    """
+    if not samples_energies and reference is None:
+        raise ValueError("energy_histogram: nothing to plot (no sampler energies, no reference)")
+    ax = _axes(ax)
+    ref = _finite_part(reference, reference_label)[0] if reference is not None else None
+    finite = {name: _finite_part(e, name) for name, e in samples_energies.items()}
+    if range is None:
+        range = _plot_range(ref, [v for v, _ in finite.values()])
+    if ref is not None:
+        _stairs(ax, metrics.histogram(ref, bins, range), reference_label, **REFERENCE_STYLE)
+    for name, (energies, n_dropped) in finite.items():
+        hist = metrics.histogram(energies, bins, range)
+        scores = f"W2 = {metrics.energy_w2(energies, ref):.3g}" if ref is not None else f"n = {energies.numel()}"
+        _stairs(ax, hist, _sampler_label(name, scores, hist, n_dropped), linewidth=1.5)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("density")
+    ax.legend(fontsize="small")
+    return ax
+
+
+def distance_histogram_plot(
+    samples_x: Mapping[str, Tensor],
+    n_particles: int,
+    spatial_dim: int,
+    reference: Tensor | None = None,
+    bins: int = 100,
+    range: tuple[float, float] | None = None,
+    ax: Axes | None = None,
+    reference_label: str = "reference",
+) -> Axes:
+    r"""Interatomic-distance histograms of several samplers against a reference.
+
+    ``samples_x`` maps a name to configurations ``(n, n_particles * spatial_dim)``;
+    ``reference`` is ``(m, n_particles * spatial_dim)``. With a reference each legend
+    entry gives the distance W2 (:func:`boltzlab.metrics.distance_w2`) and the TVD
+    between the two histograms drawn (:func:`boltzlab.metrics.histogram_tvd` on these
+    ``bins`` and ``range``, mass outside the range included). ``range`` defaults to
+    the reference's central 99.8% of distances plus 5% on each side.
+    """
+    if not samples_x and reference is None:
+        raise ValueError("distance_histogram_plot: nothing to plot (no samples, no reference)")
+    ax = _axes(ax)
+    d_ref = metrics.interatomic_distances(reference, n_particles, spatial_dim) if reference is not None else None
+    dists = {name: metrics.interatomic_distances(x, n_particles, spatial_dim) for name, x in samples_x.items()}
+    if range is None:
+        range = _plot_range(d_ref, list(dists.values()))
+    h_ref = metrics.histogram(d_ref, bins, range) if d_ref is not None else None
+    if h_ref is not None:
+        _stairs(ax, h_ref, reference_label, **REFERENCE_STYLE)
+    for name, d in dists.items():
+        hist = metrics.histogram(d, bins, range)
+        if d_ref is not None and h_ref is not None:
+            w2 = metrics.wasserstein_1d(d, d_ref, p=2.0)
+            scores = f"W2 = {w2:.3g}, TVD = {metrics.histogram_tvd(hist, h_ref):.3g}"
+        else:
+            scores = f"n = {d.numel()} distances"
+        _stairs(ax, hist, _sampler_label(name, scores, hist, 0), linewidth=1.5)
+    ax.set_xlabel("interatomic distance")
+    ax.set_ylabel("density")
+    ax.legend(fontsize="small")
+    return ax
+
+
+def boltzmann_density_grid(
+    energy: Energy,
+    xlim: tuple[float, float],
+    ylim: tuple[float, float],
+    kT: float | None = None,
+    grid: int = 200,
+) -> tuple[Tensor, Tensor, Tensor]:
+    r"""The Boltzmann density of a 2-D energy on a grid of ``grid × grid`` cells.
+
+    Cell centres x_i, y_j cover ``xlim × ylim``; with cell area A = Δx Δy,
+
+        p_ij = exp(-E(x_i, y_j)/kT) / (A · Σ_kl exp(-E(x_k, y_l)/kT)),
+
+    so that Σ p_ij A = 1 (normalised numerically on the window, in float64 with a
+    logsumexp). ``kT`` defaults to ``energy.kT``. Returns ``(xs (grid,), ys (grid,),
+    p (grid, grid))`` with ``p[j, i]`` at (xs[i], ys[j]) (rows are y, as images are).
+    """
+    if energy.dim != 2:
+        raise ValueError(f"boltzmann_density_grid needs a 2-D energy, {energy.name} has dim {energy.dim}")
+    kT = energy.kT if kT is None else float(kT)
+    if not (kT > 0 and math.isfinite(kT)):
+        raise ValueError(f"kT must be positive and finite, got {kT}")
+    if grid < 2:
+        raise ValueError(f"grid must be at least 2, got {grid}")
+    (x0, x1), (y0, y1) = xlim, ylim
+    if not (x1 > x0 and y1 > y0):
+        raise ValueError(f"need xlim and ylim increasing, got {xlim}, {ylim}")
+    dx, dy = (x1 - x0) / grid, (y1 - y0) / grid
+    xs = x0 + dx * (torch.arange(grid, dtype=torch.float64) + 0.5)
+    ys = y0 + dy * (torch.arange(grid, dtype=torch.float64) + 0.5)
+    yy, xx = torch.meshgrid(ys, xs, indexing="ij")
+    log_p = -energy.energy(torch.stack([xx, yy], dim=-1)) / kT
+    p = torch.exp(log_p - torch.logsumexp(log_p.reshape(-1), 0)) / (dx * dy)
+    return xs, ys, p
+
+
+def density_2d(
+    energy: Energy,
+    xlim: tuple[float, float],
+    ylim: tuple[float, float],
+    kT: float | None = None,
+    grid: int = 200,
+    ax: Axes | None = None,
+    kind: str = "image",
+    cmap: str = "viridis",
+    colorbar: bool = True,
+) -> Axes:
+    """Draw the normalised Boltzmann density of a 2-D energy (see :func:`boltzmann_density_grid`).
+
+    ``kind="image"`` draws one pixel per grid cell exactly covering ``xlim × ylim``
+    (the image's array is the density p); ``kind="contour"`` draws filled contours.
+    """
+    if kind not in ("image", "contour"):
+        raise ValueError(f"kind must be 'image' or 'contour', got {kind!r}")
+    ax = _axes(ax, figsize=(5.0, 4.0))
+    xs, ys, p = boltzmann_density_grid(energy, xlim, ylim, kT, grid)
+    if kind == "image":
+        art = ax.imshow(p.numpy(), origin="lower", extent=(*xlim, *ylim), aspect="auto", cmap=cmap)
+    else:
+        art = ax.contourf(xs.numpy(), ys.numpy(), p.numpy(), levels=20, cmap=cmap)
+    if colorbar:
+        ax.figure.colorbar(art, ax=ax, label="p(x)")
+    kT_used = energy.kT if kT is None else kT
+    ax.set_title(f"{energy.name}, kT = {kT_used:.3g}")
+    ax.set_xlabel("$x_1$")
+    ax.set_ylabel("$x_2$")
+    return ax
+
+
+def samples_2d(
+    x: Tensor,
+    ax: Axes | None = None,
+    max_points: int = 5000,
+    label: str | None = None,
+    color: str | None = "white",
+    size: float = 3.0,
+    alpha: float = 0.5,
+) -> Axes:
+    """Scatter 2-D samples ``(n, 2)``, e.g. over :func:`density_2d`.
+
+    At most ``max_points`` are drawn, evenly strided through the set (deterministic,
+    and for a chain it spreads the points over the whole run).
+    """
+    if not isinstance(x, Tensor) or x.ndim != 2 or x.shape[1] != 2:
+        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"samples_2d expects a tensor of shape (n, 2), got {shape}")
+    ax = _axes(ax, figsize=(5.0, 4.0))
+    stride = max(1, math.ceil(x.shape[0] / max_points))
+    pts = x[::stride].detach().to("cpu", torch.float64).numpy()
+    ax.scatter(pts[:, 0], pts[:, 1], s=size, alpha=alpha, color=color, label=label, linewidths=0)
+    return ax
+
+
+def trace_plot(
+    traces: Tensor | Mapping[str, Tensor],
+    ax: Axes | None = None,
+    max_chains: int = 8,
+    thin: int = 1,
+    xlabel: str = "step",
+    ylabel: str = "value",
+) -> Axes:
+    """MCMC traces: one line per chain.
+
+    ``traces`` is a tensor ``(n_steps,)`` or ``(n_steps, n_chains)`` (the first
+    ``max_chains`` chains are drawn, labelled by index) or a dict of name ->
+    ``(n_steps,)``. ``thin`` is the number of sampler steps between recorded values,
+    so the x axis is in sampler steps.
+    """
+    if thin < 1:
+        raise ValueError(f"thin must be a positive integer, got {thin}")
+    if isinstance(traces, Tensor):
+        t = traces.detach().to("cpu", torch.float64)
+        if t.ndim == 1:
+            t = t[:, None]
+        if t.ndim != 2:
+            raise ValueError(f"traces: expected shape (n_steps,) or (n_steps, n_chains), got {tuple(traces.shape)}")
+        series = {f"chain {k}": t[:, k].numpy() for k in range(min(t.shape[1], max_chains))}
+    else:
+        series = {name: _as_numpy_1d(v, name) for name, v in traces.items()}
+    if not series:
+        raise ValueError("trace_plot: no traces given")
+    ax = _axes(ax, figsize=(7.0, 3.0))
+    for name, v in series.items():
+        ax.plot(np.arange(v.size) * thin, v, label=name, linewidth=0.8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if len(series) > 1:
+        ax.legend(fontsize="small", ncols=min(len(series), 4))
+    return ax
+
+
+def _moving_average(v: np.ndarray, window: int) -> np.ndarray:
+    return np.convolve(v, np.ones(window) / window, mode="valid")
+
+
+def training_curve(
+    values: Tensor | Sequence[float] | Mapping[str, Tensor | Sequence[float]],
+    ax: Axes | None = None,
+    smooth: int = 1,
+    logy: bool = False,
+    xlabel: str = "iteration",
+    ylabel: str = "loss",
+) -> Axes:
+    """A training curve: one value per iteration, or a dict of named curves.
+
+    With ``smooth = w > 1`` each curve is drawn faintly and its moving average over
+    ``w`` iterations on top (the average at iteration i covers i - w + 1 .. i).
+    ``logy`` needs all values positive.
+    """
+    curves = dict(values) if isinstance(values, Mapping) else {ylabel: values}
+    curves = {name: _as_numpy_1d(v, name) for name, v in curves.items()}
+    if not curves or any(v.size == 0 for v in curves.values()):
+        raise ValueError("training_curve: no values to plot")
+    if smooth < 1:
+        raise ValueError(f"smooth must be a positive window length, got {smooth}")
+    if logy:
+        for name, v in curves.items():
+            if np.any(v[np.isfinite(v)] <= 0):
+                raise ValueError(f"training_curve: logy=True but {name!r} has values <= 0")
+    ax = _axes(ax, figsize=(6.0, 3.5))
+    for name, v in curves.items():
+        steps = np.arange(v.size)
+        if smooth > 1 and v.size >= smooth:
+            (line,) = ax.plot(steps, v, alpha=0.3, linewidth=0.8)
+            ax.plot(steps[smooth - 1 :], _moving_average(v, smooth), color=line.get_color(),
+                    label=f"{name} (mean of {smooth})")
+        else:
+            ax.plot(steps, v, label=name)
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if len(curves) > 1 or smooth > 1:
+        ax.legend(fontsize="small")
+    return ax

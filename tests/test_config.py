@@ -1,0 +1,47 @@
+"""Budgets: BOLTZLAB_BUDGET selects sizes; unknown values are a clear error."""
+
+import dataclasses
+
+import pytest
+
+from boltzlab import config
+
+
+def test_default_is_laptop(monkeypatch):
+    monkeypatch.delenv("BOLTZLAB_BUDGET", raising=False)
+    assert config.budget() == "laptop"
+    monkeypatch.setenv("BOLTZLAB_BUDGET", "  ")
+    assert config.budget() == "laptop"
+
+
+@pytest.mark.parametrize("name", ["smoke", "laptop", "full", "SMOKE", " full "])
+def test_known_budgets(monkeypatch, name):
+    monkeypatch.setenv("BOLTZLAB_BUDGET", name)
+    assert config.budget() == name.strip().lower()
+
+
+def test_unknown_budget_names_the_valid_ones(monkeypatch):
+    monkeypatch.setenv("BOLTZLAB_BUDGET", "huge")
+    with pytest.raises(config.UnknownBudgetError) as err:
+        config.budget()
+    msg = str(err.value)
+    assert "'huge'" in msg and all(b in msg for b in config.BUDGETS)
+
+
+def test_sizes_grow_with_budget():
+    """Every registered chapter has all three budgets, and no size shrinks from smoke to full."""
+    for chapter, table in config._REGISTRY.items():
+        assert set(table) == set(config.BUDGETS), chapter
+        smoke, laptop, full = (table[b] for b in config.BUDGETS)
+        for f in dataclasses.fields(smoke):
+            a, b, c = (getattr(s, f.name) for s in (smoke, laptop, full))
+            if isinstance(a, (int, float)) and not isinstance(a, bool):
+                assert a <= b <= c, (chapter, f.name, a, b, c)
+
+
+def test_sizes_follow_environment(monkeypatch):
+    monkeypatch.setenv("BOLTZLAB_BUDGET", "smoke")
+    assert config.sizes("00") == config._REGISTRY["00"]["smoke"]
+    assert config.sizes("00", "full") == config._REGISTRY["00"]["full"]
+    with pytest.raises(KeyError, match="no sizes for chapter"):
+        config.sizes("99")

@@ -1,0 +1,200 @@
+"""Tests of boltzlab.plots: the right artists, legend numbers equal to the metrics, normalised densities."""
+
+from __future__ import annotations
+
+import math
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.patches import StepPatch  # noqa: E402
+
+from boltzlab import metrics as M  # noqa: E402
+from boltzlab import plots as P  # noqa: E402
+from boltzlab.energies import DoubleWell2D, GaussianMixture, ManyWell, dw4  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("error")
+
+
+@pytest.fixture(autouse=True)
+def no_show_and_close(monkeypatch):
+    def refuse_show(*args, **kwargs):
+        raise AssertionError("plots must never call plt.show()")
+
+    monkeypatch.setattr(plt, "show", refuse_show)
+    yield
+    plt.close("all")
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def legend_texts(ax) -> list[str]:
+    return [t.get_text() for t in ax.get_legend().get_texts()]
+
+
+# ----------------------------------------------------------------------------- energy histograms
+
+
+def test_energy_histogram_draws_one_patch_per_set_and_legends_the_real_w2():
+    ref = torch.randn(4000, generator=gen(0))
+    samplers = {"good": torch.randn(2000, generator=gen(1)), "wide": 1.5 * torch.randn(1000, generator=gen(2)) + 0.5}
+    ax = P.energy_histogram(samplers, reference=ref, bins=40)
+    assert len(ax.patches) == 3 and all(isinstance(p, StepPatch) for p in ax.patches)
+    labels = legend_texts(ax)
+    assert labels[0] == "reference"
+    for label, (name, e) in zip(labels[1:], samplers.items()):
+        assert label.startswith(name)
+        assert f"W2 = {M.energy_w2(e, ref):.3g}" in label
+    # the W2 of a good sampler is much smaller than that of the wide one
+    assert M.energy_w2(samplers["good"], ref) < 0.3 * M.energy_w2(samplers["wide"], ref)
+
+
+def test_energy_histogram_heights_are_densities_of_the_data():
+    ref = torch.rand(5000, generator=gen(3)) * 2.0  # uniform on [0, 2): density 0.5
+    ax = P.energy_histogram({}, reference=ref, bins=10, range=(0.0, 2.0))
+    data = ax.patches[0].get_data()
+    heights, edges = data.values, data.edges
+    np.testing.assert_allclose(edges, np.linspace(0.0, 2.0, 11))
+    assert float(np.sum(heights * np.diff(edges))) == pytest.approx(1.0)
+    np.testing.assert_allclose(heights, 0.5, atol=0.08)
+
+
+def test_energy_histogram_reports_dropped_and_outside_values():
+    ref = torch.randn(1000, generator=gen(4))
+    e = torch.randn(500, generator=gen(5))
+    e[:3] = float("nan")
+    e[3:53] = 100.0  # far outside the reference's range: 50 of 497 finite values
+    ax = P.energy_histogram({"diverging": e}, reference=ref, bins=20)
+    label = legend_texts(ax)[1]
+    finite = e[torch.isfinite(e)]
+    assert f"W2 = {M.energy_w2(finite, ref):.3g}" in label
+    assert "3 non-finite dropped" in label
+    assert f"{100 * 50 / 497:.1f}% outside plot" in label
+
+
+def test_energy_histogram_without_reference_and_on_given_axes():
+    fig, ax = plt.subplots()
+    n_figs = len(plt.get_fignums())
+    out = P.energy_histogram({"a": torch.randn(100, generator=gen(6))}, ax=ax)
+    assert out is ax and len(plt.get_fignums()) == n_figs
+    assert legend_texts(ax) == ["a (n = 100)"]
+    with pytest.raises(ValueError, match="nothing to plot"):
+        P.energy_histogram({})
+
+
+# ----------------------------------------------------------------------------- distance histograms
+
+
+def test_distance_histogram_plot_legends_the_real_w2_and_tvd():
+    target = dw4()
+    ref = target.remove_com(2.0 * torch.randn(500, 8, generator=gen(7)))
+    x = target.remove_com(2.5 * torch.randn(300, 8, generator=gen(8)))
+    bins, rng = 30, (0.0, 8.0)
+    ax = P.distance_histogram_plot({"sampler": x}, 4, 2, reference=ref, bins=bins, range=rng)
+    assert len(ax.patches) == 2
+    label = legend_texts(ax)[1]
+    assert f"W2 = {M.distance_w2(x, ref, 4, 2):.3g}" in label
+    assert f"TVD = {M.distance_tvd(x, ref, 4, 2, bins=bins, range=rng):.3g}" in label
+    heights = ax.patches[0].get_data().values
+    expected = M.distance_histogram(ref, bins=bins, range=rng, n_particles=4, spatial_dim=2)
+    np.testing.assert_allclose(heights, expected.density.numpy())
+
+
+# ----------------------------------------------------------------------------- 2-D densities
+
+
+def test_density_image_is_normalised_and_covers_the_window():
+    xlim, ylim, grid = (-3.0, 3.0), (-5.0, 5.0), 120
+    ax = P.density_2d(DoubleWell2D(), xlim, ylim, grid=grid)
+    image = ax.images[0]
+    p = np.asarray(image.get_array())
+    cell_area = (6.0 / grid) * (10.0 / grid)
+    assert p.shape == (grid, grid)
+    assert float(p.sum()) * cell_area == pytest.approx(1.0, abs=1e-9)
+    assert tuple(image.get_extent()) == (*xlim, *ylim)
+
+
+@pytest.mark.parametrize("kT", [1.0, 2.5])
+def test_density_grid_matches_the_exact_double_well_density(kT):
+    # the window holds all but ~1e-6 of the mass, so the grid normaliser is the exact Z
+    target = DoubleWell2D(kT=kT)
+    xs, ys, p = P.boltzmann_density_grid(target, (-4.0, 4.0), (-8.0, 8.0), grid=300)
+    yy, xx = torch.meshgrid(ys, xs, indexing="ij")
+    exact = torch.exp(target.log_prob(torch.stack([xx, yy], -1)) - target.log_z())
+    torch.testing.assert_close(p, exact, rtol=2e-4, atol=0.0)
+
+
+def test_density_grid_matches_the_normalised_gmm40_density():
+    # GMM-40's energy is -log p with log Z = 0 at kT = 1
+    target = GaussianMixture()
+    xs, ys, p = P.boltzmann_density_grid(target, (-50.0, 50.0), (-50.0, 50.0), grid=250)
+    yy, xx = torch.meshgrid(ys, xs, indexing="ij")
+    exact = torch.exp(-target.energy(torch.stack([xx, yy], -1)))
+    torch.testing.assert_close(p, exact, rtol=1e-6, atol=1e-12)
+
+
+def test_density_contour_and_bad_input():
+    ax = P.density_2d(GaussianMixture(), (-50, 50), (-50, 50), grid=60, kind="contour", colorbar=False)
+    assert len(ax.collections) >= 1 and not ax.images
+    assert ax.get_title() == "gmm40, kT = 1"
+    with pytest.raises(ValueError, match="2-D energy"):
+        P.density_2d(ManyWell(), (-1, 1), (-1, 1))
+    with pytest.raises(ValueError, match="kind"):
+        P.density_2d(DoubleWell2D(), (-1, 1), (-1, 1), kind="surface")
+
+
+def test_samples_2d_overlays_strided_points():
+    x = torch.randn(1000, 2, generator=gen(9))
+    ax = P.density_2d(DoubleWell2D(), (-3, 3), (-5, 5), grid=40)
+    P.samples_2d(x, ax=ax, max_points=300)
+    offsets = ax.collections[-1].get_offsets()
+    np.testing.assert_allclose(np.asarray(offsets), x[::4].numpy(), rtol=1e-6)
+    with pytest.raises(ValueError, match=r"shape \(n, 2\)"):
+        P.samples_2d(torch.zeros(10, 3))
+
+
+# ----------------------------------------------------------------------------- traces and curves
+
+
+def test_trace_plot_from_tensor_and_dict():
+    traces = torch.randn(50, 20, generator=gen(10))
+    ax = P.trace_plot(traces, max_chains=5, thin=10)
+    assert len(ax.lines) == 5
+    np.testing.assert_allclose(ax.lines[2].get_xdata(), np.arange(50) * 10)
+    np.testing.assert_allclose(ax.lines[2].get_ydata(), traces[:, 2].numpy(), rtol=1e-6)
+    ax = P.trace_plot({"MALA": torch.zeros(10), "PT": torch.ones(10), "MH": torch.ones(10)})
+    assert len(ax.lines) == 3 and legend_texts(ax) == ["MALA", "PT", "MH"]
+    assert len(P.trace_plot(torch.zeros(7)).lines) == 1
+    with pytest.raises(ValueError, match="n_steps"):
+        P.trace_plot(torch.zeros(2, 3, 4))
+
+
+def test_training_curve_smoothing_and_log_scale():
+    values = [1.0, 3.0, 2.0, 4.0, 6.0, 5.0]
+    ax = P.training_curve(values, smooth=3, logy=True)
+    assert len(ax.lines) == 2 and ax.get_yscale() == "log"
+    raw, mean = ax.lines
+    np.testing.assert_allclose(raw.get_ydata(), values)
+    np.testing.assert_allclose(mean.get_xdata(), [2, 3, 4, 5])
+    np.testing.assert_allclose(mean.get_ydata(), [2.0, 3.0, 4.0, 5.0])
+    ax = P.training_curve({"ML": torch.linspace(1, 0, 20), "KL": torch.linspace(2, 1, 20)})
+    assert len(ax.lines) == 2 and legend_texts(ax) == ["ML", "KL"]
+    with pytest.raises(ValueError, match="values <= 0"):
+        P.training_curve([1.0, -1.0], logy=True)
+    with pytest.raises(ValueError, match="no values"):
+        P.training_curve([])
+
+
+def test_figures_render_without_warnings(tmp_path):
+    ax = P.density_2d(DoubleWell2D(kT=2.0), (-3, 3), (-5, 5), grid=50)
+    P.samples_2d(torch.randn(100, 2, generator=gen(11)), ax=ax, label="samples")
+    ax.figure.savefig(tmp_path / "density.png")
+    assert (tmp_path / "density.png").stat().st_size > 1000
+    assert math.isfinite(float(np.asarray(ax.images[0].get_array()).max()))
