@@ -50,6 +50,6 @@ def test_committed_notebooks_have_no_outputs(ipynb: Path):
 def test_jupyterlab_opens_py_as_notebooks():
     import json
 
-    settings = json.loads((ROOT / "jupyter" / "overrides.json").read_text())
+    settings = json.loads((ROOT / ".jupyter" / "overrides.json").read_text())
     viewers = settings["@jupyterlab/docmanager-extension:plugin"]["defaultViewers"]
     assert viewers["python"] == "Jupytext Notebook"
