@@ -539,3 +539,29 @@ def mean_energy_with_se(e: Tensor, tau: float = 1.0) -> tuple[float, float]:
     if not (tau > 0 and math.isfinite(tau)):
         raise MetricInputError(f"tau (integrated autocorrelation time) must be positive, got {tau}")
     return float(v.mean()), float(math.sqrt(tau * float(v.var()) / v.numel()))
+
+
+def count_transitions(coordinate: Tensor, low: float, high: float) -> Tensor:
+    r"""Transitions between two basins seen in scalar traces, counted core to core.
+
+    ``coordinate`` of shape ``(n_steps, n_chains)`` (e.g. x1 of double-well chains). A chain
+    is in basin A while coordinate < ``low`` and in basin B while coordinate > ``high``;
+    in between it keeps the basin it was last in, so that recrossings of the barrier top
+    are not counted as transitions. Returns the number of A <-> B switches per chain,
+    ``(n_chains,)`` long. The mean tunnelling time is then (n_steps · n_chains) / total.
+    """
+    c = _as_tensor(coordinate, "coordinate")
+    if c.ndim == 1:
+        c = c.unsqueeze(-1)
+    if c.ndim != 2:
+        raise ValueError(f"coordinate must have shape (n_steps, n_chains), got {tuple(c.shape)}")
+    if not low < high:
+        raise ValueError(f"need low < high for the two basin cores, got low={low}, high={high}")
+    state = torch.zeros(c.shape, dtype=torch.long)
+    state[c < low] = -1
+    state[c > high] = 1
+    steps = torch.arange(c.shape[0]).unsqueeze(-1).expand_as(state)
+    last_core = torch.where(state != 0, steps, torch.zeros_like(steps)).cummax(dim=0).values
+    filled = state.gather(0, last_core)  # the basin each chain was last seen in (0: none yet)
+    switched = (filled[1:] != filled[:-1]) & (filled[:-1] != 0)
+    return switched.sum(0)

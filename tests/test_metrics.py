@@ -363,3 +363,27 @@ def test_mean_energy_with_se():
     assert se == pytest.approx(2 / 100, rel=0.05)
     assert abs(mean - 1) < 4 * se
     assert M.mean_energy_with_se(e, tau=4.0)[1] == pytest.approx(2 * se)
+
+
+def test_count_transitions_core_to_core():
+    # chain 0: A, -, A, B, -, B, A -> 2 switches; chain 1: -, -, B, -, A, B, B -> 2
+    trace = torch.tensor([[-2.0, 0.0], [0.0, 0.1], [-2.0, 2.0], [2.0, 0.0], [0.5, -2.0], [2.0, 2.0], [-2.0, 2.0]])
+    counts = M.count_transitions(trace, -1.0, 1.0)
+    assert counts.tolist() == [2, 2]
+    # recrossing the barrier top without reaching the other core is not a transition
+    wiggle = torch.tensor([-2.0, 0.5, -0.5, 0.9, -2.0, 0.9, -2.0]).unsqueeze(-1)
+    assert M.count_transitions(wiggle, -1.0, 1.0).tolist() == [0]
+    with pytest.raises(ValueError, match="low < high"):
+        M.count_transitions(trace, 1.0, -1.0)
+
+
+def test_count_transitions_of_a_two_state_markov_chain():
+    """A symmetric two-state chain that switches with probability p per step makes p (n - 1) switches."""
+    g = torch.Generator().manual_seed(5)
+    p, n, chains = 0.01, 20_000, 50
+    flips = torch.rand(n, chains, generator=g) < p
+    state = torch.cumsum(flips.long(), 0) % 2
+    coord = torch.where(state == 0, -2.0, 2.0)
+    total = int(M.count_transitions(coord, -1.0, 1.0).sum())
+    expected = int(flips[1:].sum())
+    assert total == expected
