@@ -9,13 +9,14 @@ LAB_ARGS ?=
 JOBS   ?= 2
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup lab test test-fast sync exercises check-exercises grade bench reference clean-venv help
+.PHONY: setup lab test test-fast sync exercises check-exercises release grade bench reference clean-venv help
 
 help:
 	@echo "make lab        set up, then open JupyterLab on chapter 00"
 	@echo "make test       set up, then run the whole test suite (unit + notebooks, smoke budget)"
 	@echo "make sync       pair chapters/*.py and solutions/*.py with their .ipynb (jupytext --sync)"
 	@echo "make exercises  regenerate exercises/ from solutions/"
+	@echo "make release    write the student release (no solutions) to release/"
 	@echo "make grade SUBMISSIONS=dir [OUT=scores.csv]   grade submitted notebooks"
 
 setup: $(STAMP)
@@ -47,6 +48,10 @@ exercises: setup
 
 check-exercises: setup
 	$(BIN)/python -m boltzlab.exercises check
+
+RELEASE ?= release
+release: setup
+	$(BIN)/python -m boltzlab.exercises release $(RELEASE)
 
 SUBMISSIONS ?= submissions
 OUT ?= scores.csv

@@ -38,7 +38,7 @@ def test_regions_are_replaced_and_cells_tagged():
     assert "HIDDEN" not in test.source and "answer_value" not in test.source
     assert test.source == "assert f(1) == 2" and "raises-exception" in test.metadata["tags"]
     assert md.source.endswith("*Your answer here.*") and "detailed balance" not in md.source
-    assert "    y = 2 * x" in secret and "assert f(21) == answer_value" in secret
+    assert ["    y = 2 * x", "    return y"] in secret and ["assert f(21) == answer_value"] in secret
     assert nb.metadata["boltzlab"]["assignment"] == "toy"
 
 
@@ -61,7 +61,7 @@ def test_check_detects_stale_and_leaky(tmp_path):
     ex.build_all(sols, exs)
     assert ex.check_all(sols, exs) == []
     leaked = nbformat.read(exs / "01_toy.ipynb", as_version=4)
-    leaked.cells[0].source += "\n    y = 2 * x"
+    leaked.cells[0].source += "\n    y = 2 * x\n    return y"
     nbformat.write(leaked, exs / "01_toy.ipynb")
     problems = ex.check_all(sols, exs)
     assert any("stale" in p for p in problems) and any("leaks solution text" in p for p in problems)
@@ -94,3 +94,18 @@ def test_untouched_exercise_raises_only_not_implemented(path: Path, monkeypatch)
         else:
             assert not errors, f"cell {k} raised {errors[0].ename}: {errors[0].evalue}"
     assert tagged >= 1, "an exercise notebook with nothing to do"
+
+
+def test_student_release_has_no_solutions(tmp_path):
+    out = tmp_path / "release"
+    files = ex.build_release(out)
+    assert not (out / "solutions").exists() and not (out / "tests").exists()
+    assert (out / "exercises" / "00_mcmc.ipynb").exists() and (out / "chapters" / "00_boltzmann_mcmc.py").exists()
+    assert len(files) == sum(1 for p in out.rglob("*") if p.is_file())
+    assert ex.find_leaks(out, ROOT / "solutions") == []
+    # the search finds a solution pasted anywhere in the release, and markers in notebooks
+    sol = nbformat.read(ROOT / "solutions" / "00_mcmc.ipynb", as_version=4)
+    code = next(c.source for c in sol.cells if "BEGIN SOLUTION" in c.source)
+    (out / "boltzlab" / "cheat.py").write_text(code)
+    leaks = ex.find_leaks(out, ROOT / "solutions")
+    assert any(p.startswith("boltzlab/cheat.py") for p in leaks)

@@ -19,26 +19,24 @@ MalaStep = Callable[[Tensor, Energy, float, Tensor, Tensor], tuple[Tensor, Tenso
 
 
 def _mala_variants(x: Tensor, energy: Energy, tau: float, xi: Tensor, log_u: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
-    """The correct MALA step and three common mistakes, on the same noise."""
-    kT = energy.kT
-    e_x, f_x = energy.energy_and_forces(x)
-    y = x + tau * f_x / kT + math.sqrt(2 * tau) * xi
-    e_y, f_y = energy.energy_and_forces(y)
-
-    def log_q(to: Tensor, frm: Tensor, f_frm: Tensor) -> Tensor:
-        return -((to - frm - tau * f_frm / kT) ** 2).sum(-1) / (4 * tau)
-
-    log_target = -(e_y - e_x) / kT
-    log_alpha = log_target + log_q(x, y, f_y) - log_q(y, x, f_x)
+    """The correct MALA step and three common mistakes, on the same noise ``xi`` and ``log_u``."""
+    beta = 1.0 / energy.kT
+    energies_x, drift_x = energy.energy_and_forces(x)
+    proposal = x + tau * beta * drift_x + (2 * tau) ** 0.5 * xi
+    energies_y, drift_y = energy.energy_and_forces(proposal)
+    # log q(b | a) up to a constant, for the Langevin proposal from a with forces f_a
+    forward = -(proposal - x - tau * beta * drift_x).pow(2).sum(-1) / (4 * tau)
+    backward = -(x - proposal - tau * beta * drift_y).pow(2).sum(-1) / (4 * tau)
+    boltzmann_ratio = beta * (energies_x - energies_y)
     out = {}
-    for name, la in {
-        "correct": log_alpha,
-        "no_hastings": log_target,  # forgot the proposal-density ratio
-        "flipped_hastings": log_target - log_q(x, y, f_y) + log_q(y, x, f_x),
+    for name, log_acceptance in {
+        "correct": boltzmann_ratio + backward - forward,
+        "no_hastings": boltzmann_ratio,  # forgot the proposal-density ratio
+        "flipped_hastings": boltzmann_ratio - backward + forward,
     }.items():
-        acc = log_u < la
-        out[name] = (torch.where(acc[:, None], y, x), acc)
-    out["no_accept_reject"] = (y, torch.ones_like(log_u, dtype=torch.bool))
+        took = log_u < log_acceptance
+        out[name] = (torch.where(took.unsqueeze(-1), proposal, x), took)
+    out["no_accept_reject"] = (proposal, torch.ones_like(log_u, dtype=torch.bool))
     return out
 
 
