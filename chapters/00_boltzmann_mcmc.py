@@ -286,13 +286,16 @@ assert covered_exact == 40 and covered_mala <= 12 and rhat_mala < 1.05
 # %%
 systems = {"dw4": dw4(), "lj13": lj13(), "lj55": lj55()}
 refs = {}
+keys = ("sampler", "n_samples", "n_chains", "seed", "n_steps", "burn_in", "thin", "step_size_mean",
+        "acceptance_mean", "rhat_energy", "integrated_autocorrelation_time", "wall_time_s")
 for name, energy in systems.items():
     prov = reference_provenance(name)
     refs[name] = load_reference(name, n=S.reference_samples, generator=torch.Generator().manual_seed(SEED))
-    keys = ("n_samples", "n_chains", "seed", "burn_in", "thin", "acceptance", "rhat_energy",
-            "iat_energy_steps", "wall_time_s")
-    print(f"{name}: " + ", ".join(f"{k}={prov[k]:.4g}" if isinstance(prov.get(k), float) else f"{k}={prov.get(k)}"
-                                  for k in keys))
+    print(f"--- {name}: {refs[name].shape[0]} of {prov['n_samples']} samples loaded")
+    for k in keys:
+        v = prov[k]
+        print(f"    {k:>32}: {v:.4g}" if isinstance(v, float) else f"    {k:>32}: {v}")
+    assert prov["rhat_energy"] < 1.01 and prov["n_samples"] >= 10_000
 
 # %% [markdown]
 # **A physics check: the virial identity.** For $p \propto e^{-E/kT}$ on the
