@@ -33,7 +33,7 @@ lab: setup
 	$(BIN)/jupyter lab --port=$(PORT) $(LAB_ARGS) chapters/00_boltzmann_mcmc.ipynb
 
 test: setup
-	BOLTZLAB_BUDGET=smoke $(BIN)/python -m pytest -n $(JOBS) --dist loadfile \
+	BOLTZLAB_BUDGET=smoke OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest -n $(JOBS) --dist loadfile \
 	  --nbval-lax --nbval-current-env -p no:cacheprovider \
 	  tests chapters solutions exercises
 

@@ -66,6 +66,56 @@ class Chapter00Sizes:
 
 
 @dataclass(frozen=True)
+class Chapter01Sizes:
+    """Chapter 01: VAE and GAN basics on configurations."""
+
+    n_train: int  # exact reference samples each model is trained on
+    n_eval: int  # samples drawn from each model (and fresh exact samples) for the metrics
+    batch_size: int  # minibatch size of every training loop
+    hidden: int  # width of the two hidden layers of every network
+    vae_steps: int  # Adam steps of each VAE (double well and GMM-40)
+    gan_steps: int  # generator steps of each non-saturating GAN
+    wgan_steps: int  # generator steps of each WGAN-GP (each with n_critic critic steps)
+    collapse_steps: int  # steps of the VAE with the autoregressive (too strong) decoder
+    beta_steps: int  # steps of each beta-VAE in the beta sweep
+    eval_every: int  # steps between mode-coverage evaluations during GMM-40 training
+    exercise_steps: int  # steps of the short runs in the exercise notebook
+
+
+@dataclass(frozen=True)
+class Chapter02Sizes:
+    """Chapter 02: normalizing flows trained by maximum likelihood."""
+
+    n_train: int  # exact samples each flow is trained on (double well and GMM-40)
+    n_test: int  # held-out exact samples for the test NLL
+    n_eval: int  # samples drawn from each trained flow for mass per well and mode coverage
+    batch_size: int  # minibatch size
+    hidden: int  # width of the coupling layers' networks
+    dw_steps: int  # Adam steps of each flow on the double well
+    gmm_steps: int  # Adam steps of each flow on GMM-40
+    grid: int  # cells per axis of the grids that plot and integrate densities
+    widget_grid: int  # cells per axis of each frame of the coupling-layer widget
+
+
+@dataclass(frozen=True)
+class Chapter03Sizes:
+    """Chapter 03: reverse KL, free energy, mode collapse and its cures."""
+
+    batch_size: int  # flow samples per reverse-KL step (and data per maximum-likelihood step)
+    hidden: int  # width of the coupling layers' networks
+    dw_steps: int  # reverse-KL steps on the double well
+    eval_every: int  # steps between evaluations of the loss against -log Z + KL (double well)
+    eval_batch: int  # flow samples per Monte Carlo evaluation of the loss
+    anneal_first_steps: int  # reverse-KL steps at the hottest rung of the annealing curriculum
+    anneal_stage_steps: int  # maximum-likelihood steps on each colder rung
+    pool_size: int  # flow samples reweighted to each rung
+    gmm_steps: int  # steps of reverse KL and of ML+KL on GMM-40
+    ml_samples: int  # exact GMM-40 samples for the maximum-likelihood term of ML+KL
+    n_eval: int  # flow samples for ESS, free energies and mode coverage (at least 1000)
+    grid: int  # cells per axis of the quadrature grids (KL(q||p), densities)
+
+
+@dataclass(frozen=True)
 class AppendixSizes:
     """Appendix A: the GPU kernels (live benchmark table)."""
 
@@ -83,8 +133,32 @@ _REGISTRY: dict[str, dict[str, Any]] = {
         "laptop": Chapter00Sizes(200, 256, 20_000, 8, 2_000, 10_000),
         "full": Chapter00Sizes(300, 1_024, 100_000, 12, 10_000, 10_000),
     },
+    "01": {
+        "smoke": Chapter01Sizes(4_000, 2_000, 256, 32, 300, 300, 100, 300, 150, 100, 60),
+        "laptop": Chapter01Sizes(20_000, 5_000, 256, 64, 4_000, 4_000, 2_500, 2_000, 2_000, 500, 400),
+        "full": Chapter01Sizes(100_000, 20_000, 512, 128, 30_000, 30_000, 20_000, 10_000, 10_000, 2_000, 2_000),
+    },
+    "02": {
+        "smoke": Chapter02Sizes(n_train=2_000, n_test=2_000, n_eval=4_000, batch_size=128, hidden=32,
+                                dw_steps=150, gmm_steps=200, grid=120, widget_grid=80),
+        "laptop": Chapter02Sizes(n_train=20_000, n_test=20_000, n_eval=50_000, batch_size=256, hidden=64,
+                                 dw_steps=1_500, gmm_steps=2_000, grid=300, widget_grid=150),
+        "full": Chapter02Sizes(n_train=100_000, n_test=100_000, n_eval=200_000, batch_size=512, hidden=128,
+                               dw_steps=5_000, gmm_steps=10_000, grid=400, widget_grid=200),
+    },
+    "03": {
+        "smoke": Chapter03Sizes(batch_size=128, hidden=32, dw_steps=150, eval_every=25, eval_batch=1_000,
+                                anneal_first_steps=100, anneal_stage_steps=40, pool_size=2_000, gmm_steps=150,
+                                ml_samples=1_000, n_eval=4_000, grid=120),
+        "laptop": Chapter03Sizes(batch_size=256, hidden=64, dw_steps=1_500, eval_every=100, eval_batch=4_000,
+                                 anneal_first_steps=600, anneal_stage_steps=200, pool_size=20_000, gmm_steps=1_500,
+                                 ml_samples=2_000, n_eval=200_000, grid=250),
+        "full": Chapter03Sizes(batch_size=512, hidden=128, dw_steps=5_000, eval_every=250, eval_batch=20_000,
+                               anneal_first_steps=2_000, anneal_stage_steps=500, pool_size=50_000, gmm_steps=5_000,
+                               ml_samples=10_000, n_eval=1_000_000, grid=400),
+    },
     "A": {
-        "smoke": AppendixSizes(16, 64, 4, 16, 1, True),
+        "smoke": AppendixSizes(16, 64, 4, 16, 1, False),
         "laptop": AppendixSizes(128, 250, 32, 50, 2, True),
         "full": AppendixSizes(512, 1_000, 128, 100, 3, True),
     },
