@@ -9,7 +9,7 @@ LAB_ARGS ?=
 JOBS   ?= 2
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup lab test test-fast sync exercises check-exercises release grade bench reference clean-venv help
+.PHONY: setup browser-deps lab test test-fast sync exercises check-exercises release grade bench reference clean-venv help
 
 help:
 	@echo "make lab        set up, then open JupyterLab on chapter 00"
@@ -32,7 +32,18 @@ $(STAMP): requirements.txt pyproject.toml
 lab: setup
 	$(BIN)/jupyter lab --port=$(PORT) $(LAB_ARGS) chapters/00_boltzmann_mcmc.ipynb
 
-test: setup
+# The browser test drives Debian's chromium with Playwright (never Playwright's own download).
+browser-deps:
+	@if [ ! -x /usr/bin/chromium ]; then \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian's chromium for the browser test"; \
+	    apt-get update -qq >/dev/null && apt-get install -y -qq --no-install-recommends chromium >/dev/null; \
+	  else \
+	    echo "chromium not found and cannot be installed here: the browser test will be skipped"; \
+	  fi; \
+	fi
+
+test: setup browser-deps
 	BOLTZLAB_BUDGET=smoke OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest -n $(JOBS) --dist loadfile \
 	  --nbval-lax --nbval-current-env -p no:cacheprovider \
 	  tests chapters solutions exercises

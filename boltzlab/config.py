@@ -116,6 +116,22 @@ class Chapter03Sizes:
 
 
 @dataclass(frozen=True)
+class Chapter04Sizes:
+    """Chapter 04: DEM score estimation."""
+
+    n_points: int  # noisy GMM-40 points at which bias and variance are measured
+    n_repeats: int  # independent estimates per point (for bias and variance)
+    k_values: tuple[int, ...]  # numbers of copies K in the sweep over K
+    sigmas: tuple[float, ...]  # noise levels sigma_t in the sweep over t
+    dims: tuple[int, ...]  # dimensions of the cosine-similarity sweep (up to at least 1000)
+    dim_points: int  # points per dimension in that sweep
+    dim_k: int  # copies K in that sweep
+    lj_points: int  # LJ-13 / LJ-55 configurations for the overflow and clipping demos
+    lj_k: int  # copies per configuration there
+    widget_grid: int  # arrows per axis of the widget's score field
+
+
+@dataclass(frozen=True)
 class AppendixSizes:
     """Appendix A: the GPU kernels (live benchmark table)."""
 
@@ -147,15 +163,28 @@ _REGISTRY: dict[str, dict[str, Any]] = {
                                dw_steps=5_000, gmm_steps=10_000, grid=400, widget_grid=200),
     },
     "03": {
-        "smoke": Chapter03Sizes(batch_size=128, hidden=32, dw_steps=150, eval_every=25, eval_batch=1_000,
+        "smoke": Chapter03Sizes(batch_size=128, hidden=32, dw_steps=150, eval_every=25, eval_batch=4_000,
                                 anneal_first_steps=100, anneal_stage_steps=40, pool_size=2_000, gmm_steps=150,
                                 ml_samples=1_000, n_eval=4_000, grid=120),
-        "laptop": Chapter03Sizes(batch_size=256, hidden=64, dw_steps=1_500, eval_every=100, eval_batch=4_000,
+        "laptop": Chapter03Sizes(batch_size=256, hidden=64, dw_steps=1_500, eval_every=100, eval_batch=50_000,
                                  anneal_first_steps=600, anneal_stage_steps=200, pool_size=20_000, gmm_steps=1_500,
                                  ml_samples=2_000, n_eval=200_000, grid=250),
-        "full": Chapter03Sizes(batch_size=512, hidden=128, dw_steps=5_000, eval_every=250, eval_batch=20_000,
+        "full": Chapter03Sizes(batch_size=512, hidden=128, dw_steps=5_000, eval_every=250, eval_batch=200_000,
                                anneal_first_steps=2_000, anneal_stage_steps=500, pool_size=50_000, gmm_steps=5_000,
                                ml_samples=10_000, n_eval=1_000_000, grid=400),
+    },
+    "04": {
+        "smoke": Chapter04Sizes(n_points=16, n_repeats=24, k_values=(2, 8, 32, 128), sigmas=(0.3, 1.0, 3.0, 10.0),
+                                dims=(2, 10, 100, 1000), dim_points=16, dim_k=128, lj_points=16, lj_k=32,
+                                widget_grid=9),
+        "laptop": Chapter04Sizes(n_points=64, n_repeats=64, k_values=(2, 4, 8, 16, 32, 64, 128, 256, 512),
+                                 sigmas=(0.1, 0.3, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0),
+                                 dims=(2, 5, 10, 30, 100, 300, 1000, 3000), dim_points=64, dim_k=512,
+                                 lj_points=64, lj_k=128, widget_grid=15),
+        "full": Chapter04Sizes(n_points=256, n_repeats=256, k_values=(2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048),
+                               sigmas=(0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 40.0),
+                               dims=(2, 5, 10, 30, 100, 300, 1000, 3000, 10000), dim_points=256, dim_k=2048,
+                               lj_points=256, lj_k=512, widget_grid=21),
     },
     "A": {
         "smoke": AppendixSizes(16, 64, 4, 16, 1, False),

@@ -240,14 +240,14 @@ est, err, _, _ = is_results["broad N(0, 2^2 I)"]
 assert abs(est - log_z_exact) < 5 * err + 0.02
 est_bad, err_bad, ess_bad, n_bad = is_results["shallow well only N((1.7, 0), 0.5^2 I)"]
 assert abs(est_bad - log_z_exact) > 10 * err_bad  # confidently wrong
-assert ess_bad > 0.5 * is_results["broad N(0, 2^2 I)"][2]  # with an ESS that looks fine
+assert ess_bad > 100  # with an ESS that looks fine
 
 # %% [markdown]
 # **Mode coverage (GMM-40).** Assign every sample to its nearest mean; a mode counts as
 # covered when it receives at least a fifth of its expected share (see
 # `metrics.mode_coverage`). Exact samples cover all 40. MALA chains started in 4 modes
-# reach at most the few modes that sit within a few standard deviations of those (some
-# GMM-40 means are that close), and never the rest, tens of standard deviations away.
+# reach some neighbouring modes (a few GMM-40 means are only a few standard deviations
+# apart) but stay far from covering all 40: most modes are tens of standard deviations away.
 
 # %%
 g = torch.Generator().manual_seed(SEED + 3)
@@ -264,7 +264,7 @@ print(f"MALA energy R-hat {rhat_mala:.3f}: every mode has the same energy distri
 ax = plots.density_2d(gmm, (-45, 45), (-45, 45), grid=S.landscape_grid)
 plots.samples_2d(mala.samples.reshape(-1, 2), ax=ax, color="red", label="MALA")
 ax.legend(loc="upper right")
-assert covered_exact == 40 and covered_mala <= 12 and rhat_mala < 1.05
+assert covered_exact == 40 and covered_mala <= 20 and rhat_mala < 1.05
 
 # %% [markdown]
 # ### 4. The reference sets: DW-4, LJ-13, LJ-55

@@ -10,8 +10,10 @@ either is missing, except under CI (``CI=true``), where that is a failure.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import urllib.request
 import socket
 import subprocess
 import sys
@@ -57,11 +59,19 @@ def lab(tmp_path_factory):
     root = tmp_path_factory.mktemp("lab")
     for nb in CHAPTERS:
         shutil.copy(nb, root / nb.name)
+    # Render every cell (JupyterLab 4 otherwise only renders cells in view) and no news toast.
+    settings = root / ".settings" / "@jupyterlab"
+    (settings / "notebook-extension").mkdir(parents=True)
+    (settings / "notebook-extension" / "tracker.jupyterlab-settings").write_text('{"windowingMode": "none"}')
+    (settings / "apputils-extension").mkdir(parents=True)
+    (settings / "apputils-extension" / "notification.jupyterlab-settings").write_text('{"fetchNews": "false"}')
     port = _free_port()
     env = dict(os.environ, BOLTZLAB_BUDGET="smoke", JUPYTER_RUNTIME_DIR=str(root / ".runtime"),
-               JUPYTERLAB_WORKSPACES_DIR=str(root / ".workspaces"))
+               JUPYTERLAB_WORKSPACES_DIR=str(root / ".workspaces"),
+               JUPYTERLAB_SETTINGS_DIR=str(root / ".settings"))
     cmd = [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
-           "--ServerApp.token=", "--ServerApp.password=", "--allow-root", f"--ServerApp.root_dir={root}"]
+           "--ServerApp.token=", "--ServerApp.password=", "--ServerApp.disable_check_xsrf=True", "--allow-root",
+           f"--ServerApp.root_dir={root}"]
     server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 60
@@ -124,7 +134,7 @@ def test_chapter_runs_in_jupyterlab(lab, browser, chapter: Path):
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     try:
-        page.goto(f"{url}/lab/tree/{chapter.name}")
+        page.goto(f"{url}/lab/workspaces/{chapter.stem}/tree/{chapter.name}?reset")  # fresh workspace
         page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=90_000)
         page.wait_for_selector(".jp-CodeCell", timeout=30_000)
         time.sleep(2.0)  # let the kernel session settle before Run All
@@ -157,8 +167,8 @@ def test_chapter_runs_in_jupyterlab(lab, browser, chapter: Path):
         assert handles.count() >= 1, "no slider widget rendered"
         before = _image_src(page)
         assert before, "no widget image rendered"
-        handles.first.scroll_into_view_if_needed()
-        handles.first.focus()
+        handles.first.scroll_into_view_if_needed(timeout=90_000)
+        handles.first.focus(timeout=90_000)
         for _ in range(3):
             page.keyboard.press("ArrowRight")
         deadline = time.time() + 30
@@ -174,3 +184,13 @@ def test_chapter_runs_in_jupyterlab(lab, browser, chapter: Path):
         assert all(c.get("execution_count") for c in saved.cells if c.cell_type == "code"), "unexecuted cells"
     finally:
         page.close()
+        _shutdown_kernels(url)
+
+
+def _shutdown_kernels(url: str) -> None:
+    """Stop the chapter's kernel so the next chapter does not compete with it for the CPU."""
+    with urllib.request.urlopen(f"{url}/api/kernels", timeout=10) as r:
+        kernels = json.load(r)
+    for k in kernels:
+        req = urllib.request.Request(f"{url}/api/kernels/{k['id']}", method="DELETE")
+        urllib.request.urlopen(req, timeout=30).close()
