@@ -1,0 +1,319 @@
+r"""Monte Carlo estimators of the score of a noised Boltzmann density (the DEM target).
+
+Denoising energy matching regresses a network onto the score of the VE-noised density
+
+    p_t = p * N(0, sigma_t^2 I),       p(x) ∝ exp(-E(x)/kT),
+
+    grad log p_t(x) = E_eps[exp(-E(x + sigma eps)/kT) F(x + sigma eps)/kT] / E_eps[exp(-E(x + sigma eps)/kT)],
+
+with forces F = -grad E (Tweedie / "score of a convolution" identity: differentiate
+p_t(x) = E_eps[p(x + sigma eps)] under the expectation). With K draws eps_k ~ N(0, I)
+(centre-of-mass free for particle systems) and l_k = -E(x + sigma eps_k)/kT:
+
+=============  ===========================================================================
+``"lse"``      S_K = sum_k softmax_k(l) F_k/kT. The DEM estimator: a self-normalised ratio,
+               consistent (-> grad log p_t as K -> inf) with an O(1/K) bias; the softmax is
+               computed with the logsumexp shift, so it is finite for any energies.
+``"naive"``    the same ratio written as (sum_k e^{l_k} F_k/kT) / (sum_k e^{l_k}): numerator
+               and denominator are each unbiased (for grad p_t and p_t up to Z), but e^{l_k}
+               overflows (l_k > 88 in float32) or underflows (l_k < -103) to inf/0 -> NaN.
+``"jensen"``   the "mean of scores" (1/K) sum_k F_k/kT: uniform weights. Unbiased for
+               E_eps[grad log p(x + sigma eps)] = grad (log p * N_sigma)(x), the gradient of
+               the *smoothed log-density*, which by Jensen lies below log p_t; that is NOT
+               grad log p_t (for p = N(mu, s^2 I): -(x - mu)/s^2 instead of -(x - mu)/(s^2 + sigma^2)).
+               Low variance, biased at every K.
+=============  ===========================================================================
+
+Options: Richardson extrapolation in K (:func:`richardson_score`) removes the O(1/K) term of
+the self-normalised bias; :func:`clip_score` bounds the norm per particle or per vector, as
+iDEM does to its regression targets. :func:`gmm_noised_score` is the exact answer for a
+Gaussian mixture, against which every estimator here is measured.
+
+All functions take ``x_t`` of shape (B, dim), ``sigma`` a float or a tensor of shape (B,),
+and explicit noise ``eps`` of shape (B, K, dim) or a ``torch.Generator`` (see :func:`draw_eps`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from boltzlab.energies import Energy, GaussianMixture
+from boltzlab.kernels import draw_noise, mc_score_estimate
+from boltzlab.kernels.estimate import ScoreInputError, ScoreInputs, check_score_inputs
+from boltzlab.kernels.noise import project_noise
+
+EstimatorName = Literal["lse", "naive", "jensen"]
+ESTIMATORS: tuple[str, ...] = ("lse", "naive", "jensen")
+
+_MAX_COPY_ELEMENTS = 1 << 22
+"""Largest number of (point, copy, coordinate) entries materialised at once; larger
+batches are split over points so memory stays around 16 MiB per chunk in float32."""
+
+
+def draw_eps(
+    energy: Energy,
+    batch: int,
+    n_samples: int,
+    generator: torch.Generator | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> Tensor:
+    """Standard normal perturbations eps, shape (batch, n_samples, dim), projected onto the
+    centre-of-mass-free subspace for particle systems.
+
+    Drawn exactly as :func:`boltzlab.kernels.mc_score_estimate` draws them from the same
+    generator state, so both see the same copies."""
+    if n_samples < 1 or batch < 1:
+        raise ValueError(f"need batch >= 1 and n_samples >= 1, got batch={batch}, n_samples={n_samples}")
+    eps = draw_noise(energy, batch, n_samples, generator=generator, dtype=dtype, device=device)
+    return project_noise(eps, energy)
+
+
+def copy_log_weights_and_forces(energy: Energy, x_t: Tensor, sigma: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:
+    """For x_k = x_t + sigma eps_k: log-weights l_k = -E(x_k)/kT, shape (B, K), and forces
+    F(x_k), shape (B, K, dim). ``sigma`` has shape (B,); ``eps`` (B, K, dim) is projected
+    here for particle systems. Materialises B * K copies, in chunks of points."""
+    eps = project_noise(eps, energy)
+    per_point = eps.shape[1] * eps.shape[2]
+    step = max(1, _MAX_COPY_ELEMENTS // per_point)
+    log_w, forces = [], []
+    for b0 in range(0, x_t.shape[0], step):
+        copies = x_t[b0:b0 + step, None, :] + sigma[b0:b0 + step, None, None] * eps[b0:b0 + step]
+        e, f = energy.energy_and_forces(copies)
+        log_w.append(-e / energy.kT)
+        forces.append(f)
+    return torch.cat(log_w), torch.cat(forces)
+
+
+def _combine(log_w: Tensor, forces: Tensor, kT: float, estimator: str) -> Tensor:
+    """sum_k w_k F_k / kT with the estimator's weights: (B, K), (B, K, dim) -> (B, dim)."""
+    if estimator == "lse":
+        w = torch.softmax(log_w, dim=1)
+    elif estimator == "jensen":
+        w = torch.full_like(log_w, 1.0 / log_w.shape[1])
+    elif estimator == "naive":
+        # deliberately without the max shift: this is the estimator that breaks in float32
+        raw = torch.exp(log_w)
+        w = raw / raw.sum(dim=1, keepdim=True)
+    else:
+        raise ValueError(f"unknown estimator {estimator!r}; use one of {', '.join(ESTIMATORS)}")
+    return (w[..., None] * forces).sum(dim=1) / kT
+
+
+def _checked(energy: Energy, x_t: Tensor, sigma: float | Tensor, eps: Tensor) -> ScoreInputs:
+    inputs = check_score_inputs(energy, x_t, sigma, None, eps, None)
+    assert inputs.noise is not None
+    return inputs
+
+
+def lse_score(energy: Energy, x_t: Tensor, sigma: float | Tensor, eps: Tensor) -> Tensor:
+    """DEM score target S_K(x_t) = sum_k softmax_k(-E(x_k)/kT) F(x_k)/kT, x_k = x_t + sigma eps_k.
+
+    Shapes: x_t (B, dim), sigma float or (B,), eps (B, K, dim) -> (B, dim). Particle systems
+    go to the fused :func:`boltzlab.kernels.mc_score_estimate` (noise projected to the
+    centre-of-mass-free subspace there); other energies are evaluated here, materialised."""
+    inputs = _checked(energy, x_t, sigma, eps)
+    assert inputs.noise is not None
+    if energy.is_particle_system:
+        return mc_score_estimate(energy, inputs.x_t, inputs.sigma, noise=inputs.noise).score
+    log_w, forces = copy_log_weights_and_forces(energy, inputs.x_t, inputs.sigma, inputs.noise)
+    return _combine(log_w, forces, energy.kT, "lse")
+
+
+def jensen_score(energy: Energy, x_t: Tensor, sigma: float | Tensor, eps: Tensor) -> Tensor:
+    """"Mean of scores" (1/K) sum_k F(x_k)/kT: shapes as :func:`lse_score`.
+
+    Unbiased for grad (log p * N_sigma)(x_t), the gradient of the Gaussian-smoothed
+    log-density, which differs from grad log p_t at every K (see the module docstring)."""
+    inputs = _checked(energy, x_t, sigma, eps)
+    assert inputs.noise is not None
+    log_w, forces = copy_log_weights_and_forces(energy, inputs.x_t, inputs.sigma, inputs.noise)
+    return _combine(log_w, forces, energy.kT, "jensen")
+
+
+def naive_score(energy: Energy, x_t: Tensor, sigma: float | Tensor, eps: Tensor) -> Tensor:
+    """(sum_k e^{l_k} F(x_k)/kT) / (sum_k e^{l_k}) with e^{l_k} computed as is, l_k = -E(x_k)/kT.
+
+    Mathematically the same as :func:`lse_score`; numerically it returns NaN (inf/inf or 0/0)
+    when l_k exceeds about 88 or all l_k fall below about -103 in float32 (709 / -745 in
+    float64). Kept to show why the logsumexp shift is needed. Shapes as :func:`lse_score`."""
+    inputs = _checked(energy, x_t, sigma, eps)
+    assert inputs.noise is not None
+    log_w, forces = copy_log_weights_and_forces(energy, inputs.x_t, inputs.sigma, inputs.noise)
+    return _combine(log_w, forces, energy.kT, "naive")
+
+
+def richardson_score(
+    energy: Energy, x_t: Tensor, sigma: float | Tensor, eps: Tensor, estimator: EstimatorName = "lse"
+) -> Tensor:
+    """Richardson extrapolation in K of a self-normalised estimator, from 2K copies.
+
+    The ratio estimator has E[S_K] = s + b/K + O(1/K^2) (a ratio of two unbiased means is
+    biased at order 1/K by the covariance of numerator and denominator). With eps split into
+    halves A and B of K copies each,
+
+        R = 2 S_2K - (S_K^A + S_K^B) / 2,     E[R] = s + O(1/K^2),
+
+    at the cost of the same 2K energy evaluations as S_2K (and a larger variance: the
+    extrapolation amplifies noise, so it pays when bias dominates, i.e. at large sigma_t).
+    Shapes: eps (B, 2K, dim) with an even number of copies -> (B, dim)."""
+    inputs = _checked(energy, x_t, sigma, eps)
+    assert inputs.noise is not None
+    n = inputs.n_samples
+    if n % 2:
+        raise ScoreInputError(f"Richardson extrapolation needs an even number of copies (2K), got {n}")
+    log_w, forces = copy_log_weights_and_forces(energy, inputs.x_t, inputs.sigma, inputs.noise)
+    half = n // 2
+    full = _combine(log_w, forces, energy.kT, estimator)
+    first = _combine(log_w[:, :half], forces[:, :half], energy.kT, estimator)
+    second = _combine(log_w[:, half:], forces[:, half:], energy.kT, estimator)
+    return 2.0 * full - 0.5 * (first + second)
+
+
+def clip_score(score: Tensor, max_norm: float, *, n_particles: int | None = None, spatial_dim: int | None = None) -> Tensor:
+    """Scale down vectors whose Euclidean norm exceeds ``max_norm``, keeping their direction.
+
+    Per particle when ``n_particles`` and ``spatial_dim`` are given (each particle's
+    spatial_dim-vector is clipped on its own, as iDEM does), otherwise per whole vector.
+    v <- v * min(1, max_norm / |v|). Shape (..., dim) -> (..., dim)."""
+    if not (max_norm > 0 and math.isfinite(max_norm)):
+        raise ValueError(f"max_norm must be a positive finite number, got {max_norm}")
+    if (n_particles is None) != (spatial_dim is None):
+        raise ValueError("give both n_particles and spatial_dim for per-particle clipping, or neither")
+    if n_particles is not None and spatial_dim is not None:
+        if score.shape[-1] != n_particles * spatial_dim:
+            raise ValueError(
+                f"score has last dimension {score.shape[-1]}, expected n_particles * spatial_dim = "
+                f"{n_particles} * {spatial_dim}"
+            )
+        parts = score.reshape(*score.shape[:-1], n_particles, spatial_dim)
+    else:
+        parts = score
+    norm = parts.norm(dim=-1, keepdim=True)
+    scale = (max_norm / norm.clamp_min(torch.finfo(score.dtype).tiny)).clamp(max=1.0)
+    return (parts * scale).reshape(score.shape)
+
+
+def mc_score(
+    energy: Energy,
+    x_t: Tensor,
+    sigma: float | Tensor,
+    n_samples: int | None = None,
+    *,
+    eps: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    estimator: EstimatorName = "lse",
+    richardson: bool = False,
+    max_norm: float | None = None,
+    per_particle: bool = True,
+) -> Tensor:
+    """One entry point for the estimators above: (B, dim) -> (B, dim).
+
+    Args:
+        energy, x_t, sigma: as in :func:`lse_score`.
+        n_samples: K (ignored when ``eps`` is given). With ``richardson`` the estimate uses
+            2K copies (draw K per half), i.e. 2K energy evaluations per point.
+        eps: explicit noise (B, K, dim); otherwise drawn by :func:`draw_eps` from ``generator``.
+        estimator: ``"lse"``, ``"naive"`` or ``"jensen"``.
+        max_norm: clip the result with :func:`clip_score` (per particle for particle systems
+            when ``per_particle``).
+    """
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"unknown estimator {estimator!r}; use one of {', '.join(ESTIMATORS)}")
+    if eps is None:
+        if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
+            raise ValueError(f"n_samples must be a positive int when eps is not given, got {n_samples!r}")
+        if not isinstance(x_t, Tensor) or x_t.ndim != 2:
+            raise ValueError(f"x_t must be a tensor of shape (B, {energy.dim})")
+        total = 2 * n_samples if richardson else n_samples
+        eps = draw_eps(energy, x_t.shape[0], total, generator, dtype=x_t.dtype, device=x_t.device)
+    if richardson:
+        out = richardson_score(energy, x_t, sigma, eps, estimator)
+    else:
+        fn = {"lse": lse_score, "naive": naive_score, "jensen": jensen_score}[estimator]
+        out = fn(energy, x_t, sigma, eps)
+    if max_norm is not None:
+        if per_particle and energy.is_particle_system:
+            out = clip_score(out, max_norm, n_particles=energy.n_particles, spatial_dim=energy.spatial_dim)
+        else:
+            out = clip_score(out, max_norm)
+    return out
+
+
+def gmm_noised_score(gmm: GaussianMixture, x: Tensor, sigma: float | Tensor) -> Tensor:
+    """Exact grad log p_t(x) for p a :class:`~boltzlab.energies.GaussianMixture` at kT = 1.
+
+    p * N(0, sigma^2 I) = (1/M) sum_m N(mu_m, (s^2 + sigma^2) I), so with v = s^2 + sigma^2
+
+        grad log p_t(x) = sum_m r_m(x) (mu_m - x) / v,   r_m = softmax_m(-|x - mu_m|^2 / (2 v)).
+
+    Shapes: x (B, dim), sigma float or (B,) -> (B, dim)."""
+    if not isinstance(gmm, GaussianMixture):
+        raise ValueError(f"gmm_noised_score needs a GaussianMixture, got {type(gmm).__name__}")
+    if gmm.kT != 1.0:
+        raise ValueError(f"at kT = {gmm.kT} the density p^(1/kT) is not a Gaussian mixture; use kT = 1")
+    inputs = check_score_inputs(gmm, x, sigma, 1, None, None)
+    v = (gmm.std**2 + inputs.sigma**2)[:, None]  # (B, 1)
+    mu = gmm.means.to(dtype=inputs.x_t.dtype, device=inputs.x_t.device)
+    diff = mu[None] - inputs.x_t[:, None, :]  # (B, M, dim)
+    resp = torch.softmax(-(diff**2).sum(-1) / (2 * v), dim=-1)
+    return (resp[..., None] * diff).sum(1) / v
+
+
+@dataclass(frozen=True)
+class EstimatorError:
+    """Error of a score estimator against the exact score, averaged over points.
+
+    For each point, R independent estimates S^(r) (each with K fresh copies) give
+    ``bias2`` = |mean_r S^(r) - s|^2, ``variance`` = sum over coordinates of the unbiased
+    sample variance over r, and ``mse`` = mean_r |S^(r) - s|^2 (mse ≈ bias2 + variance;
+    bias2 carries an extra variance/R of sampling noise). ``relative_mse`` = mse / mean |s|^2.
+    ``n_nonfinite``: estimates with NaN or inf entries (left out of the averages).
+    """
+
+    mse: float
+    bias2: float
+    variance: float
+    relative_mse: float
+    n_nonfinite: int
+
+
+def estimator_error(
+    energy: Energy,
+    x_t: Tensor,
+    sigma: float,
+    exact: Tensor,
+    n_samples: int,
+    n_repeats: int,
+    *,
+    estimator: EstimatorName = "lse",
+    richardson: bool = False,
+    generator: torch.Generator | None = None,
+) -> EstimatorError:
+    """Bias and variance of :func:`mc_score` at points ``x_t`` (B, dim) with exact score
+    ``exact`` (B, dim), from ``n_repeats`` independent estimates per point (R >= 2).
+    With ``richardson`` each estimate uses 2 * n_samples copies."""
+    if n_repeats < 2:
+        raise ValueError(f"n_repeats must be >= 2 to measure a variance, got {n_repeats}")
+    if exact.shape != x_t.shape:
+        raise ValueError(f"exact has shape {tuple(exact.shape)}, expected x_t's shape {tuple(x_t.shape)}")
+    batch = x_t.shape[0]
+    repeated = x_t.repeat(n_repeats, 1)  # (R * B, dim), repeat r holds rows r*B ... r*B + B - 1
+    est = mc_score(energy, repeated, sigma, n_samples, generator=generator, estimator=estimator,
+                   richardson=richardson).reshape(n_repeats, batch, -1).to(torch.float64)
+    ok = torch.isfinite(est).all(dim=-1).all(dim=0)  # (B,) points whose R estimates are all finite
+    n_bad = int(n_repeats * batch - torch.isfinite(est).all(dim=-1).sum())
+    if not bool(ok.any()):
+        nan = float("nan")
+        return EstimatorError(nan, nan, nan, nan, n_bad)
+    est, ref = est[:, ok], exact[ok].to(torch.float64)
+    mse = float(((est - ref) ** 2).sum(-1).mean())
+    bias2 = float(((est.mean(0) - ref) ** 2).sum(-1).mean())
+    variance = float(est.var(0).sum(-1).mean())
+    return EstimatorError(mse, bias2, variance, mse / float((ref**2).sum(-1).mean()), n_bad)

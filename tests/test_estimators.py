@@ -1,0 +1,179 @@
+"""boltzlab.estimators against exact noised scores, autograd and the fused kernel."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from boltzlab.energies import DoubleWell2D, GaussianMixture, lj13
+from boltzlab.estimators import (
+    clip_score,
+    draw_eps,
+    estimator_error,
+    gmm_noised_score,
+    jensen_score,
+    lse_score,
+    mc_score,
+    naive_score,
+    richardson_score,
+)
+from boltzlab.kernels import mc_score_estimate
+
+F64 = torch.float64
+
+
+def _noised_points(gmm: GaussianMixture, n: int, sigma: float, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x0 = gmm.sample(n, g, dtype=F64)
+    return x0 + sigma * torch.randn(x0.shape, generator=g, dtype=F64)
+
+
+@pytest.mark.parametrize("sigma", [0.0, 0.5, 4.0])
+def test_gmm_noised_score_matches_autograd(sigma):
+    gmm = GaussianMixture()
+    x = _noised_points(gmm, 32, max(sigma, 1.0), seed=1).requires_grad_(True)
+    # independent route: the noised mixture's log-density, written out, differentiated by autograd
+    v = gmm.std**2 + sigma**2
+    sq = ((x[:, None, :] - gmm.means.to(F64)) ** 2).sum(-1)
+    log_pt = torch.logsumexp(-sq / (2 * v), dim=-1) - math.log(2 * math.pi * v) - math.log(40)
+    (grad,) = torch.autograd.grad(log_pt.sum(), x)
+    torch.testing.assert_close(gmm_noised_score(gmm, x.detach(), sigma), grad, rtol=1e-10, atol=1e-12)
+
+
+def test_gmm_noised_score_per_point_sigma_and_sigma_zero_is_the_score():
+    gmm = GaussianMixture()
+    x = _noised_points(gmm, 6, 1.0, seed=2)
+    sig = torch.tensor([0.0, 0.1, 1.0, 2.0, 5.0, 9.0], dtype=F64)
+    per_point = gmm_noised_score(gmm, x, sig)
+    for i in range(6):
+        torch.testing.assert_close(per_point[i:i + 1], gmm_noised_score(gmm, x[i:i + 1], float(sig[i])))
+    torch.testing.assert_close(gmm_noised_score(gmm, x, 0.0), gmm.score(x))
+    with pytest.raises(ValueError, match="kT"):
+        gmm_noised_score(gmm.at_temperature(2.0), x, 1.0)
+
+
+def test_lse_converges_like_one_over_k():
+    gmm = GaussianMixture()
+    sigma = 1.0
+    x = _noised_points(gmm, 32, sigma, seed=3)
+    exact = gmm_noised_score(gmm, x, sigma)
+    g = torch.Generator().manual_seed(4)
+    mse = {k: estimator_error(gmm, x, sigma, exact, k, 16, generator=g).mse for k in (4, 16, 64)}
+    # variance-dominated regime: 4x the copies gives about 1/4 of the error
+    assert mse[16] < mse[4] / 2.5 and mse[64] < mse[16] / 2.5
+    assert mse[64] > mse[16] / 8  # and not faster than 1/K
+    rel = estimator_error(gmm, x, sigma, exact, 256, 4, generator=g).relative_mse
+    assert rel < 0.02
+
+
+def test_jensen_converges_to_the_smoothed_log_density_gradient_not_the_noised_score():
+    # single Gaussian N(0, s^2 I): Jensen -> -x/s^2, the noised score is -x/(s^2 + sigma^2)
+    d, s, sigma = 3, 1.0, 1.0
+    gauss = GaussianMixture(name="gauss", dim=d, means=torch.zeros(1, d), std=s)
+    x = torch.randn(5, d, generator=torch.Generator().manual_seed(5), dtype=F64)
+    eps = draw_eps(gauss, 5, 4096, torch.Generator().manual_seed(6), dtype=F64)
+    torch.testing.assert_close(jensen_score(gauss, x, sigma, eps), -x / s**2, rtol=0, atol=0.1)
+    torch.testing.assert_close(gmm_noised_score(gauss, x, sigma), -x / (s**2 + sigma**2))
+    torch.testing.assert_close(lse_score(gauss, x, sigma, eps), -x / (s**2 + sigma**2), rtol=0, atol=0.1)
+
+
+def test_naive_overflows_where_lse_stays_finite():
+    cold = DoubleWell2D().at_temperature(0.05)  # E/kT about -216 near the deep minimum
+    x = torch.tensor([[-1.7, 0.0], [-1.8, 0.1]])
+    eps = draw_eps(cold, 2, 16, torch.Generator().manual_seed(7))
+    naive = naive_score(cold, x, 0.05, eps)
+    lse = lse_score(cold, x, 0.05, eps)
+    assert not torch.isfinite(naive).any()
+    assert torch.isfinite(lse).all()
+    ref = lse_score(cold, x.double(), 0.05, eps.double())  # float64 keeps e^216
+    torch.testing.assert_close(lse.double(), ref, rtol=1e-3, atol=1e-2)
+    torch.testing.assert_close(naive_score(cold, x.double(), 0.05, eps.double()), ref)
+
+
+def test_naive_underflows_far_from_the_modes():
+    gmm = GaussianMixture()
+    x = torch.tensor([[200.0, 200.0]])  # E about 1e4: every e^{-E} is 0 in float32
+    eps = draw_eps(gmm, 1, 8, torch.Generator().manual_seed(8))
+    assert torch.isnan(naive_score(gmm, x, 1.0, eps)).all()
+    lse = lse_score(gmm, x, 1.0, eps)
+    assert torch.isfinite(lse).all()
+    # far away the nearest mode dominates; the score points back towards the mixture
+    assert (lse < 0).all()
+
+
+def test_clip_bounds_norms_and_keeps_directions():
+    g = torch.Generator().manual_seed(9)
+    v = 10 * torch.randn(20, 39, generator=g)
+    clipped = clip_score(v, 5.0, n_particles=13, spatial_dim=3)
+    parts, orig = clipped.reshape(20, 13, 3), v.reshape(20, 13, 3)
+    assert (parts.norm(dim=-1) <= 5.0 + 1e-5).all()
+    small = orig.norm(dim=-1) <= 5.0
+    torch.testing.assert_close(parts[small], orig[small])
+    cos = torch.nn.functional.cosine_similarity(parts, orig, dim=-1)
+    torch.testing.assert_close(cos, torch.ones_like(cos))
+    whole = clip_score(v, 5.0)
+    torch.testing.assert_close(whole.norm(dim=-1), torch.full((20,), 5.0))
+    assert torch.isfinite(clip_score(torch.zeros(2, 6), 1.0)).all()
+    with pytest.raises(ValueError, match="max_norm"):
+        clip_score(v, 0.0)
+    with pytest.raises(ValueError, match="n_particles"):
+        clip_score(v, 1.0, n_particles=4, spatial_dim=3)
+
+
+def test_richardson_reduces_bias_on_gmm40():
+    gmm = GaussianMixture()
+    sigma, n_repeats = 3.0, 1500
+    x = _noised_points(gmm, 8, sigma, seed=1)
+    exact = gmm_noised_score(gmm, x, sigma)
+    g = torch.Generator().manual_seed(10)
+    plain = estimator_error(gmm, x, sigma, exact, 16, n_repeats, generator=g)  # 16 evaluations
+    rich = estimator_error(gmm, x, sigma, exact, 8, n_repeats, richardson=True, generator=g)  # 2 * 8
+    # bias2 carries variance/R of Monte Carlo noise; subtract it before comparing
+    plain_bias2 = plain.bias2 - plain.variance / n_repeats
+    rich_bias2 = rich.bias2 - rich.variance / n_repeats
+    assert rich_bias2 < plain_bias2 / 2
+    assert plain_bias2 > 5 * plain.variance / n_repeats  # the plain bias is resolved, not noise
+
+
+def test_lse_agrees_with_the_fused_kernel_on_lj13():
+    lj = lj13()
+    g = torch.Generator().manual_seed(11)
+    x = lj.remove_com(1.2 * torch.randn(4, lj.dim, generator=g, dtype=F64))
+    eps = draw_eps(lj, 4, 40, torch.Generator().manual_seed(12), dtype=F64)
+    ours = mc_score(lj, x, 0.05, eps=eps)
+    kernel = mc_score_estimate(lj, x, 0.05, noise=eps, backend="reference").score
+    torch.testing.assert_close(ours, kernel, rtol=1e-8, atol=1e-8)
+    # the materialised path (as Richardson uses) gives the same weights and forces
+    from boltzlab.estimators import copy_log_weights_and_forces
+
+    log_w, f = copy_log_weights_and_forces(lj, x, torch.full((4,), 0.05, dtype=F64), eps)
+    direct = (torch.softmax(log_w, 1)[..., None] * f).sum(1)
+    torch.testing.assert_close(direct, kernel, rtol=1e-8, atol=1e-8)
+    # same generator state, same noise as the kernel draws itself
+    drawn = mc_score(lj, x, 0.05, 40, generator=torch.Generator().manual_seed(12))
+    own = mc_score_estimate(lj, x, 0.05, 40, generator=torch.Generator().manual_seed(12), backend="reference").score
+    torch.testing.assert_close(drawn, own, rtol=1e-8, atol=1e-8)
+    # the copies stay centre-of-mass free, so the score does too
+    torch.testing.assert_close(ours.reshape(4, 13, 3).sum(1), torch.zeros(4, 3, dtype=F64), rtol=0, atol=1e-8)
+
+
+def test_estimators_agree_with_equal_energies_and_bad_input_is_named():
+    gmm = GaussianMixture()
+    x = _noised_points(gmm, 5, 1.0, seed=13)
+    eps = draw_eps(gmm, 5, 1, torch.Generator().manual_seed(14), dtype=F64)
+    # with one copy every estimator returns that copy's score
+    one = gmm.score(x + eps[:, 0])
+    for fn in (lse_score, naive_score, jensen_score):
+        torch.testing.assert_close(fn(gmm, x, 1.0, eps), one)
+    with pytest.raises(ValueError, match="even"):
+        richardson_score(gmm, x, 1.0, draw_eps(gmm, 5, 3, dtype=F64))
+    with pytest.raises(ValueError, match="estimator"):
+        mc_score(gmm, x, 1.0, 4, estimator="mean")
+    with pytest.raises(ValueError, match="n_samples"):
+        mc_score(gmm, x, 1.0)
+    with pytest.raises(ValueError, match="sigma"):
+        mc_score(gmm, x, -1.0, 4)
+    with pytest.raises(ValueError, match="shape"):
+        lse_score(gmm, x, 1.0, eps[:, :, :1])
