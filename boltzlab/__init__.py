@@ -5,7 +5,12 @@ Modules, one concept each:
 - ``config``     budgets (``BOLTZLAB_BUDGET``) and the sizes every notebook asks for
 - ``energies``   target energies E(x) and forces -grad E(x) with p(x) ∝ exp(-E(x)/kT)
 - ``mcmc``       Metropolis, MALA and parallel tempering over many chains; diagnostics
+- ``minimize``   energy minimisation (L-BFGS) and ideal cluster geometries
 - ``reference``  the shipped MCMC reference sets and the command that builds them
+- ``models``     small networks: MLPs, VAE encoder/decoders, GAN generator/critic
+- ``training``   losses and seeded training loops for VAEs, GANs and WGANs
+- ``flows``      coupling flows (RealNVP, rational-quadratic splines) and their training
+- ``estimators`` DEM Monte Carlo score estimators and the exact noised GMM score
 - ``metrics``    energy W2, distance histograms, x-W2, Kish ESS, log Z, mode coverage
 - ``plots``      histograms, densities, traces
 - ``widgets``    ipywidgets used in the chapters
