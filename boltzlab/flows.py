@@ -46,7 +46,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from boltzlab.energies import Energy
-from boltzlab.metrics import kish_ess
+from boltzlab.metrics import grid_2d, kish_ess
 from boltzlab.training import Evaluation, TrainingHistory, run_training
 
 __all__ = [
@@ -642,15 +642,8 @@ def log_prob_on_grid(flow: Flow, xlim: tuple[float, float], ylim: tuple[float, f
     computed without gradients."""
     if flow.dim != 2:
         raise ValueError(f"log_prob_on_grid needs a 2-D flow, got dim {flow.dim}")
-    if grid < 2:
-        raise ValueError(f"grid must be at least 2, got {grid}")
-    (x0, x1), (y0, y1) = xlim, ylim
-    if not (x1 > x0 and y1 > y0):
-        raise ValueError(f"need xlim and ylim increasing, got {xlim}, {ylim}")
-    xs = x0 + (x1 - x0) / grid * (torch.arange(grid, dtype=torch.float64) + 0.5)
-    ys = y0 + (y1 - y0) / grid * (torch.arange(grid, dtype=torch.float64) + 0.5)
-    yy, xx = torch.meshgrid(ys, xs, indexing="ij")
-    points = torch.stack([xx, yy], dim=-1).reshape(-1, 2)
+    xs, ys, points, _ = grid_2d(xlim, ylim, grid)
+    points = points.reshape(-1, 2)
     p = flow._first_parameter_or_buffer()
     with torch.no_grad():
         log_q = flow.log_prob(points.to(p.dtype)).to(torch.float64)

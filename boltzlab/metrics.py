@@ -565,3 +565,22 @@ def count_transitions(coordinate: Tensor, low: float, high: float) -> Tensor:
     filled = state.gather(0, last_core)  # the basin each chain was last seen in (0: none yet)
     switched = (filled[1:] != filled[:-1]) & (filled[:-1] != 0)
     return switched.sum(0)
+
+
+def grid_2d(xlim: tuple[float, float], ylim: tuple[float, float], grid: int) -> tuple[Tensor, Tensor, Tensor, float]:
+    r"""Cell centres of a ``grid × grid`` partition of ``xlim × ylim``, for 2-D quadrature.
+
+    Returns ``(xs (grid,), ys (grid,), points (grid, grid, 2), cell_area)`` in float64 with
+    ``points[j, i] = (xs[i], ys[j])`` (rows are y, as images are), so that
+    ∫ f ≈ cell_area · Σ f(points).
+    """
+    if grid < 2:
+        raise ValueError(f"grid must be at least 2, got {grid}")
+    (x0, x1), (y0, y1) = xlim, ylim
+    if not (x1 > x0 and y1 > y0):
+        raise ValueError(f"need xlim and ylim increasing, got {xlim}, {ylim}")
+    dx, dy = (x1 - x0) / grid, (y1 - y0) / grid
+    xs = x0 + dx * (torch.arange(grid, dtype=torch.float64) + 0.5)
+    ys = y0 + dy * (torch.arange(grid, dtype=torch.float64) + 0.5)
+    yy, xx = torch.meshgrid(ys, xs, indexing="ij")
+    return xs, ys, torch.stack([xx, yy], dim=-1), dx * dy

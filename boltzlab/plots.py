@@ -200,17 +200,9 @@ def boltzmann_density_grid(
     kT = energy.kT if kT is None else float(kT)
     if not (kT > 0 and math.isfinite(kT)):
         raise ValueError(f"kT must be positive and finite, got {kT}")
-    if grid < 2:
-        raise ValueError(f"grid must be at least 2, got {grid}")
-    (x0, x1), (y0, y1) = xlim, ylim
-    if not (x1 > x0 and y1 > y0):
-        raise ValueError(f"need xlim and ylim increasing, got {xlim}, {ylim}")
-    dx, dy = (x1 - x0) / grid, (y1 - y0) / grid
-    xs = x0 + dx * (torch.arange(grid, dtype=torch.float64) + 0.5)
-    ys = y0 + dy * (torch.arange(grid, dtype=torch.float64) + 0.5)
-    yy, xx = torch.meshgrid(ys, xs, indexing="ij")
-    log_p = -energy.energy(torch.stack([xx, yy], dim=-1)) / kT
-    p = torch.exp(log_p - torch.logsumexp(log_p.reshape(-1), 0)) / (dx * dy)
+    xs, ys, points, cell_area = metrics.grid_2d(xlim, ylim, grid)
+    log_p = -energy.energy(points) / kT
+    p = torch.exp(log_p - torch.logsumexp(log_p.reshape(-1), 0)) / cell_area
     return xs, ys, p
 
 

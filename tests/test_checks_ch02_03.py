@@ -13,12 +13,6 @@ from boltzlab.grading import checks_ch03 as C3
 from boltzlab.grading.feedback import CheckFailed, ExerciseNotAttempted
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def not_attempted(*args, **kwargs):

@@ -13,13 +13,6 @@ from boltzlab.training import double_well_exact_samples
 
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The machines these run on have 2 shared cores: one thread is faster and fairer."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def gen(seed: int = 0) -> torch.Generator:

@@ -70,13 +70,6 @@ POTENTIALS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a loaded 2-core machine OpenMP barriers make tiny ops ~1000x slower."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 # ----------------------------------------------------------------------------------------

@@ -21,13 +21,6 @@ def gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny networks: with several threads, synchronisation costs more than the arithmetic."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ----------------------------------------------------------------------------- exact samples
