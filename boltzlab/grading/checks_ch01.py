@@ -81,8 +81,8 @@ def _elbo_variants(x: Tensor, encoder: GaussianEncoder, decoder: GaussianDecoder
             mean, dec_log_var = decoder(z)
             return _gaussian_log_density(x, mean, dec_log_var, constant)
 
-        z = mu + torch.exp(0.5 * log_var) * eps
-        mean, dec_log_var = decoder(z)
+        z = mu + eps * (0.5 * log_var).exp()
+        mean, dec_log_var = decoder(z)  # the decoder's Gaussian, for the mistakes below
         r = rec(z)
         return {
             "correct": r - kl,
@@ -103,10 +103,9 @@ def _elbo_variants(x: Tensor, encoder: GaussianEncoder, decoder: GaussianDecoder
 
 
 def _reference_gradients(x: Tensor, encoder: GaussianEncoder, decoder: GaussianDecoder, eps: Tensor) -> list[Tensor]:
-    mu, log_var = encoder(x)
-    z = mu + torch.exp(0.5 * log_var) * eps
-    mean, dec_log_var = decoder(z)
-    value = (_gaussian_log_density(x, mean, dec_log_var) - gaussian_kl_to_standard(mu, log_var).sum(-1)).sum()
+    q_mean, q_log_var = encoder(x)
+    latent = q_mean + eps * (0.5 * q_log_var).exp()
+    value = (_gaussian_log_density(x, *decoder(latent)) - gaussian_kl_to_standard(q_mean, q_log_var).sum(-1)).sum()
     return list(torch.autograd.grad(value, list(encoder.parameters())))
 
 

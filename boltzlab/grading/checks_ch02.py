@@ -32,17 +32,17 @@ def _random_net(dim: int, seed: int) -> Net:
 
 
 def _reference_coupling(x: Tensor, mask: Tensor, net: Net) -> tuple[Tensor, Tensor]:
-    s, t = net(x * mask)
-    free = 1 - mask
-    return x * mask + free * (x * torch.exp(s) + t), (free * s).sum(-1)
+    log_scale, shift = net(mask * x)
+    changed = 1 - mask
+    return mask * x + changed * (torch.exp(log_scale) * x + shift), (changed * log_scale).sum(-1)
 
 
 def _coupling_mistakes(x: Tensor, mask: Tensor, net: Net) -> dict[str, tuple[Tensor, Tensor]]:
     """What common wrong versions return, with the sentence that explains each."""
     s_all, t_all = net(x)
-    s, t = net(x * mask)
+    s, t = net(mask * x)
     free = 1 - mask
-    y = x * mask + free * (x * torch.exp(s) + t)
+    y, _ = _reference_coupling(x, mask, net)
     return {
         "the network sees all of x: pass it x * mask, so that s and t depend only on the dimensions "
         "the layer keeps (otherwise the layer cannot be inverted and its Jacobian is not triangular)":
