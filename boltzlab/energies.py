@@ -41,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from boltzlab.validation import check_points
+
 
 class EnergyInputError(ValueError):
     """Raised for inputs an energy cannot evaluate: wrong shape, dtype, NaN or inf."""
@@ -77,21 +79,9 @@ class Energy:
     # --- public API ---
     def check_input(self, x: Tensor) -> Tensor:
         """Validate ``x``: a floating tensor of shape ``(..., dim)`` with finite entries."""
-        if not isinstance(x, Tensor):
-            raise EnergyInputError(f"{self.name}: expected a torch.Tensor, got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise EnergyInputError(
-                f"{self.name}: expected a floating tensor (float32 or float64), got {x.dtype}"
-            )
-        if x.ndim == 0 or x.shape[-1] != self.dim:
-            raise EnergyInputError(
-                f"{self.name}: expected shape (..., {self.dim}), got {tuple(x.shape)}"
-                + (
-                    f" (flatten particles as (..., {self.n_particles}*{self.spatial_dim}))"
-                    if self.is_particle_system
-                    else ""
-                )
-            )
+        hint = (f" (flatten particles as (..., {self.n_particles}*{self.spatial_dim}))"
+                if self.is_particle_system else "")
+        check_points(x, self.dim, self.name, EnergyInputError, hint=hint)
         if not bool(torch.isfinite(x).all()):
             n_bad = int((~torch.isfinite(x)).any(dim=-1).sum()) if x.ndim > 1 else 1
             raise EnergyInputError(

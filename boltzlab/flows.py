@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 
 from boltzlab.energies import Energy
 from boltzlab.metrics import grid_2d, kish_ess
+from boltzlab.validation import check_points
 from boltzlab.training import Evaluation, TrainingHistory, run_training
 
 __all__ = [
@@ -76,12 +77,7 @@ class FlowInputError(ValueError):
 
 
 def _check_points(x: Tensor, dim: int, name: str = "x") -> Tensor:
-    if not isinstance(x, Tensor):
-        raise FlowInputError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise FlowInputError(f"{name}: expected a floating tensor (float32 or float64), got {x.dtype}")
-    if x.ndim == 0 or x.shape[-1] != dim:
-        raise FlowInputError(f"{name}: expected shape (..., {dim}), got {tuple(x.shape)}")
+    check_points(x, dim, name, FlowInputError)
     if not bool(torch.isfinite(x).all()):
         raise FlowInputError(f"{name}: {int((~torch.isfinite(x)).sum())} entries are NaN or infinite")
     return x

@@ -35,6 +35,8 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
+from boltzlab.validation import check_points
+
 __all__ = [
     "ModelInputError",
     "MLP",
@@ -65,13 +67,7 @@ class ModelInputError(ValueError):
 
 def check_batch(x: Tensor, dim: int, name: str = "x") -> Tensor:
     """``x`` must be a floating tensor of shape ``(B, dim)``; returns it unchanged."""
-    if not isinstance(x, Tensor):
-        raise ModelInputError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise ModelInputError(f"{name}: expected a floating tensor, got {x.dtype}")
-    if x.ndim != 2 or x.shape[1] != dim:
-        raise ModelInputError(f"{name}: expected shape (batch, {dim}), got {tuple(x.shape)}")
-    return x
+    return check_points(x, dim, name, ModelInputError, batched=True)
 
 
 def _check_count(n: int, name: str = "n") -> int:

@@ -1,0 +1,21 @@
+"""Input checks shared by energies, flows and models: a clear error naming the problem
+instead of a stack trace from deep inside torch."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+
+def check_points(x: object, dim: int, name: str, error: type[ValueError] = ValueError,
+                 batched: bool = False, hint: str = "") -> Tensor:
+    """``x`` must be a floating tensor of shape ``(..., dim)`` (``(batch, dim)`` when
+    ``batched``); raises ``error`` naming what is wrong, else returns ``x`` unchanged."""
+    if not isinstance(x, Tensor):
+        raise error(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise error(f"{name}: expected a floating tensor (float32 or float64), got {x.dtype}")
+    if batched and (x.ndim != 2 or x.shape[1] != dim):
+        raise error(f"{name}: expected shape (batch, {dim}), got {tuple(x.shape)}")
+    if x.ndim == 0 or x.shape[-1] != dim:
+        raise error(f"{name}: expected shape (..., {dim}), got {tuple(x.shape)}{hint}")
+    return x
