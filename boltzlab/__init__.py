@@ -2,6 +2,7 @@
 
 Modules, one concept each:
 
+- ``validation`` the input checks shared by energies, flows and models
 - ``config``     budgets (``BOLTZLAB_BUDGET``) and the sizes every notebook asks for
 - ``energies``   target energies E(x) and forces -grad E(x) with p(x) ∝ exp(-E(x)/kT)
 - ``mcmc``       Metropolis, MALA and parallel tempering over many chains; diagnostics
