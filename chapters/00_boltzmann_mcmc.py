@@ -355,7 +355,7 @@ assert xw2_bad / xw2_same < 1.2 and ew2_bad / ew2_same > 5
 #   energy evaluation per replica. Whether it wins *per energy evaluation* is the honest
 #   question, and the one later chapters ask of every neural sampler.
 # - **Diagnostics can be fooled.** The energy $\hat R$ of the MALA chains on GMM-40 was
-#   close to 1 while they covered a handful of the 40 modes. A sampler can only be trusted against
+#   close to 1 while they covered only part of the 40 modes. A sampler can only be trusted against
 #   something independent: exact quantities where they exist (log Z, well probabilities,
 #   mode coverage), physics identities (the virial), or reference sets checked by those.
 # - **Metrics have blind spots.** ESS measures weight degeneracy, not coverage (the
