@@ -5,6 +5,7 @@ Commands:
 - ``reference build {dw4,lj13,lj55,all}``  build the MCMC reference sets (boltzlab.reference)
 - ``exercises {build,check}``               write exercises/ from solutions/ (boltzlab.exercises)
 - ``grading grade SUBMISSIONS --out CSV``   grade submitted notebooks (boltzlab.grading)
+- ``train TARGET --out DIR [--resume]``      train an iDEM/pDEM sampler (boltzlab.training.idem)
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ COMMANDS = {
     "reference": "boltzlab.reference",
     "exercises": "boltzlab.exercises",
     "grading": "boltzlab.grading.grader",
+    "train": "boltzlab.training.idem",
 }
 
 

@@ -47,8 +47,8 @@ from boltzlab.kernels import draw_noise, mc_score_estimate
 from boltzlab.kernels.estimate import ScoreInputError, ScoreInputs, check_score_inputs
 from boltzlab.kernels.noise import project_noise
 
-EstimatorName = Literal["lse", "naive", "jensen"]
-ESTIMATORS: tuple[str, ...] = ("lse", "naive", "jensen")
+EstimatorName = Literal["lse", "naive", "jensen", "blended"]
+ESTIMATORS: tuple[str, ...] = ("lse", "naive", "jensen", "blended")
 
 _MAX_COPY_ELEMENTS = 1 << 22
 """Largest number of (point, copy, coordinate) entries materialised at once; larger
@@ -124,6 +124,34 @@ def lse_score(energy: Energy, x_t: Tensor, sigma: float | Tensor, eps: Tensor) -
         return mc_score_estimate(energy, inputs.x_t, inputs.sigma, noise=inputs.noise).score
     log_w, forces = copy_log_weights_and_forces(energy, inputs.x_t, inputs.sigma, inputs.noise)
     return _combine(log_w, forces, energy.kT, "lse")
+
+
+def blended_score(energy: Energy, x_t: Tensor, sigma: float | Tensor, eps: Tensor, local_scale: float) -> Tensor:
+    r"""Force form and noise form of the same self-normalised estimate, blended by noise level.
+
+    With x_k = x_t + sigma eps_k and w = softmax_k(-E(x_k)/kT), two estimators share the
+    weights and have the same limit ∇ log p_t(x_t) as K grows (integration by parts):
+
+        force form  S_F = sum_k w_k F(x_k) / kT      (chapter 04's LSE estimator)
+        noise form  S_U = sum_k w_k eps_k / sigma    (Tweedie: E[x_0 - x_t | x_t] / sigma^2)
+
+    S_F is exact as sigma -> 0 but its variance grows with sigma (the copies spread over
+    wildly different forces); S_U is bounded by max |eps| / sigma, so it is the quiet one at
+    large sigma and the noisy one at small sigma. The blend
+    S = a S_F + (1 - a) S_U with a = l^2 / (l^2 + sigma^2) switches at sigma ≈ l, the
+    width of the target's wells (``local_scale``). Shapes as :func:`lse_score`;
+    materialises the K copies (use it for the regression targets of iDEM, not in hot loops
+    where the fused force-form kernel applies).
+    """
+    inputs = _checked(energy, x_t, sigma, eps)
+    assert inputs.noise is not None
+    noise = project_noise(inputs.noise, energy)
+    log_w, forces = copy_log_weights_and_forces(energy, inputs.x_t, inputs.sigma, noise)
+    w = torch.softmax(log_w, dim=1)
+    force_form = (w[..., None] * forces).sum(dim=1) / energy.kT
+    noise_form = (w[..., None] * noise).sum(dim=1) / inputs.sigma[:, None]
+    a = (local_scale**2 / (local_scale**2 + inputs.sigma**2))[:, None]
+    return a * force_form + (1.0 - a) * noise_form
 
 
 def jensen_score(energy: Energy, x_t: Tensor, sigma: float | Tensor, eps: Tensor) -> Tensor:
@@ -212,6 +240,7 @@ def mc_score(
     richardson: bool = False,
     max_norm: float | None = None,
     per_particle: bool = True,
+    local_scale: float | None = None,
 ) -> Tensor:
     """One entry point for the estimators above: (B, dim) -> (B, dim).
 
@@ -220,7 +249,8 @@ def mc_score(
         n_samples: K (ignored when ``eps`` is given). With ``richardson`` the estimate uses
             2K copies (draw K per half), i.e. 2K energy evaluations per point.
         eps: explicit noise (B, K, dim); otherwise drawn by :func:`draw_eps` from ``generator``.
-        estimator: ``"lse"``, ``"naive"`` or ``"jensen"``.
+        estimator: ``"lse"``, ``"naive"``, ``"jensen"`` or ``"blended"`` (:func:`blended_score`,
+            which needs ``local_scale``).
         max_norm: clip the result with :func:`clip_score` (per particle for particle systems
             when ``per_particle``).
     """
@@ -233,7 +263,11 @@ def mc_score(
             raise ValueError(f"x_t must be a tensor of shape (B, {energy.dim})")
         total = 2 * n_samples if richardson else n_samples
         eps = draw_eps(energy, x_t.shape[0], total, generator, dtype=x_t.dtype, device=x_t.device)
-    if richardson:
+    if estimator == "blended":
+        if local_scale is None or richardson:
+            raise ValueError("the blended estimator needs local_scale (and does not combine with richardson)")
+        out = blended_score(energy, x_t, sigma, eps, local_scale)
+    elif richardson:
         out = richardson_score(energy, x_t, sigma, eps, estimator)
     else:
         fn = {"lse": lse_score, "naive": naive_score, "jensen": jensen_score}[estimator]

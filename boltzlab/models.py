@@ -18,6 +18,13 @@ of order one (GMM-40 spans about ±40; an MLP on raw coordinates trains badly).
 :class:`Generator`              GAN generator x = G(z), z ~ N(0, I)
 :class:`Discriminator`          GAN discriminator: logits D(x) (probability sigmoid(D(x)))
 :class:`Critic`                 WGAN critic: an unbounded score f(x)
+:class:`SinusoidalTimeEmbedding`
+                                sin/cos features of a diffusion time t in [0, 1]
+:class:`ScoreMLP`               time-conditioned score s(x, t) ``(B, dim), (B,) -> (B, dim)``
+:class:`EnergyMLP`              time-conditioned energy E(x, t) ``-> (B,)``
+:class:`EnergyScore`            s = -∇_x E(x, t) / kT, differentiable for training (pDEM)
+:class:`EGNNLayer`              one E(n)-equivariant message-passing layer on all pairs
+:class:`EGNN`                   E(n) x S_n-equivariant, COM-free score network for particles
 ==============================  ===========================================================
 
 Every constructor that creates weights takes ``seed``: when given, they are drawn from
@@ -29,7 +36,7 @@ Losses and training loops are in :mod:`boltzlab.training`.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -447,3 +454,304 @@ class Critic(Discriminator):
     def forward(self, x: Tensor) -> Tensor:
         """``(B, x_dim) -> (B,)``."""
         return self.output_scale.to(x.dtype) * super().forward(x)
+
+
+# ----------------------------------------------------------------------------------------
+# score networks for diffusion samplers (chapters 05 and 07)
+# ----------------------------------------------------------------------------------------
+#
+# A score network maps (x (B, dim), t (B,)) to s (B, dim), the signature the samplers in
+# boltzlab.diffusion expect. t lives in [0, 1] (0: the target, 1: the noise prior).
+
+
+def _check_times(t: object, x: Tensor) -> Tensor:
+    """``t`` must be a floating tensor of shape ``(B,)`` matching ``x`` (B, dim); returns it
+    in ``x``'s dtype (a time is just a number, so float32 t with float64 x is fine)."""
+    if not isinstance(t, Tensor):
+        raise ModelInputError(f"t: expected a torch.Tensor of shape ({x.shape[0]},), got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise ModelInputError(f"t: expected a floating tensor (float32 or float64), got {t.dtype}")
+    if t.shape != (x.shape[0],):
+        raise ModelInputError(f"t: expected shape ({x.shape[0]},) (one time per row of x), got {tuple(t.shape)}")
+    return t.to(x.dtype)
+
+
+def _check_dtype(module: nn.Module, x: Tensor) -> None:
+    """A clear error instead of torch's matmul dtype mismatch deep inside a layer."""
+    p = next(module.parameters(), None)
+    if p is not None and p.dtype != x.dtype:
+        raise ModelInputError(
+            f"x has dtype {x.dtype} but the network's parameters are {p.dtype}; "
+            f"convert one of them (e.g. net.double() for float64 input)"
+        )
+
+
+def _check_positive_float(value: float, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ModelInputError(f"{name} must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+class SinusoidalTimeEmbedding(nn.Module):
+    r"""Sin/cos features of a diffusion time t in [0, 1]: ``(B,) -> (B, dim)``.
+
+    With ``half = dim / 2`` angular frequencies in geometric progression,
+
+        w_k = max_period^(1 - k / half),   k = 0, ..., half - 1   (from max_period down to
+                                                                    max_period^(1/half)),
+        phi(t) = [sin(w_0 t), ..., sin(w_{half-1} t), cos(w_0 t), ..., cos(w_{half-1} t)].
+
+    This is the transformer position embedding of the "step index" max_period * t: the
+    slow features tell early from late times, the fast ones resolve time differences of
+    about 1 / max_period. ``dim`` must be even. No parameters.
+    """
+
+    def __init__(self, dim: int, max_period: float = 1000.0) -> None:
+        super().__init__()
+        _check_count(dim, "dim")
+        if dim % 2:
+            raise ModelInputError(f"dim must be even (half sin, half cos features), got {dim}")
+        self.dim = dim
+        self.max_period = _check_positive_float(max_period, "max_period")
+
+    def frequencies(self, dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu") -> Tensor:
+        """w_k, shape ``(dim / 2,)`` (made on demand in the caller's dtype: no rounding
+        through float32 for float64 input, and nothing to save in a checkpoint)."""
+        half = self.dim // 2
+        k = torch.arange(half, dtype=dtype, device=device)
+        return (math.log(self.max_period) * (1.0 - k / half)).exp()
+
+    def forward(self, t: Tensor) -> Tensor:
+        """``(B,) -> (B, dim)``, in ``t``'s dtype."""
+        if not isinstance(t, Tensor) or not t.is_floating_point() or t.ndim != 1:
+            shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ModelInputError(f"t: expected a floating tensor of shape (B,), got {shape}")
+        arg = t[:, None] * self.frequencies(t.dtype, t.device)
+        return torch.cat([arg.sin(), arg.cos()], dim=-1)
+
+
+class _TimeConditionedMLP(nn.Module):
+    """h_0 = [x, phi(t)]; ``n_layers`` hidden layers of width ``hidden`` with SiLU; linear output."""
+
+    def __init__(self, dim: int, out_dim: int, hidden: int, n_layers: int, time_dim: int,
+                 max_period: float, seed: int | None) -> None:
+        super().__init__()
+        self.dim = _check_count(dim, "dim")
+        self.hidden, self.n_layers = _check_count(hidden, "hidden"), _check_count(n_layers, "n_layers")
+        self.time_dim = _check_count(time_dim, "time_dim")
+        self.time_embedding = SinusoidalTimeEmbedding(time_dim, max_period)
+        self.net = MLP(dim + time_dim, out_dim, (hidden,) * n_layers, "silu", seed)
+
+    def _features(self, x: Tensor, t: Tensor) -> Tensor:
+        x = check_batch(x, self.dim)
+        t = _check_times(t, x)
+        _check_dtype(self, x)
+        return self.net(torch.cat([x, self.time_embedding(t)], dim=-1))
+
+
+class ScoreMLP(_TimeConditionedMLP):
+    r"""Time-conditioned MLP score network s_theta(x, t): ``(B, dim), (B,) -> (B, dim)``.
+
+        h_0 = [x, phi(t)]                       (concatenation, phi: SinusoidalTimeEmbedding)
+        h_l = SiLU(W_l h_{l-1} + b_l),          l = 1, ..., n_layers (width ``hidden``)
+        s   = project(W_out h_L + b_out)
+
+    The time features enter once, concatenated to x, rather than being added in every
+    layer: with a few layers on low-dimensional targets the first layer already sees x and
+    t jointly, and the network stays a plain :class:`MLP` that a learner can read. SiLU is
+    smooth, so the score (and, for :class:`EnergyMLP`, its gradient) has no kinks.
+
+    ``project`` (e.g. ``lambda s: remove_com(s, n, d)`` for particle systems) is applied to
+    the output, so the score stays in the subspace the samples live in.
+    """
+
+    def __init__(self, dim: int, hidden: int = 128, n_layers: int = 3, time_dim: int = 32,
+                 project: Callable[[Tensor], Tensor] | None = None, *, max_period: float = 1000.0,
+                 seed: int | None = None) -> None:
+        super().__init__(dim, dim, hidden, n_layers, time_dim, max_period, seed)
+        if project is not None and not callable(project):
+            raise ModelInputError(f"project must be callable or None, got {type(project).__name__}")
+        self.project = project
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        """``x (B, dim), t (B,) -> s (B, dim)``."""
+        out = self._features(x, t)
+        return self.project(out) if self.project is not None else out
+
+
+class EnergyMLP(_TimeConditionedMLP):
+    r"""Time-conditioned scalar energy E_theta(x, t): ``(B, dim), (B,) -> (B,)``.
+
+    The same body as :class:`ScoreMLP` (h_0 = [x, phi(t)], SiLU hidden layers) with one
+    output; wrap it in :class:`EnergyScore` to get the score -∇_x E_theta / kT.
+    """
+
+    def __init__(self, dim: int, hidden: int = 128, n_layers: int = 3, time_dim: int = 32, *,
+                 max_period: float = 1000.0, seed: int | None = None) -> None:
+        super().__init__(dim, 1, hidden, n_layers, time_dim, max_period, seed)
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        """``x (B, dim), t (B,) -> E (B,)``."""
+        return self._features(x, t).squeeze(-1)
+
+
+class EnergyScore(nn.Module):
+    r"""Score of a learned energy: s(x, t) = -∇_x E_theta(x, t) / kT, ``(B, dim), (B,) -> (B, dim)``.
+
+    ``net(x, t)`` must return energies of shape ``(B,)`` (e.g. :class:`EnergyMLP`). The
+    gradient is taken with ``create_graph=True`` whenever autograd is recording at the
+    call (training), so a loss on the score, such as a regression onto a Monte Carlo score
+    estimate (pDEM), back-propagates into the energy's parameters. Under
+    ``torch.no_grad()`` (the samplers) the score comes back detached, without a graph.
+    ``project`` (optional) is applied to the score.
+    """
+
+    def __init__(self, net: nn.Module, kT: float = 1.0, *,
+                 project: Callable[[Tensor], Tensor] | None = None) -> None:
+        super().__init__()
+        if not isinstance(net, nn.Module):
+            raise ModelInputError(f"net must be an nn.Module returning energies (B,), got {type(net).__name__}")
+        if project is not None and not callable(project):
+            raise ModelInputError(f"project must be callable or None, got {type(project).__name__}")
+        self.net, self.kT, self.project = net, _check_positive_float(kT, "kT"), project
+
+    def energy(self, x: Tensor, t: Tensor) -> Tensor:
+        """E_theta(x, t): ``(B, dim), (B,) -> (B,)``."""
+        e = self.net(x, t)
+        if not isinstance(e, Tensor) or e.shape != (x.shape[0],):
+            shape = tuple(e.shape) if isinstance(e, Tensor) else type(e).__name__
+            raise ModelInputError(f"the energy network must return shape ({x.shape[0]},), got {shape}")
+        return e
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        """``x (B, dim), t (B,) -> s (B, dim)``."""
+        if not isinstance(x, Tensor) or not x.is_floating_point():
+            what = x.dtype if isinstance(x, Tensor) else type(x).__name__
+            raise ModelInputError(f"x: expected a floating tensor of shape (B, dim), got {what}")
+        create_graph = torch.is_grad_enabled()
+        with torch.enable_grad():
+            xg = x if x.requires_grad else x.detach().requires_grad_(True)
+            e = self.energy(xg, t)
+            (grad,) = torch.autograd.grad(e.sum(), xg, create_graph=create_graph)
+        score = -grad / self.kT
+        return self.project(score) if self.project is not None else score
+
+
+class EGNNLayer(nn.Module):
+    r"""One E(n)-equivariant graph layer (Satorras, Hoogeboom & Welling 2021) on a fully
+    connected graph of n particles: ``h (B, n, hidden), x (B, n, d) -> (h', x')``.
+
+    For every ordered pair i != j, with d_ij^2 = |x_i - x_j|^2,
+
+        m_ij  = phi_e([h_i, h_j, d_ij^2])                                   (B, n, n, hidden)
+        x_i'  = x_i + 1/(n-1) Σ_{j≠i} (x_i - x_j) / sqrt(d_ij^2 + 1) · phi_x(m_ij)
+        h_i'  = h_i + phi_h([h_i, 1/(n-1) Σ_{j≠i} m_ij])                    (if update_features)
+
+    phi_e, phi_h: two linear layers with SiLU; phi_x: SiLU MLP to one number per pair.
+    Only invariants (h, d^2) enter the MLPs and x changes along difference vectors, so for
+    any orthogonal R (rotations and reflections), translation b and permutation P,
+
+        layer(h, R x + b) = (h', R x' + b),   layer(P h, P x) = (P h', P x').
+
+    The 1/(n-1) and 1/sqrt(d_ij^2 + 1) factors keep the update bounded as n and the distances
+    grow (|x_i - x_j| / sqrt(d_ij^2 + 1) < 1), and the latter is smooth at d_ij = 0.
+    phi_e([h_i, h_j, d^2]) is computed as A h_i + B h_j + c d^2 + bias with (A, B, c) the
+    blocks of one ``nn.Linear(2 hidden + 1, hidden)``: the same function without building
+    the (B, n, n, 2 hidden + 1) concatenation. ``update_features=False`` (the last layer of
+    :class:`EGNN`, whose features are never read) leaves h unchanged and has no phi_h.
+    """
+
+    def __init__(self, hidden: int, update_features: bool = True) -> None:
+        super().__init__()
+        self.hidden = _check_count(hidden, "hidden")
+        self.update_features = bool(update_features)
+        self.edge_in = nn.Linear(2 * hidden + 1, hidden)
+        self.edge_out = nn.Sequential(nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU())
+        self.coord_mlp = nn.Sequential(nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, 1))
+        self.node_mlp = (
+            nn.Sequential(nn.Linear(2 * hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+            if update_features else None
+        )
+
+    def forward(self, h: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``h (B, n, hidden), x (B, n, d) -> (h' (B, n, hidden), x' (B, n, d))``."""
+        if not isinstance(h, Tensor) or h.ndim != 3 or h.shape[-1] != self.hidden:
+            raise ModelInputError(f"h: expected shape (B, n, {self.hidden}), got {tuple(getattr(h, 'shape', ()))}")
+        if not isinstance(x, Tensor) or x.ndim != 3 or x.shape[:2] != h.shape[:2]:
+            raise ModelInputError(
+                f"x: expected shape (B, n, d) with (B, n) = {tuple(h.shape[:2])}, got {tuple(getattr(x, 'shape', ()))}"
+            )
+        n = x.shape[1]
+        if n < 2:
+            raise ModelInputError(f"an EGNN layer needs at least 2 particles, got {n}")
+        diff = x[:, :, None, :] - x[:, None, :, :]                      # (B, n, n, d): x_i - x_j
+        d2 = diff.pow(2).sum(-1, keepdim=True)                          # (B, n, n, 1)
+        off_diag = 1.0 - torch.eye(n, dtype=x.dtype, device=x.device)[None, :, :, None]
+        w = self.edge_in.weight
+        H = self.hidden
+        pre = (
+            nn.functional.linear(h, w[:, :H])[:, :, None, :]            # A h_i
+            + nn.functional.linear(h, w[:, H:2 * H])[:, None, :, :]     # B h_j
+            + d2 * w[:, 2 * H]                                          # c d_ij^2
+            + self.edge_in.bias
+        )
+        m = self.edge_out(pre) * off_diag                               # (B, n, n, H), m_ii = 0
+        # sqrt(d^2 + 1) rather than d + 1: as bounded, and smooth at d = 0 (d itself has an
+        # infinite derivative there, which turns coincident particles into NaN gradients)
+        coef = self.coord_mlp(m) * off_diag / (d2 + 1.0).sqrt()         # (B, n, n, 1)
+        x_new = x + (diff * coef).sum(2) / (n - 1)
+        if self.node_mlp is None:
+            return h, x_new
+        agg = m.sum(2) / (n - 1)                                        # (B, n, H)
+        return h + self.node_mlp(torch.cat([h, agg], dim=-1)), x_new
+
+
+class EGNN(nn.Module):
+    r"""E(n)-equivariant score network for n identical particles in d dimensions:
+    ``x (B, n d), t (B,) -> s (B, n d)``.
+
+        h_i^0 = W phi(t) + b          (the same for every particle: no particle identities,
+                                       so the network is permutation equivariant)
+        (h^l, x^l) = EGNNLayer_l(h^{l-1}, x^{l-1}),   l = 1, ..., n_layers,   x^0 = x
+        s_i = (x_i^L - x_i^0) - 1/n Σ_j (x_j^L - x_j^0)
+
+    The output is a displacement, so it is translation invariant and rotates/reflects with
+    x: s(R x + b, t) = R s(x, t), s(P x, t) = P s(x, t); and it is centre-of-mass free
+    (Σ_i s_i = 0). Time enters through the node features, hence every message. The graph
+    is fully connected and everything is vectorised over the batch and the pairs
+    (memory O(B n^2 hidden)). Works in float32 or float64 (``.double()``).
+    """
+
+    def __init__(self, n_particles: int, spatial_dim: int, hidden: int = 64, n_layers: int = 4,
+                 time_dim: int = 32, *, max_period: float = 1000.0, seed: int | None = None) -> None:
+        super().__init__()
+        self.n_particles = _check_count(n_particles, "n_particles")
+        if n_particles < 2:
+            raise ModelInputError(f"n_particles must be at least 2, got {n_particles}")
+        self.spatial_dim = _check_count(spatial_dim, "spatial_dim")
+        self.dim = n_particles * spatial_dim
+        self.hidden, self.n_layers = _check_count(hidden, "hidden"), _check_count(n_layers, "n_layers")
+        self.time_dim = _check_count(time_dim, "time_dim")
+        self.time_embedding = SinusoidalTimeEmbedding(time_dim, max_period)
+        with _seeded(seed):
+            self.embed = nn.Linear(time_dim, hidden)
+            self.layers = nn.ModuleList(
+                EGNNLayer(hidden, update_features=k < n_layers - 1) for k in range(n_layers)
+            )
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        """``x (B, n_particles * spatial_dim), t (B,) -> s (B, n_particles * spatial_dim)``."""
+        x = check_batch(x, self.dim)
+        t = _check_times(t, x)
+        _check_dtype(self, x)
+        B = x.shape[0]
+        r0 = x.reshape(B, self.n_particles, self.spatial_dim)
+        h = self.embed(self.time_embedding(t))[:, None, :].expand(B, self.n_particles, self.hidden)
+        r = r0
+        for layer in self.layers:
+            h, r = layer(h, r)
+        out = r - r0
+        return (out - out.mean(dim=1, keepdim=True)).reshape(B, self.dim)
+
+
+__all__ += ["EGNN", "EGNNLayer", "EnergyMLP", "EnergyScore", "ScoreMLP", "SinusoidalTimeEmbedding"]

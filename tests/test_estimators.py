@@ -177,3 +177,32 @@ def test_estimators_agree_with_equal_energies_and_bad_input_is_named():
         mc_score(gmm, x, -1.0, 4)
     with pytest.raises(ValueError, match="shape"):
         lse_score(gmm, x, 1.0, eps[:, :, :1])
+
+
+def test_blended_estimator_targets_the_exact_score_with_far_less_variance_at_large_sigma():
+    """The force form and the noise form share the weights and the limit; on GMM-40 (exact
+    noised score) the blend has a much smaller error than the force form at sigma >> well
+    width, and the same error as sigma -> 0 (where it is the force form)."""
+    from boltzlab.estimators import blended_score, mc_score
+
+    gmm = GaussianMixture()
+    g = torch.Generator().manual_seed(3)
+    x0 = gmm.sample(128, generator=g).double()
+    for sigma, better in ((10.0, True), (0.05, False)):
+        x_t = x0 + sigma * torch.randn(x0.shape, generator=g, dtype=torch.float64)
+        exact = gmm_noised_score(gmm, x_t, sigma)
+        lse = mc_score(gmm, x_t, sigma, 256, generator=g)
+        blend = mc_score(gmm, x_t, sigma, 256, generator=g, estimator="blended", local_scale=gmm.std)
+        err_lse = float((lse - exact).pow(2).sum(-1).mean())
+        err_blend = float((blend - exact).pow(2).sum(-1).mean())
+        if better:
+            assert err_blend < 0.2 * err_lse, (err_blend, err_lse)
+        else:
+            assert err_blend == pytest.approx(err_lse, rel=0.5, abs=1e-3)
+    # with many copies the blend converges to the exact score
+    x_t = x0[:16] + 3.0 * torch.randn(16, 2, generator=g, dtype=torch.float64)
+    eps = torch.randn(16, 50_000, 2, generator=g, dtype=torch.float64)
+    big = blended_score(gmm, x_t, 3.0, eps, local_scale=gmm.std)
+    torch.testing.assert_close(big, gmm_noised_score(gmm, x_t, 3.0), rtol=0.0, atol=0.05)
+    with pytest.raises(ValueError, match="needs local_scale"):
+        mc_score(gmm, x_t, 1.0, 8, estimator="blended")

@@ -209,3 +209,209 @@ def test_critic_is_about_as_lipschitz_in_data_units_as_its_network_in_standard_u
     u = critic.standardizer(data[:6]).requires_grad_(True)
     (grad_u,) = torch.autograd.grad(critic.net(u).sum(), u)
     torch.testing.assert_close(grad_x, grad_u)
+
+
+# ----------------------------------------------------------------------------- score networks
+
+
+def _random_orthogonal(d: int, seed: int, reflect: bool) -> torch.Tensor:
+    """A Haar-ish orthogonal matrix (QR of a Gaussian), with det -1 when ``reflect``."""
+    q, r = torch.linalg.qr(torch.randn(d, d, generator=gen(seed), dtype=torch.float64))
+    q = q * torch.sign(torch.diagonal(r))
+    if (torch.det(q) < 0) != reflect:
+        q[:, 0] = -q[:, 0]
+    return q
+
+
+def test_time_embedding_is_sin_cos_at_geometric_frequencies():
+    emb = Mo.SinusoidalTimeEmbedding(8, max_period=100.0)
+    t = torch.tensor([0.0, 0.3, 1.0], dtype=torch.float64)
+    w = torch.tensor([100.0 ** (1 - k / 4) for k in range(4)], dtype=torch.float64)
+    expected = torch.cat([torch.sin(t[:, None] * w), torch.cos(t[:, None] * w)], -1)
+    torch.testing.assert_close(emb(t), expected)
+    freqs = emb.frequencies()
+    ratios = freqs[:-1] / freqs[1:]
+    torch.testing.assert_close(ratios, torch.full_like(ratios, 100.0 ** 0.25))
+    with pytest.raises(Mo.ModelInputError, match="even"):
+        Mo.SinusoidalTimeEmbedding(7)
+
+
+def test_score_mlp_shapes_time_dependence_seed_and_projection():
+    from boltzlab.energies import remove_com
+
+    net = Mo.ScoreMLP(8, hidden=32, n_layers=2, time_dim=16, seed=0)
+    x = torch.randn(6, 8, generator=gen(1))
+    t0, t1 = torch.full((6,), 0.1), torch.full((6,), 0.9)
+    out = net(x, t0)
+    assert out.shape == (6, 8)
+    assert (net(x, t1) - out).abs().max() > 1e-3  # the time features reach the output
+    assert torch.equal(out, Mo.ScoreMLP(8, hidden=32, n_layers=2, time_dim=16, seed=0)(x, t0))
+    linears = [m for m in net.modules() if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(24, 32), (32, 32), (32, 8)]
+    proj = Mo.ScoreMLP(8, hidden=32, n_layers=2, time_dim=16, seed=0, project=lambda s: remove_com(s, 4, 2))
+    p = proj(x, t0)
+    torch.testing.assert_close(p.view(6, 4, 2).sum(1), torch.zeros(6, 2), atol=1e-6, rtol=0)
+    torch.testing.assert_close(p, remove_com(out, 4, 2))  # projection of the same network output
+    # float64 after .double(), float32 times accepted with float64 x
+    out64 = net.double()(x.double(), t0)
+    torch.testing.assert_close(out64, out.double(), atol=1e-5, rtol=1e-5)
+
+
+def _egnn_inputs(n: int, d: int, batch: int = 5, seed: int = 0):
+    x = torch.randn(batch, n * d, generator=gen(seed), dtype=torch.float64) * 1.5
+    t = torch.rand(batch, generator=gen(seed + 1), dtype=torch.float64)
+    return x, t
+
+
+@pytest.mark.parametrize("n, d, seed", [(4, 2, 0), (5, 3, 1), (4, 2, 2)])
+def test_egnn_is_e_n_and_permutation_equivariant_and_com_free(n, d, seed):
+    net = Mo.EGNN(n, d, hidden=16, n_layers=3, time_dim=8, seed=seed).double()
+    x, t = _egnn_inputs(n, d, seed=seed)
+    out = net(x, t).view(-1, n, d)
+    assert out.abs().max() > 1e-4  # not trivially zero, so the identities below test something
+    torch.testing.assert_close(out.sum(1), torch.zeros(x.shape[0], d, dtype=torch.float64), atol=1e-12, rtol=0)
+    b = torch.randn(d, generator=gen(seed + 2), dtype=torch.float64) * 3
+    for reflect in (False, True):
+        rot = _random_orthogonal(d, seed + 3, reflect)
+        x_moved = (x.view(-1, n, d) @ rot.T + b).reshape(x.shape)
+        torch.testing.assert_close(net(x_moved, t).view(-1, n, d), out @ rot.T, atol=1e-10, rtol=1e-9)
+    perm = torch.randperm(n, generator=gen(seed + 4))
+    x_perm = x.view(-1, n, d)[:, perm].reshape(x.shape)
+    torch.testing.assert_close(net(x_perm, t).view(-1, n, d), out[:, perm], atol=1e-10, rtol=1e-9)
+    # rows are independent: the batch does not mix
+    torch.testing.assert_close(net(x[:2], t[:2]), out[:2].reshape(2, -1), atol=1e-12, rtol=0)
+
+
+def test_egnn_is_not_trivially_invariant():
+    # a sanity check on the test above: a generic (non-orthogonal) map breaks equivariance
+    n, d = 4, 2
+    net = Mo.EGNN(n, d, hidden=16, n_layers=3, time_dim=8, seed=0).double()
+    x, t = _egnn_inputs(n, d)
+    a = torch.tensor([[1.5, 0.3], [0.0, 0.7]], dtype=torch.float64)
+    out = net(x, t).view(-1, n, d)
+    moved = net((x.view(-1, n, d) @ a.T).reshape(x.shape), t).view(-1, n, d)
+    assert (moved - out @ a.T).abs().max() > 1e-4
+    assert (net(x, t.flip(0)) - out.reshape(x.shape)).abs().max() > 1e-6  # time matters
+
+
+def test_egnn_layer_alone_is_equivariant():
+    n, d, hidden = 5, 3, 12
+    layer = Mo.EGNNLayer(hidden).double()
+    h = torch.randn(4, n, hidden, generator=gen(0), dtype=torch.float64)
+    x = torch.randn(4, n, d, generator=gen(1), dtype=torch.float64)
+    h1, x1 = layer(h, x)
+    assert h1.shape == h.shape and x1.shape == x.shape
+    rot, b = _random_orthogonal(d, 2, reflect=True), torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    h2, x2 = layer(h, x @ rot.T + b)
+    torch.testing.assert_close(h2, h1, atol=1e-10, rtol=1e-9)  # features are invariant
+    torch.testing.assert_close(x2, x1 @ rot.T + b, atol=1e-10, rtol=1e-9)
+    perm = torch.randperm(n, generator=gen(3))
+    h3, x3 = layer(h[:, perm], x[:, perm])
+    torch.testing.assert_close(h3, h1[:, perm], atol=1e-10, rtol=1e-9)
+    torch.testing.assert_close(x3, x1[:, perm], atol=1e-10, rtol=1e-9)
+    # the split first edge layer equals phi_e applied to the explicit concatenation [h_i, h_j, d^2]
+    diff = x[:, :, None] - x[:, None]
+    d2 = diff.pow(2).sum(-1, keepdim=True)
+    cat = torch.cat([h[:, :, None].expand(-1, n, n, -1), h[:, None].expand(-1, n, n, -1), d2], -1)
+    m = layer.edge_out(layer.edge_in(cat)) * (1 - torch.eye(n, dtype=torch.float64))[None, :, :, None]
+    coef = layer.coord_mlp(m) / (d2 + 1).sqrt()
+    coef = coef * (1 - torch.eye(n, dtype=torch.float64))[None, :, :, None]
+    torch.testing.assert_close(x1, x + (diff * coef).sum(2) / (n - 1))
+    torch.testing.assert_close(h1, h + layer.node_mlp(torch.cat([h, m.sum(2) / (n - 1)], -1)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_egnn_gradients_reach_every_parameter(dtype):
+    net = Mo.EGNN(4, 2, hidden=8, n_layers=3, time_dim=8, seed=0).to(dtype)
+    x, t = _egnn_inputs(4, 2)
+    out = net(x.to(dtype), t)
+    assert out.dtype == dtype
+    (out.pow(2).sum()).backward()
+    for name, p in net.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+    # coincident particles (d = 0) give finite gradients too
+    x0 = torch.zeros(2, 8, dtype=dtype, requires_grad=True)
+    net(x0, torch.rand(2, dtype=dtype)).sum().backward()
+    assert torch.isfinite(x0.grad).all()
+
+
+def test_energy_score_is_minus_the_energy_gradient_over_kT():
+    energy = Mo.EnergyMLP(3, hidden=16, n_layers=2, time_dim=8, seed=0).double()
+    score = Mo.EnergyScore(energy, kT=0.5)
+    x = torch.randn(4, 3, generator=gen(1), dtype=torch.float64)
+    t = torch.rand(4, generator=gen(2), dtype=torch.float64)
+    assert energy(x, t).shape == (4,) and torch.equal(score.energy(x, t), energy(x, t))
+    s = score(x, t)
+    jac = torch.autograd.functional.jacobian(lambda v: energy(v, t).sum(), x)
+    torch.testing.assert_close(s, -jac / 0.5)
+    # central finite differences, O(h^2) accurate
+    h, fd = 1e-5, torch.zeros_like(x)
+    for k in range(3):
+        e_k = torch.zeros(3, dtype=torch.float64)
+        e_k[k] = h
+        with torch.no_grad():
+            fd[:, k] = (energy(x + e_k, t) - energy(x - e_k, t)) / (2 * h)
+    torch.testing.assert_close(s.detach(), -fd / 0.5, atol=1e-7, rtol=1e-6)
+
+
+def test_energy_score_trains_through_the_gradient_and_detaches_under_no_grad():
+    energy = Mo.EnergyMLP(2, hidden=8, n_layers=2, time_dim=4, seed=0).double()
+    score = Mo.EnergyScore(energy)
+    x, t = torch.randn(5, 2, dtype=torch.float64), torch.rand(5, dtype=torch.float64)
+    loss = (score(x, t) - 1.0).pow(2).sum()  # a regression on the score (as pDEM does)
+    loss.backward()
+    *weights, out_bias = energy.parameters()  # a constant offset of E does not change the score
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in weights)
+    assert out_bias.grad is None or not out_bias.grad.any()
+    # the parameter gradient of that loss equals a finite difference in one weight
+    w = energy.net.net[0].weight
+    g = float(w.grad[0, 0])
+    with torch.no_grad():
+        w[0, 0] += 1e-6
+    up = float((score(x, t) - 1.0).pow(2).sum().detach())
+    with torch.no_grad():
+        w[0, 0] -= 2e-6
+    down = float((score(x, t) - 1.0).pow(2).sum().detach())
+    assert g == pytest.approx((up - down) / 2e-6, rel=1e-5, abs=1e-8)
+    with torch.no_grad():
+        s = score(x, t)
+    assert not s.requires_grad and s.shape == (5, 2)
+
+
+def test_score_networks_reject_bad_input_naming_the_problem():
+    net, egnn = Mo.ScoreMLP(4, hidden=8, n_layers=1, time_dim=4), Mo.EGNN(2, 2, hidden=8, n_layers=1, time_dim=4)
+    x, t = torch.randn(3, 4), torch.rand(3)
+    with pytest.raises(Mo.ModelInputError, match=r"x: expected shape \(batch, 4\), got \(3, 5\)"):
+        net(torch.randn(3, 5), t)
+    with pytest.raises(Mo.ModelInputError, match=r"t: expected shape \(3,\).*got \(3, 1\)"):
+        net(x, t[:, None])
+    with pytest.raises(Mo.ModelInputError, match=r"t: expected shape \(3,\).*got \(2,\)"):
+        egnn(x, t[:2])
+    with pytest.raises(Mo.ModelInputError, match="t: expected a floating tensor"):
+        net(x, torch.ones(3, dtype=torch.long))
+    with pytest.raises(Mo.ModelInputError, match="t: expected a torch.Tensor"):
+        net(x, 0.5)
+    with pytest.raises(Mo.ModelInputError, match="dtype torch.float64 but the network's parameters are torch.float32"):
+        egnn(x.double(), t)
+    with pytest.raises(Mo.ModelInputError, match=r"must return shape \(3,\), got \(3, 4\)"):
+        Mo.EnergyScore(net)(x, t)
+    with pytest.raises(Mo.ModelInputError, match=r"h: expected shape \(B, n, 8\)"):
+        Mo.EGNNLayer(8)(torch.randn(2, 3, 7), torch.randn(2, 3, 2))
+
+
+@pytest.mark.parametrize("build, match", [
+    (lambda: Mo.ScoreMLP(0), "dim must be a positive integer"),
+    (lambda: Mo.ScoreMLP(2, n_layers=0), "n_layers must be a positive integer"),
+    (lambda: Mo.ScoreMLP(2, time_dim=5), "dim must be even"),
+    (lambda: Mo.ScoreMLP(2, project=3), "project must be callable"),
+    (lambda: Mo.EnergyMLP(2, hidden=-1), "hidden must be a positive integer"),
+    (lambda: Mo.EGNN(1, 3), "n_particles must be at least 2"),
+    (lambda: Mo.EGNN(4, 0), "spatial_dim must be a positive integer"),
+    (lambda: Mo.EGNN(4, 2, n_layers=2.0), "n_layers must be a positive integer"),
+    (lambda: Mo.EnergyScore(Mo.EnergyMLP(2), kT=0.0), "kT must be a positive finite number"),
+    (lambda: Mo.EnergyScore(lambda x, t: x), "net must be an nn.Module"),
+    (lambda: Mo.SinusoidalTimeEmbedding(4, max_period=float("nan")), "max_period must be a positive finite"),
+])
+def test_score_network_constructors_validate(build, match):
+    with pytest.raises(Mo.ModelInputError, match=match):
+        build()

@@ -33,27 +33,34 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from boltzlab.energies import DoubleWell2D
-from boltzlab.models import VAE, Critic, Discriminator, Generator, ModelInputError, check_batch
+from boltzlab.models import (
+    VAE,
+    Critic,
+    Discriminator,
+    Generator,
+    ModelInputError,
+    check_batch,
+)
 
 __all__ = [
-    "double_well_exact_samples",
-    "gaussian_kl_to_standard",
-    "reparameterize",
     "ElboTerms",
+    "LatentUsage",
+    "TrainingHistory",
+    "double_well_exact_samples",
     "elbo",
     "gan_discriminator_loss",
     "gan_generator_loss",
+    "gaussian_kl_to_standard",
+    "gradient_penalty",
+    "latent_usage",
+    "minibatch",
+    "reparameterize",
+    "run_training",
+    "train_gan",
+    "train_vae",
+    "train_wgan",
     "wgan_critic_loss",
     "wgan_generator_loss",
-    "gradient_penalty",
-    "TrainingHistory",
-    "run_training",
-    "minibatch",
-    "train_vae",
-    "train_gan",
-    "train_wgan",
-    "LatentUsage",
-    "latent_usage",
 ]
 
 
