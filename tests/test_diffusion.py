@@ -273,7 +273,12 @@ def test_replay_buffer_rejects_bad_use():
 
 
 def test_scaled_score_and_energy_follow_their_formulas_and_keep_symmetries():
-    from boltzlab.diffusion import DiffusionInputError, GeometricNoiseSchedule, ScaledEnergy, ScaledScore
+    from boltzlab.diffusion import (
+        DiffusionInputError,
+        GeometricNoiseSchedule,
+        ScaledEnergy,
+        ScaledScore,
+    )
     from boltzlab.models import EGNN
 
     schedule = GeometricNoiseSchedule(0.01, 3.0)
