@@ -132,6 +132,53 @@ class Chapter04Sizes:
 
 
 @dataclass(frozen=True)
+class Chapter05Sizes:
+    """Chapter 05: iDEM on GMM-40, DW-4, LJ-13 and LJ-55 (shipped checkpoints + a short demo run)."""
+
+    demo_outer: int  # outer iterations (buffer refills) of the GMM-40 demonstration run
+    demo_inner: int  # regression steps per outer iteration there
+    demo_batch: int  # buffer states per regression step there
+    demo_n_mc: int  # Monte Carlo copies K per score target there
+    demo_refill: int  # reverse-SDE samples added to the buffer per outer iteration there
+    demo_sde_steps: int  # Euler-Maruyama steps of each reverse-SDE run there
+    demo_eval: int  # samples per evaluation of the demonstration run
+    fresh_samples: int  # fresh samples drawn from each loaded model as a live check (LJ-55: a quarter)
+    fresh_sde_steps: int  # at most this many reverse-SDE steps for those samples
+    equivariance_batch: int  # LJ-13 configurations on which the EGNN's symmetries are measured
+    floor_samples: int  # samples per set in the x-W2 saturation demonstration
+    corrector_steps: int  # MALA steps of the corrector line (reported apart from plain iDEM)
+    widget_samples: int  # GMM-40 samples followed along the reverse SDE in the widget
+    widget_sde_steps: int  # reverse-SDE steps of that trajectory
+    retrain: bool  # retrain every target with its shipped config and rerun equal-budget MCMC
+
+
+@dataclass(frozen=True)
+class Chapter06Sizes:
+    """Chapter 06: importance sampling."""
+
+    n_train: int  # exact samples each maximum-likelihood flow is trained on
+    batch_size: int  # minibatch size of every flow training loop
+    hidden: int  # width of the coupling layers' networks
+    gmm_steps: int  # Adam steps of each GMM-40 flow (all modes, and the collapsed one)
+    dw_steps: int  # Adam steps of the double-well flow
+    block_first_steps: int  # reverse-KL steps at the hottest rung of the many-well block flow
+    block_stage_steps: int  # reweighted maximum-likelihood steps on each colder rung
+    pool_size: int  # flow samples reweighted to each rung
+    n_eval: int  # proposal samples behind every estimate (at least 1000)
+    n_boot: int  # bootstrap replicates
+    n_repeats: int  # independent batches in the FEP-versus-BAR comparison
+    repeat_size: int  # samples of each state per batch there
+    small_draws: int  # 16-sample draws in the ESS pitfall plot
+    widget_draws: int  # draws per sample size in the widget
+    score_steps: int  # denoising-score-matching steps of the DW-4 score network
+    score_hidden: int  # width of its EGNN
+    n_diffusion: int  # probability-flow samples that are reweighted
+    ode_steps: int  # Heun steps of the probability-flow ODE (sampling and likelihood)
+    n_probes: int  # Hutchinson probes per divergence evaluation
+    n_exact_check: int  # samples on which Hutchinson is compared with the exact divergence
+
+
+@dataclass(frozen=True)
 class AppendixSizes:
     """Appendix A: the GPU kernels (live benchmark table)."""
 
@@ -185,6 +232,36 @@ _REGISTRY: dict[str, dict[str, Any]] = {
                                sigmas=(0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 40.0),
                                dims=(2, 5, 10, 30, 100, 300, 1000, 3000, 10000), dim_points=256, dim_k=2048,
                                lj_points=256, lj_k=512, widget_grid=21),
+    },
+    "05": {
+        "smoke": Chapter05Sizes(demo_outer=3, demo_inner=15, demo_batch=128, demo_n_mc=128, demo_refill=256,
+                                demo_sde_steps=50, demo_eval=400, fresh_samples=16, fresh_sde_steps=20,
+                                equivariance_batch=4, floor_samples=500, corrector_steps=20, widget_samples=400,
+                                widget_sde_steps=200, retrain=False),
+        "laptop": Chapter05Sizes(demo_outer=10, demo_inner=40, demo_batch=128, demo_n_mc=128, demo_refill=500,
+                                 demo_sde_steps=100, demo_eval=1_000, fresh_samples=64, fresh_sde_steps=100,
+                                 equivariance_batch=16, floor_samples=1_000, corrector_steps=100,
+                                 widget_samples=1_000, widget_sde_steps=200, retrain=False),
+        "full": Chapter05Sizes(demo_outer=40, demo_inner=100, demo_batch=256, demo_n_mc=256, demo_refill=1_000,
+                               demo_sde_steps=200, demo_eval=1_000, fresh_samples=1_000, fresh_sde_steps=200,
+                               equivariance_batch=64, floor_samples=2_000, corrector_steps=200,
+                               widget_samples=2_000, widget_sde_steps=200, retrain=True),
+    },
+    "06": {
+        "smoke": Chapter06Sizes(n_train=2_000, batch_size=128, hidden=32, gmm_steps=150, dw_steps=150,
+                                block_first_steps=100, block_stage_steps=40, pool_size=2_000, n_eval=4_000, n_boot=200,
+                                n_repeats=10, repeat_size=500, small_draws=500, widget_draws=200, score_steps=40,
+                                score_hidden=16, n_diffusion=128, ode_steps=10, n_probes=1, n_exact_check=8),
+        "laptop": Chapter06Sizes(n_train=20_000, batch_size=256, hidden=64, gmm_steps=2_000, dw_steps=1_500,
+                                 block_first_steps=600, block_stage_steps=200, pool_size=20_000, n_eval=50_000,
+                                 n_boot=1_000, n_repeats=40, repeat_size=2_000, small_draws=2_000, widget_draws=500,
+                                 score_steps=1_000, score_hidden=32, n_diffusion=2_000, ode_steps=50, n_probes=2,
+                                 n_exact_check=64),
+        "full": Chapter06Sizes(n_train=100_000, batch_size=512, hidden=128, gmm_steps=10_000, dw_steps=5_000,
+                               block_first_steps=2_000, block_stage_steps=500, pool_size=50_000, n_eval=500_000,
+                               n_boot=2_000, n_repeats=100, repeat_size=10_000, small_draws=10_000, widget_draws=2_000,
+                               score_steps=10_000, score_hidden=64, n_diffusion=10_000, ode_steps=100, n_probes=4,
+                               n_exact_check=256),
     },
     "A": {
         "smoke": AppendixSizes(16, 64, 4, 16, 1, False),

@@ -345,3 +345,57 @@ def training_curve(
     if len(curves) > 1 or smooth > 1:
         ax.legend(fontsize="small")
     return ax
+
+
+def evaluation_curves(
+    evaluations: Sequence[Mapping[str, float]],
+    metric_names: Sequence[str],
+    x_key: str = "energy_evaluations",
+    baseline: Mapping[str, float] | None = None,
+    targets: Mapping[str, float] | None = None,
+    axes: Sequence[Axes] | None = None,
+    label: str = "iDEM",
+    baseline_label: str = "MCMC, same budget",
+    logx: bool = True,
+) -> list[Axes]:
+    """Metrics of a sampler's evaluations during training against the work spent on it.
+
+    ``evaluations`` is a list of records (dicts), one per evaluation, each holding ``x_key``
+    (by default the energy evaluations spent so far) and every name in ``metric_names``;
+    one panel per metric draws the metric against ``x_key``. ``baseline`` (a record with
+    ``x_key`` and the same metrics, e.g. MCMC given the sampler's final budget) is drawn as
+    a star at its own ``x_key``; ``targets`` (metric -> threshold) as dotted horizontal
+    lines. Returns the axes, one per metric.
+    """
+    if not evaluations:
+        raise ValueError("evaluation_curves: no evaluations to plot")
+    if not metric_names:
+        raise ValueError("evaluation_curves: name at least one metric")
+    for k, record in enumerate(evaluations):
+        missing = [name for name in (x_key, *metric_names) if name not in record]
+        if missing:
+            raise ValueError(f"evaluation_curves: evaluation {k} has no {', '.join(map(repr, missing))} "
+                             f"(it has {', '.join(map(repr, record))})")
+    if baseline is not None and x_key not in baseline:
+        raise ValueError(f"evaluation_curves: the baseline has no {x_key!r}")
+    if axes is None:
+        _, new_axes = plt.subplots(1, len(metric_names), figsize=(4.2 * len(metric_names), 3.4), squeeze=False)
+        axes = list(new_axes[0])
+    elif len(axes) != len(metric_names):
+        raise ValueError(f"evaluation_curves: {len(axes)} axes given for {len(metric_names)} metrics")
+    xs = np.array([float(r[x_key]) for r in evaluations])
+    for ax, name in zip(axes, metric_names):
+        ax.plot(xs, [float(r[name]) for r in evaluations], "o-", label=label)
+        if baseline is not None and name in baseline:
+            ax.plot([float(baseline[x_key])], [float(baseline[name])], "*", markersize=12, label=baseline_label)
+        if targets is not None and name in targets:
+            ax.axhline(float(targets[name]), color="k", linestyle=":", linewidth=1, label=f"target {targets[name]:g}")
+        if logx and bool(np.all(xs > 0)):
+            ax.set_xscale("log")
+        ax.set_xlabel(x_key.replace("_", " "))
+        ax.set_ylabel(name)
+        ax.legend(fontsize="small")
+    return list(axes)
+
+
+__all__ += ["evaluation_curves"]

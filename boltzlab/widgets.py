@@ -21,14 +21,18 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import ipywidgets
+import numpy as np
+import torch
 from matplotlib.figure import Figure
 from torch import Tensor
 
 from boltzlab.energies import DoubleWell2D, Energy, GaussianMixture
+from boltzlab.importance import SubsampleEstimates, normalized_ess, subsample_estimates
 from boltzlab.plots import boltzmann_density_grid
 
 __all__ = [
@@ -235,3 +239,217 @@ def temperature_widget(
     )
     energy_menu = ipywidgets.Dropdown(options=list(energies), value=next(iter(energies)), description="energy")
     return slider_figure(update, figsize=(6.0, 4.5), energy=energy_menu, kT=kT_slider)
+
+
+# ----------------------------------------------------------------------------------------
+# importance sampling: the spread of log Ẑ over the sample size (chapter 06)
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LogZSpreadView:
+    """What :func:`log_z_spread_view` computed: ``n_draws`` subsamples of ``size`` weights per
+    proposal, their log Ẑ and Kish ESS, next to the ESS fraction of each whole pool."""
+
+    size: int
+    estimates: dict[str, SubsampleEstimates]
+    pool_ess_fraction: dict[str, float]
+    log_z_exact: float | None
+
+    def mean(self, name: str) -> float:
+        """Mean of log Ẑ over the draws of proposal ``name``."""
+        return float(self.estimates[name].log_z.mean())
+
+    def std(self, name: str) -> float:
+        """Standard deviation of log Ẑ over the draws (the estimator's spread at this size)."""
+        return float(self.estimates[name].log_z.std())
+
+    def median_ess_fraction(self, name: str) -> float:
+        """Median over the draws of ESS / size."""
+        return float(self.estimates[name].ess_fraction.median())
+
+
+def log_z_spread_view(log_weights: Mapping[str, Tensor], size: int, n_draws: int = 500,
+                      log_z_exact: float | None = None, seed: int = 0) -> LogZSpreadView:
+    """Subsample each pool of log-weights ``(n,)`` in ``log_weights`` ``n_draws`` times at ``size``
+    (:func:`boltzlab.importance.subsample_estimates`, seeded by ``seed`` and ``size``)."""
+    if not log_weights:
+        raise ValueError("log_z_spread_view needs at least one pool of log-weights")
+    estimates, pool = {}, {}
+    for k, (name, log_w) in enumerate(log_weights.items()):
+        if isinstance(log_w, Tensor) and log_w.ndim == 1 and size > log_w.numel():
+            raise ValueError(f"{name!r}: size {size} exceeds the pool of {log_w.numel()} log-weights; draws larger "
+                             f"than the pool would only repeat it")
+        generator = torch.Generator().manual_seed(seed + 7919 * k + size)
+        estimates[name] = subsample_estimates(log_w, size, n_draws, generator=generator)
+        pool[name] = normalized_ess(log_w)
+    return LogZSpreadView(int(size), estimates, pool, log_z_exact)
+
+
+def draw_log_z_spread(fig: Figure, view: LogZSpreadView) -> None:
+    """Two panels: histograms of log Ẑ over the draws (with the exact log Z), and of ESS / size
+    (with each whole pool's ESS fraction as a dashed line)."""
+    ax_z, ax_e = fig.subplots(1, 2)
+    all_z = torch.cat([e.log_z for e in view.estimates.values()])
+    lo, hi = (float(v) for v in torch.quantile(all_z, torch.tensor([0.005, 0.995], dtype=all_z.dtype)))
+    if view.log_z_exact is not None:
+        lo, hi = min(lo, view.log_z_exact), max(hi, view.log_z_exact)
+    pad = 0.05 * (hi - lo) + 1e-3
+    edges = np.linspace(lo - pad, hi + pad, 41)
+    colours = [f"C{k}" for k in range(len(view.estimates))]
+    for colour, (name, est) in zip(colours, view.estimates.items()):
+        ax_z.hist(est.log_z.clamp(edges[0], edges[-1]).numpy(), bins=edges, histtype="step", lw=1.5, color=colour,
+                  label=f"{name}: {view.mean(name):.3f} ± {view.std(name):.3f}")
+        ax_e.hist(est.ess_fraction.numpy(), bins=np.linspace(0, 1, 33), histtype="step", lw=1.5, color=colour,
+                  label=f"{name}: median {view.median_ess_fraction(name):.2f}")
+        ax_e.axvline(view.pool_ess_fraction[name], color=colour, ls="--", lw=1)
+    if view.log_z_exact is not None:
+        ax_z.axvline(view.log_z_exact, color="k", lw=1, label=f"exact log Z = {view.log_z_exact:.3f}")
+    ax_z.set(xlabel=r"$\log \hat Z$ of one experiment", ylabel="draws",
+             title=f"log Z from n = {view.size} samples (mean ± sd)")
+    ax_e.set(xlabel="ESS / n of one experiment", ylabel="draws", title="Kish ESS / n (dashed: whole pool)")
+    ax_z.legend(fontsize="small")
+    ax_e.legend(fontsize="small")
+
+
+def log_z_spread_widget(log_weights: Mapping[str, Tensor], log_z_exact: float | None = None,
+                        sizes: Sequence[int] = (16, 64, 256, 1024, 4096), n_draws: int = 500, seed: int = 0,
+                        size: int | None = None) -> SliderFigure:
+    r"""How the log Z estimate of importance sampling spreads with the sample size n.
+
+    ``log_weights`` maps a proposal's label to a large pool of its log-weights ``(N,)``; each
+    slider position ``n`` in ``sizes`` redraws ``n_draws`` experiments of n samples from every
+    pool and shows the histogram of their log Ẑ = logsumexp(log w) - log n (with the exact
+    log Z if given) and of their ESS / n. The spread shrinks like 1/sqrt(n); a proposal that
+    misses part of p shrinks it just as well, around the wrong value. ``widget.state`` is
+    the :class:`LogZSpreadView` on display.
+    """
+    if not log_weights:
+        raise ValueError("log_z_spread_widget needs at least one pool of log-weights")
+    options = [int(s) for s in sizes]
+    if not options or any(s < 1 for s in options) or options != sorted(set(options)):
+        raise ValueError(f"sizes must be increasing positive sample sizes, got {tuple(sizes)}")
+    if isinstance(n_draws, bool) or not isinstance(n_draws, int) or n_draws < 2:
+        raise ValueError(f"n_draws must be an int >= 2 (a spread needs two draws), got {n_draws!r}")
+    start = options[len(options) // 2] if size is None else int(size)
+    if start not in options:
+        raise ValueError(f"size {size} is not one of sizes {tuple(options)}")
+
+    def update(fig: Figure, n: int) -> LogZSpreadView:
+        view = log_z_spread_view(log_weights, n, n_draws, log_z_exact, seed)
+        draw_log_z_spread(fig, view)
+        return view
+
+    slider = ipywidgets.SelectionSlider(options=options, value=start, description="n samples",
+                                        continuous_update=False)
+    return slider_figure(update, figsize=(11.0, 4.0), n=slider)
+
+
+__all__ += ["LogZSpreadView", "draw_log_z_spread", "log_z_spread_view", "log_z_spread_widget"]
+
+
+# ----------------------------------------------------------------------------------------
+# diffusion samplers: GMM-40 samples along the reverse SDE (chapter 05)
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DenoisingView:
+    """One frame of :func:`reverse_sde_widget`: the samples at time ``t`` of the reverse SDE
+    next to the exact noised density p_t = p * N(0, sigma_t^2 I) of the mixture."""
+
+    index: int  # position in the trajectory (0: t = 1, the prior)
+    t: float
+    sigma: float  # sigma_t of the schedule
+    samples: Tensor  # (B, 2) the states at t
+    xs: Tensor  # (grid,) cell centres in x1
+    ys: Tensor  # (grid,) cell centres in x2
+    density: Tensor  # (grid, grid) exact p_t on the window, density[j, i] at (xs[i], ys[j])
+    modes_covered: int  # modes of p_t covered by the samples (metrics.mode_coverage at width sqrt(s^2 + sigma_t^2))
+    n_modes: int
+
+    @property
+    def title(self) -> str:
+        return (f"t = {self.t:.3f}, $\\sigma_t$ = {self.sigma:.3g}: "
+                f"{self.modes_covered}/{self.n_modes} modes of $p_t$ covered")
+
+
+def _check_trajectory(trajectory: Tensor, times: Tensor) -> tuple[Tensor, Tensor]:
+    if not isinstance(trajectory, Tensor) or trajectory.ndim != 3 or trajectory.shape[-1] != 2:
+        shape = tuple(trajectory.shape) if isinstance(trajectory, Tensor) else type(trajectory).__name__
+        raise ValueError(f"trajectory must be a tensor of shape (n_steps + 1, B, 2) of 2-D states, got {shape}")
+    if not isinstance(times, Tensor) or times.ndim != 1 or times.shape[0] != trajectory.shape[0]:
+        shape = tuple(times.shape) if isinstance(times, Tensor) else type(times).__name__
+        raise ValueError(f"times must have shape ({trajectory.shape[0]},), one time per trajectory frame; got {shape}")
+    if not bool(torch.isfinite(trajectory).all()) or not bool(torch.isfinite(times).all()):
+        raise ValueError("trajectory and times must be finite (a diverged reverse SDE gives NaN or inf)")
+    if bool((times < 0).any()) or bool((times > 1).any()):
+        raise ValueError(f"times must lie in [0, 1], got values from {float(times.min())} to {float(times.max())}")
+    return trajectory.detach().to("cpu", torch.float64), times.detach().to("cpu", torch.float64)
+
+
+def denoising_view(trajectory: Tensor, times: Tensor, schedule: Any, index: int,
+                   mixture: GaussianMixture | None = None, window: Window | None = None,
+                   grid: int = 120) -> DenoisingView:
+    r"""Frame ``index`` of a reverse-SDE ``trajectory`` ``(n_steps + 1, B, 2)`` at ``times``
+    ``(n_steps + 1,)``: its samples and the exact p_t of ``mixture`` (default GMM-40), which
+    convolved with N(0, sigma_t^2 I) is the same mixture with width sqrt(s^2 + sigma_t^2).
+    ``schedule`` is a :class:`boltzlab.diffusion.GeometricNoiseSchedule` (anything with ``std(t)``)."""
+    from boltzlab.metrics import mode_coverage
+
+    trajectory, times = _check_trajectory(trajectory, times)
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < times.shape[0]:
+        raise ValueError(f"index must be an int in [0, {times.shape[0] - 1}], got {index!r}")
+    mixture = GaussianMixture() if mixture is None else mixture
+    if not isinstance(mixture, GaussianMixture) or mixture.dim != 2:
+        raise ValueError("denoising_view needs a 2-D GaussianMixture (its noised density is exact)")
+    (xlim, ylim) = window if window is not None else DEFAULT_WINDOWS["gmm40"]
+    t = float(times[index])
+    sigma = float(schedule.std(times[index : index + 1])[0])
+    width = math.sqrt(mixture.std**2 + sigma**2)
+    noised = GaussianMixture(name=f"{mixture.name} at t = {t:.3f}", dim=2, means=mixture.means, std=width)
+    xs, ys, density = boltzmann_density_grid(noised, xlim, ylim, grid=grid)
+    x = trajectory[index]
+    covered, _ = mode_coverage(x, mixture.means.double(), width)
+    return DenoisingView(index, t, sigma, x, xs, ys, density, covered, mixture.n_modes)
+
+
+def draw_denoising_view(fig: Figure, view: DenoisingView, max_points: int = 2000) -> None:
+    """The exact p_t as an image with the samples at t on top (white dots)."""
+    ax = fig.add_subplot()
+    half_dx = 0.5 * float(view.xs[1] - view.xs[0])
+    half_dy = 0.5 * float(view.ys[1] - view.ys[0])
+    extent = (float(view.xs[0]) - half_dx, float(view.xs[-1]) + half_dx,
+              float(view.ys[0]) - half_dy, float(view.ys[-1]) + half_dy)
+    image = ax.imshow(view.density.numpy(), origin="lower", extent=extent, aspect="auto", cmap="viridis")
+    fig.colorbar(image, ax=ax, label="exact $p_t(x)$")
+    stride = max(1, math.ceil(view.samples.shape[0] / max_points))
+    pts = view.samples[::stride].numpy()
+    ax.scatter(pts[:, 0], pts[:, 1], s=3, color="white", alpha=0.6, linewidths=0)
+    ax.set(xlim=extent[:2], ylim=extent[2:], xlabel="$x_1$", ylabel="$x_2$")
+    ax.set_title(view.title, fontsize="medium")
+
+
+def reverse_sde_widget(trajectory: Tensor, times: Tensor, schedule: Any, mixture: GaussianMixture | None = None,
+                       window: Window | None = None, grid: int = 120) -> SliderFigure:
+    r"""Slide the reverse-SDE time t from 1 (the prior N(0, sigma_1^2 I)) to 0 and watch 2-D
+    samples denoise onto a Gaussian mixture (default GMM-40).
+
+    ``trajectory`` ``(n_steps + 1, B, 2)`` and ``times`` ``(n_steps + 1,)`` come from
+    :func:`boltzlab.diffusion.reverse_sde_sample` with ``return_trajectory=True`` (times from 1
+    down to 0). Each frame shows the states at t over the exact p_t, with the number of
+    modes of p_t they cover in the title. ``widget.state`` is the :class:`DenoisingView`.
+    """
+    trajectory, times = _check_trajectory(trajectory, times)
+    options = [(f"{float(t):.3f}", k) for k, t in enumerate(times)]
+
+    def update(fig: Figure, t: int) -> DenoisingView:
+        view = denoising_view(trajectory, times, schedule, t, mixture, window, grid)
+        draw_denoising_view(fig, view)
+        return view
+
+    slider = ipywidgets.SelectionSlider(options=options, value=0, description="t", continuous_update=False)
+    return slider_figure(update, figsize=(6.0, 4.8), t=slider)
+
+
+__all__ += ["DenoisingView", "denoising_view", "draw_denoising_view", "reverse_sde_widget"]

@@ -198,3 +198,38 @@ def test_figures_render_without_warnings(tmp_path):
     ax.figure.savefig(tmp_path / "density.png")
     assert (tmp_path / "density.png").stat().st_size > 1000
     assert math.isfinite(float(np.asarray(ax.images[0].get_array()).max()))
+
+
+# ----------------------------------------------------------------------------- evaluation curves
+
+
+def test_evaluation_curves_draw_each_metric_against_the_budget_with_baseline_and_target(tmp_path):
+    records = [{"energy_evaluations": 1e5 * 10**k, "energy_w2": 3.0 / (k + 1), "x_w2": 9.0 - k} for k in range(4)]
+    mcmc = {"energy_evaluations": 1e8, "energy_w2": 0.7, "acceptance": 0.5}
+    axes = P.evaluation_curves(records, ["energy_w2", "x_w2"], baseline=mcmc, targets={"x_w2": 6.0})
+    assert len(axes) == 2 and all(ax.get_xscale() == "log" for ax in axes)
+    curve, star = axes[0].lines
+    np.testing.assert_allclose(curve.get_xdata(), [1e5, 1e6, 1e7, 1e8])
+    np.testing.assert_allclose(curve.get_ydata(), [3.0, 1.5, 1.0, 0.75])
+    assert list(star.get_xdata()) == [1e8] and list(star.get_ydata()) == [0.7]
+    # the baseline has no x_w2: that panel gets the curve and the target line only
+    lines = axes[1].lines
+    np.testing.assert_allclose(lines[0].get_ydata(), [9.0, 8.0, 7.0, 6.0])
+    assert len(lines) == 2 and list(lines[1].get_ydata()) == [6.0, 6.0]
+    assert legend_texts(axes[1]) == ["iDEM", "target 6"]
+    axes[0].figure.savefig(tmp_path / "curves.png")
+
+
+def test_evaluation_curves_on_given_axes_and_bad_input():
+    _, (a, b) = plt.subplots(1, 2)
+    records = [{"outer": 0.0, "loss": 2.0}, {"outer": 1.0, "loss": 1.0}]
+    axes = P.evaluation_curves(records, ["loss"], x_key="outer", axes=[a])
+    assert axes == [a] and a.get_xscale() == "linear"  # a zero on the x axis: no log scale
+    with pytest.raises(ValueError, match="no evaluations"):
+        P.evaluation_curves([], ["loss"])
+    with pytest.raises(ValueError, match="evaluation 1 has no 'energy_w2'"):
+        P.evaluation_curves([{"energy_evaluations": 1, "energy_w2": 1.0}, {"energy_evaluations": 2}], ["energy_w2"])
+    with pytest.raises(ValueError, match="2 axes given for 1 metrics"):
+        P.evaluation_curves(records, ["loss"], x_key="outer", axes=[a, b])
+    with pytest.raises(ValueError, match="baseline has no 'outer'"):
+        P.evaluation_curves(records, ["loss"], x_key="outer", baseline={"loss": 1.0})

@@ -92,3 +92,122 @@ def test_temperature_widget_rejects_bad_input():
         W.temperature_widget({"other": GaussianMixture(name="other")})
     widget = W.temperature_widget({"MB": MullerBrown()}, kT=10.0, kT_range=(1.0, 100.0), grid=40)
     assert widget.state.energy_name == "MB"
+
+
+def _lognormal_pool(mu: float, s: float, n: int = 100_000, seed: int = 0):
+    import torch
+
+    return mu + s * torch.randn(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def test_log_z_spread_widget_spread_shrinks_like_one_over_sqrt_n():
+    # log w ~ N(mu, s^2): Z = E[w] = exp(mu + s^2 / 2) exactly
+    mu, s = -0.3, 0.5
+    exact = mu + s**2 / 2
+    pools = {"lognormal": _lognormal_pool(mu, s), "shifted": _lognormal_pool(mu - 1.0, s, seed=1)}
+    widget = W.log_z_spread_widget(pools, log_z_exact=exact, sizes=(16, 256, 4096), n_draws=400, size=16)
+    assert isinstance(widget, ipywidgets.Box)
+    small = widget.state
+    assert small.size == 16 and set(small.estimates) == {"lognormal", "shifted"}
+    before = bytes(widget.image.value)
+    assert before.startswith(PNG_SIGNATURE)
+    widget.controls["n"].value = 4096
+    large = widget.state
+    assert bytes(widget.image.value) != before
+    # 256 times the samples: 16 times smaller spread (delta method: sd = sqrt((e^{s^2} - 1) / n))
+    ratio = small.std("lognormal") / large.std("lognormal")
+    assert 12 < ratio < 21, ratio
+    assert large.std("lognormal") == pytest.approx(((2.718281828 ** (s**2) - 1) / 4096) ** 0.5, rel=0.2)
+    assert abs(large.mean("lognormal") - exact) < 3 * large.std("lognormal") / 400**0.5 + 1e-3
+    # a proposal that misses mass: just as tight, around log Z - 1
+    assert abs(large.mean("shifted") - (exact - 1.0)) < 0.01
+    # ESS fraction of the pool: exp(-s^2); small draws scatter around it
+    assert large.pool_ess_fraction["lognormal"] == pytest.approx(2.718281828 ** (-s**2), rel=0.02)
+    assert 0.0 < small.median_ess_fraction("lognormal") <= 1.0
+
+
+def test_log_z_spread_widget_rejects_bad_input():
+    pool = {"a": _lognormal_pool(0.0, 1.0, n=100)}
+    with pytest.raises(ValueError, match="at least one pool"):
+        W.log_z_spread_widget({})
+    with pytest.raises(ValueError, match="increasing positive"):
+        W.log_z_spread_widget(pool, sizes=(64, 16))
+    with pytest.raises(ValueError, match="exceeds the pool of 100"):
+        W.log_z_spread_widget(pool, sizes=(16, 1000), size=1000)
+    with pytest.raises(ValueError, match="not one of sizes"):
+        W.log_z_spread_widget(pool, sizes=(16, 32), size=20)
+    import torch
+
+    with pytest.raises(ValueError, match="not finite"):
+        W.log_z_spread_widget({"a": torch.tensor([0.0, float("nan")] * 20)}, sizes=(4, 8))
+
+
+def _noised_gmm_trajectory(n: int, n_frames: int, seed: int = 0):
+    """Exact samples of p_t = GMM-40 * N(0, sigma_t^2 I) at each of n_frames times from 1 to 0."""
+    import torch
+
+    from boltzlab.diffusion import GeometricNoiseSchedule
+
+    schedule = GeometricNoiseSchedule(0.01, 70.0)
+    g = torch.Generator().manual_seed(seed)
+    gmm = GaussianMixture()
+    times = torch.linspace(1.0, 0.0, n_frames)
+    frames = [gmm.sample(n, g) + schedule.std(t.reshape(1)) * torch.randn(n, 2, generator=g) for t in times]
+    return torch.stack(frames), times, schedule
+
+
+def test_reverse_sde_widget_shows_exact_noised_density_and_mode_coverage():
+    import torch
+
+    trajectory, times, schedule = _noised_gmm_trajectory(2_000, 11)
+    widget = W.reverse_sde_widget(trajectory, times, schedule, grid=60)
+    first = widget.state
+    assert first.index == 0 and first.t == 1.0
+    assert first.sigma == pytest.approx(float(schedule.std(torch.tensor([1.0]))[0]))
+    before = bytes(widget.image.value)
+    assert before.startswith(PNG_SIGNATURE)
+    widget.controls["t"].value = 10  # t = 0: exact GMM-40 samples cover every mode
+    last = widget.state
+    assert bytes(widget.image.value) != before
+    assert last.t == 0.0 and last.sigma == 0.0 and last.modes_covered == 40
+    # the density drawn at an intermediate t is the mixture with width sqrt(s^2 + sigma_t^2),
+    # written out here from the normal density (the window holds nearly all of its mass)
+    mid = W.denoising_view(trajectory, times, schedule, 4, grid=60)
+    gmm = GaussianMixture()
+    v = gmm.std**2 + mid.sigma**2
+    X, Y = torch.meshgrid(mid.xs, mid.ys, indexing="xy")
+    d2 = (X[..., None] - gmm.means[:, 0].double()) ** 2 + (Y[..., None] - gmm.means[:, 1].double()) ** 2
+    exact = (torch.exp(-d2 / (2 * v)) / (2 * torch.pi * v)).mean(-1)
+    assert 1.5 < mid.sigma < 5.0  # t = 0.6: modes widened but still apart
+    assert torch.allclose(mid.density, exact, rtol=0.02, atol=1e-6)
+
+
+def test_denoising_view_counts_a_collapsed_sampler_as_one_mode():
+    import torch
+
+    trajectory, times, schedule = _noised_gmm_trajectory(1_000, 3)
+    collapsed = trajectory.clone()
+    collapsed[-1] = GaussianMixture().means[7] + 0.5 * torch.randn(1_000, 2, generator=torch.Generator().manual_seed(1))
+    view = W.denoising_view(collapsed, times, schedule, 2, grid=40)
+    assert view.modes_covered == 1 and f"1/{view.n_modes} modes" in view.title
+
+
+def test_reverse_sde_widget_rejects_bad_input():
+    import torch
+
+    trajectory, times, schedule = _noised_gmm_trajectory(50, 3)
+    with pytest.raises(ValueError, match=r"shape \(n_steps \+ 1, B, 2\)"):
+        W.reverse_sde_widget(trajectory[..., :1], times, schedule)
+    with pytest.raises(ValueError, match=r"times must have shape \(3,\)"):
+        W.reverse_sde_widget(trajectory, times[:2], schedule)
+    bad = trajectory.clone()
+    bad[1, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="finite"):
+        W.reverse_sde_widget(bad, times, schedule)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        W.reverse_sde_widget(trajectory, times + 1.0, schedule)
+    with pytest.raises(ValueError, match="index must be"):
+        W.denoising_view(trajectory, times, schedule, 3)
+    with pytest.raises(ValueError, match="2-D GaussianMixture"):
+        W.denoising_view(trajectory, times, schedule, 0, mixture=DoubleWell2D())
+    assert torch.isfinite(W.denoising_view(trajectory, times, schedule, 0, grid=20).density).all()

@@ -530,7 +530,9 @@ def train_idem(config: IDEMConfig, out_dir: str | Path | None = None, *, resume:
         record = {"outer": float(state.outer), "loss": sum(losses) / len(losses),
                   "energy_evaluations": float(state.energy_evaluations)}
         state.history.append(record)
-        if rank == 0 and (state.outer % config.eval_every == 0 or state.outer == config.n_outer):
+        # evaluate on schedule, at the end, and when this call stops early (so every saved
+        # checkpoint has metrics for the weights it holds)
+        if rank == 0 and (state.outer % config.eval_every == 0 or state.outer == last):
             eval_gen = torch.Generator().manual_seed(config.seed + 10_007 * state.outer)
             with torch.no_grad():
                 x = sample_model(state.ema, config, energy, config.n_eval, eval_gen)
@@ -655,6 +657,6 @@ def main(argv: list[str] | None = None) -> int:
         final = state.evaluations[-1] if state.evaluations else {}
         print(json.dumps({"outer": state.outer, "energy_evaluations": state.energy_evaluations,
                           "wall_time_s": round(state.wall_time, 1), **final}))
-        if args.baseline and state.outer == config.n_outer:
+        if args.baseline:
             print(json.dumps({"mcmc_baseline": write_baseline(args.out, progress=not args.no_progress)}))
     return 0
