@@ -8,10 +8,14 @@ Modules, one concept each:
 - ``mcmc``       Metropolis, MALA and parallel tempering over many chains; diagnostics
 - ``minimize``   energy minimisation (L-BFGS) and ideal cluster geometries
 - ``reference``  the shipped MCMC reference sets and the command that builds them
-- ``models``     small networks: MLPs, VAE encoder/decoders, GAN generator/critic
-- ``training``   losses and seeded training loops for VAEs, GANs and WGANs
+- ``models``     small networks: MLPs, VAE encoder/decoders, GAN generator/critic, score
+                 networks (time-embedded MLP, EGNN) and energy networks
+- ``diffusion``  VE noise schedule, reverse SDE, probability-flow ODE, replay buffer
+- ``training``   training loops: VAEs, GANs, WGANs (``generative``), iDEM/pDEM (``idem``)
 - ``flows``      coupling flows (RealNVP, rational-quadratic splines) and their training
 - ``estimators`` DEM Monte Carlo score estimators and the exact noised GMM score
+- ``importance`` importance weights, ESS, log Z with bootstrap error, FEP/BAR, CNF likelihoods
+- ``finetune``   reward-guided fine-tuning of a diffusion sampler by iterative distillation
 - ``metrics``    energy W2, distance histograms, x-W2, Kish ESS, log Z, mode coverage
 - ``plots``      histograms, densities, traces
 - ``widgets``    ipywidgets used in the chapters
