@@ -145,6 +145,9 @@ class Chapter05Sizes:
     fresh_samples: int  # fresh samples drawn from each loaded model as a live check (LJ-55: a quarter)
     fresh_sde_steps: int  # at most this many reverse-SDE steps for those samples
     equivariance_batch: int  # LJ-13 configurations on which the EGNN's symmetries are measured
+    estimator_points: int  # noised DW-4 points at which the regression targets' errors are measured
+    estimator_repeats: int  # independent K-copy targets per point there
+    estimator_ref_k: int  # copies of the high-K reference target there
     floor_samples: int  # samples per set in the x-W2 saturation demonstration
     corrector_steps: int  # MALA steps of the corrector line (reported apart from plain iDEM)
     widget_samples: int  # GMM-40 samples followed along the reverse SDE in the widget
@@ -236,15 +239,18 @@ _REGISTRY: dict[str, dict[str, Any]] = {
     "05": {
         "smoke": Chapter05Sizes(demo_outer=3, demo_inner=15, demo_batch=128, demo_n_mc=128, demo_refill=256,
                                 demo_sde_steps=50, demo_eval=400, fresh_samples=16, fresh_sde_steps=20,
-                                equivariance_batch=4, floor_samples=500, corrector_steps=20, widget_samples=400,
+                                equivariance_batch=4, estimator_points=16, estimator_repeats=4,
+                                estimator_ref_k=20_000, floor_samples=500, corrector_steps=20, widget_samples=400,
                                 widget_sde_steps=200, retrain=False),
         "laptop": Chapter05Sizes(demo_outer=10, demo_inner=40, demo_batch=128, demo_n_mc=128, demo_refill=500,
                                  demo_sde_steps=100, demo_eval=1_000, fresh_samples=64, fresh_sde_steps=100,
-                                 equivariance_batch=16, floor_samples=1_000, corrector_steps=100,
+                                 equivariance_batch=16, estimator_points=32, estimator_repeats=8,
+                                 estimator_ref_k=20_000, floor_samples=1_000, corrector_steps=100,
                                  widget_samples=1_000, widget_sde_steps=200, retrain=False),
         "full": Chapter05Sizes(demo_outer=40, demo_inner=100, demo_batch=256, demo_n_mc=256, demo_refill=1_000,
                                demo_sde_steps=200, demo_eval=1_000, fresh_samples=1_000, fresh_sde_steps=200,
-                               equivariance_batch=64, floor_samples=2_000, corrector_steps=200,
+                               equivariance_batch=64, estimator_points=128, estimator_repeats=16,
+                               estimator_ref_k=100_000, floor_samples=2_000, corrector_steps=200,
                                widget_samples=2_000, widget_sde_steps=200, retrain=True),
     },
     "06": {

@@ -1,0 +1,734 @@
+# ---
+# jupyter:
+#   jupytext:
+#     cell_metadata_filter: tags,nbgrader,boltzlab,-all
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 05 · iDEM on LJ-13 and LJ-55
+#
+# ## Aim
+#
+# Chapter 04 built the Monte Carlo estimate of the noised score from the energy alone. Here
+# it becomes a sampler: **iterated denoising energy matching** (iDEM) regresses a score
+# network onto that estimate, at points that the network's own reverse SDE produced, and
+# alternates the two. After this chapter you can
+#
+# - write down the bi-level loop (inner regression, outer buffer refill) and say why the
+#   outer loop is needed;
+# - compare two Monte Carlo estimators of the regression target (chapter 04's force form and the
+#   noise form) and the blend of both that the shipped configs use, by their error on DW-4;
+# - explain why an E(3) × S_n-equivariant, centre-of-mass-free network (the EGNN) is the right
+#   score model for identical particles, and **measure** that it is;
+# - evaluate a neural sampler honestly: energy W2 (W2, not W2²), interatomic-distance W2 and
+#   TVD, x-W2 with its saturation **floor**, mode coverage, and an **MCMC run given the same
+#   number of energy evaluations**;
+# - read the shipped checkpoints for GMM-40, DW-4, LJ-13 and LJ-55 (trained by
+#   `python -m boltzlab train TARGET` on a 2-core CPU) and say which targets they meet, and
+#   by how much they miss the others.
+#
+# Under the `smoke` and `laptop` budgets the notebook loads the shipped checkpoints and trains
+# only a short demonstration run on GMM-40; under `full` it retrains every target with its
+# shipped config and reruns the equal-budget MCMC.
+
+# %%
+import json
+import math
+
+import ipywidgets  # noqa: F401  (the widget below is an ipywidgets.Box)
+import matplotlib.pyplot as plt
+import torch
+from IPython.display import display
+
+from boltzlab import metrics
+from boltzlab.config import budget, sizes
+from boltzlab.diffusion import reverse_sde_sample, sample_prior
+from boltzlab.energies import GaussianMixture, PairPotential, get_target, lj13, lj55
+from boltzlab.estimators import gmm_noised_score, mc_score
+from boltzlab.mcmc import run_mcmc
+from boltzlab.models import ScoreMLP
+from boltzlab.plots import (
+    density_2d,
+    distance_histogram_plot,
+    energy_histogram,
+    evaluation_curves,
+    samples_2d,
+    training_curve,
+)
+from boltzlab.reference import load_reference
+from boltzlab.training.idem import (
+    CONFIGS,
+    CheckpointError,
+    TrainedSampler,
+    build_model,
+    config_for,
+    equal_budget_mcmc,
+    evaluate_samples,
+    evaluation_reference,
+    load_sampler,
+    sample_model,
+    shipped_checkpoint,
+    train_idem,
+)
+from boltzlab.widgets import DEFAULT_WINDOWS, reverse_sde_widget
+
+SEED = 0
+torch.manual_seed(SEED)
+# the networks are small: one thread is faster than several (no synchronisation)
+torch.set_num_threads(1)
+S = sizes("05")
+TARGET_NAMES = ("gmm40", "dw4", "lj13", "lj55")
+print(f"budget: {budget()}  sizes: {S}")
+
+# %% [markdown]
+# ## Theory
+#
+# ### The regression target
+#
+# The VE diffusion noises a sample as $x_t = x_0 + \sigma_t\epsilon$, so $p_t = p * \mathcal N(0, \sigma_t^2 I)$,
+# i.e. $p_t(x) = \mathbb E_u[p(x + \sigma_t u)]$ with $u \sim \mathcal N(0, I)$. Chapter 04 estimated its score from
+# $K$ copies $x_k = x_t + \sigma_t u_k$ with softmax (logsumexp) weights $w_k = \operatorname{softmax}_k(-E(x_k)/kT)$:
+#
+# $$S_F(x_t, t) = \sum_{k=1}^K w_k\,\frac{F(x_k)}{kT} \qquad\text{(force form)}.$$
+#
+# Gaussian integration by parts ($\mathbb E_u[\nabla p(x + \sigma u)] = \mathbb E_u[u\, p(x + \sigma u)]/\sigma$) gives a
+# second estimator of the same score with the same weights, which needs no forces:
+#
+# $$S_U(x_t, t) = \sum_{k=1}^K w_k\,\frac{u_k}{\sigma_t} \qquad\text{(noise form)}.$$
+#
+# The force form is exact as $\sigma_t \to 0$ but its variance explodes with $\sigma_t$ (the copies see
+# wildly different forces); the noise form is bounded by $\max_k|u_k|/\sigma_t$, quiet at large $\sigma_t$ and
+# noisy at small $\sigma_t$. The shipped configs blend them, $S = a\,S_F + (1 - a)\,S_U$ with
+# $a = \ell^2/(\ell^2 + \sigma_t^2)$, switching at $\sigma_t \approx \ell$, the width of the target's wells
+# (`local_scale` in the config). Measure the three on DW-4 at the config's $K$, against a reference
+# target with many more copies:
+
+# %%
+dw, dw_config = get_target("dw4"), CONFIGS["dw4"]
+g_est = torch.Generator().manual_seed(SEED)
+x0_est = load_reference("dw4", S.estimator_points, g_est).double()
+FORMS = {"force form (ch. 04)": {"estimator": "lse"},
+         "noise form": {"estimator": "blended", "local_scale": 1e-9},  # a = 0: the noise form alone
+         "blend (shipped)": {"estimator": "blended", "local_scale": dw_config.local_scale}}
+EST_SIGMAS = (0.1, 0.3, 1.0, 3.0)
+target_mse = {form: [] for form in FORMS}
+for sigma in EST_SIGMAS:
+    x_t = x0_est + sigma * dw.remove_com(torch.randn(x0_est.shape, generator=g_est, dtype=torch.float64))
+    reference_score = mc_score(dw, x_t, sigma, S.estimator_ref_k, generator=g_est, estimator="blended",
+                               local_scale=dw_config.local_scale)
+    for form, kwargs in FORMS.items():
+        estimates = torch.stack([mc_score(dw, x_t, sigma, dw_config.n_mc, generator=g_est, **kwargs)
+                                 for _ in range(S.estimator_repeats)])
+        target_mse[form].append(float((estimates - reference_score).pow(2).sum(-1).mean()))
+print(f"DW-4, K = {dw_config.n_mc} copies, l = {dw_config.local_scale}; mean squared error of one target "
+      f"against a K = {S.estimator_ref_k:,d} reference:")
+for form, values in target_mse.items():
+    print(f"  {form:20s} " + "  ".join(f"sigma {s:g}: {v:9.3g}" for s, v in zip(EST_SIGMAS, values)))
+fig, ax = plt.subplots(figsize=(6, 3.8))
+for form, values in target_mse.items():
+    ax.loglog(EST_SIGMAS, values, "o-", label=form)
+ax.axvline(dw_config.local_scale, color="k", linestyle=":", label="l (local_scale)")
+ax.set(xlabel="noise level sigma_t", ylabel="MSE of the regression target", title=f"DW-4, K = {dw_config.n_mc}")
+ax.legend(fontsize="small")
+plt.tight_layout()
+mse_at = {form: dict(zip(EST_SIGMAS, values)) for form, values in target_mse.items()}
+assert mse_at["blend (shipped)"][1.0] < mse_at["force form (ch. 04)"][1.0] / 10  # the force form explodes
+assert mse_at["blend (shipped)"][0.1] < mse_at["noise form"][0.1] / 5  # the noise form is noisy at small sigma
+force_mse, noise_mse, blend_mse = (target_mse[form] for form in FORMS)
+assert all(b < f for f, b in zip(force_mse, blend_mse))  # the blend beats chapter 04's force form at every sigma
+for sigma, u, b in zip(EST_SIGMAS, noise_mse, blend_mse):
+    a_share = dw_config.local_scale**2 / (dw_config.local_scale**2 + sigma**2)
+    print(f"sigma {sigma:g}: blend / noise form = {b / u:.2g} (force-form share a = {a_share:.2g}, "
+          f"so a^2 x its MSE = {a_share**2 * mse_at['force form (ch. 04)'][sigma]:.3g} leaks into the blend)")
+
+# %% [markdown]
+# iDEM trains a network $s_\theta(x, t)$ by **regression** onto the (clipped) target,
+#
+# $$\mathcal L(\theta) = \mathbb E_{t \sim U(t_{\min}, 1)}\; \mathbb E_{x_0 \sim \text{buffer}}\;
+#   \mathbb E_{\epsilon}\,\Big[\lambda(t)\,\big\| s_\theta(x_t, t) - \operatorname{clip}\big(S(x_t, t)\big)\big\|^2\Big],
+#   \qquad x_t = x_0 + \sigma_t \epsilon,\quad \lambda(t) = \sigma_t^2 + \ell^2 ,$$
+#
+# where the network predicts $c_{\text{out}}(t)\,s$ with $c_{\text{out}}^2 = \lambda(t)$ (`ScaledScore`), an order-one
+# quantity at every noise level. Unlike denoising score matching, the target depends on $x_t$ only,
+# not on the $x_0$ it came from: for *any* distribution of training points the minimiser is
+# $\nabla\log p_t$ wherever there are points. But a network is only accurate where it was trained, and
+# it is used along its own reverse SDE. That is what the **bi-level loop** arranges:
+#
+# 1. **outer**: draw $x_1 \sim \mathcal N(0, \sigma_1^2 I)$, run the reverse SDE of the current model
+#    (its exponential moving average), and add the samples to a first-in-first-out **replay buffer**;
+# 2. **inner**: for `inner_steps` steps, draw $x_0$ from the buffer, noise it, and take an Adam step
+#    on $\mathcal L$.
+#
+# At the start the buffer holds samples of an untrained network; no data from $p$ is ever used.
+# Every regression step costs `batch_size × K` energy-and-force evaluations; sampling costs none.
+# That count is the sampler's **energy budget**, and it is what MCMC gets in the comparison below.
+#
+# ### The VE schedule
+#
+# The geometric schedule has $\sigma_t^2 = \sigma_{\min}^2\,(r^{2t} - 1)$ with $r = \sigma_{\max}/\sigma_{\min}$ and
+# $g(t)^2 = \mathrm d\sigma_t^2/\mathrm dt = 2 \log r\;\sigma_{\min}^2\, r^{2t}$; sampling integrates the reverse SDE
+# $\mathrm dx = -g^2 \nabla\log p_t\,\mathrm dt + g\,\mathrm d\bar W$ from $t = 1$ to $0$ with Euler-Maruyama,
+#
+# $$x \leftarrow x + g(t)^2\, s_\theta(x, t)\,\Delta t + g(t)\sqrt{\Delta t}\; z, \qquad z \sim \mathcal N(0, I),$$
+#
+# projecting every state and noise draw onto the centre-of-mass-free subspace for particles.
+# $\sigma_{\max}$ must be about the spread of the target, so that the prior covers every mode;
+# the shipped configs:
+
+# %%
+print(f"{'target':7s} {'network':7s} {'sigma_1':>8s} {'K':>5s} {'batch':>6s} {'outer x inner':>14s} "
+      f"{'evals/step':>11s} {'total evals':>12s}")
+for name in TARGET_NAMES:
+    c = CONFIGS[name]
+    total = c.n_outer * c.inner_steps * c.energy_evaluations_per_step()
+    print(f"{name:7s} {c.network:7s} {c.schedule.prior_std:8.3g} {c.n_mc:5d} {c.batch_size:6d} "
+          f"{f'{c.n_outer} x {c.inner_steps}':>14s} {c.energy_evaluations_per_step():11,d} {total:12.3g}")
+
+# %% [markdown]
+# ### The EGNN and the symmetries of particle systems
+#
+# DW-4, LJ-13 and LJ-55 are systems of identical particles whose energy depends on the
+# interparticle distances (plus, for LJ, a harmonic tether to the centre of mass). Their Boltzmann
+# density is invariant under rotations and reflections $R$, translations $b$ and permutations $P$ of
+# the particles, and so is $p_t$ (the Gaussian kernel is isotropic). The score is therefore
+# **equivariant**,
+#
+# $$s(Rx + b, t) = R\,s(x, t), \qquad s(Px, t) = P\,s(x, t), \qquad \textstyle\sum_i s_i(x, t) = 0,$$
+#
+# the last because the density does not change along a common translation (we work in the
+# centre-of-mass-free subspace). A plain MLP would have to learn these relations from energy
+# evaluations, and never exactly. The E(n)-equivariant graph network (EGNN, Satorras et al. 2021)
+# has them built in. With node features $h_i$ (here only a time embedding: identical particles)
+# and positions $x_i$, one layer on the fully connected graph is
+#
+# $$m_{ij} = \phi_e\big([h_i, h_j, d_{ij}^2]\big),\qquad
+#   x_i' = x_i + \frac{1}{n-1}\sum_{j\ne i} \frac{x_i - x_j}{\sqrt{d_{ij}^2 + 1}}\,\phi_x(m_{ij}),\qquad
+#   h_i' = h_i + \phi_h\Big(\Big[h_i,\ \frac{1}{n-1}\sum_{j \ne i} m_{ij}\Big]\Big),$$
+#
+# and the score is the total displacement with its mean removed, $s_i = (x^L_i - x_i) - \frac1n\sum_j (x^L_j - x_j)$.
+# Only invariants ($h$, $d^2$) enter the MLPs and positions move along difference vectors, so each
+# relation holds exactly, up to rounding. Measure it on LJ-13 configurations: rotate (and reflect),
+# translate and permute the input of an EGNN score model and of an MLP, and compare.
+
+# %%
+lj = lj13()
+torch.manual_seed(SEED)
+egnn_score = build_model(CONFIGS["lj13"], lj)  # the shipped LJ-13 architecture, freshly initialised
+mlp_score = ScoreMLP(lj.dim, hidden=64, n_layers=3, seed=SEED)
+g_sym = torch.Generator().manual_seed(SEED)
+x_sym = load_reference("lj13", S.equivariance_batch, g_sym)
+t_sym = torch.rand(S.equivariance_batch, generator=g_sym)
+R, _ = torch.linalg.qr(torch.randn(3, 3, generator=g_sym, dtype=torch.float64))  # random orthogonal, float64
+b = torch.randn(3, generator=g_sym)
+perm = torch.randperm(13, generator=g_sym)
+
+
+def particles(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(x.shape[0], 13, 3)
+
+
+def flat(r: torch.Tensor) -> torch.Tensor:
+    return r.reshape(r.shape[0], -1)
+
+
+def symmetry_errors(score, dtype: torch.dtype = torch.float32) -> dict[str, float]:
+    """Relative errors of s(Rx + b) = R s(x), s(Px) = P s(x) and sum_i s_i = 0."""
+    x, t, rot, shift = (v.to(dtype) for v in (x_sym, t_sym, R, b))
+    with torch.no_grad():
+        s = particles(score(x, t))
+        s_moved = particles(score(flat(particles(x) @ rot.T + shift), t))
+        s_perm = particles(score(flat(particles(x)[:, perm]), t))
+    scale = float(s.abs().max())
+    return {"rotation + translation": float((s_moved - s @ rot.T).abs().max()) / scale,
+            "permutation": float((s_perm - s[:, perm]).abs().max()) / scale,
+            "centre of mass": float(s.sum(1).abs().max()) / scale}
+
+
+sym = {"EGNN": symmetry_errors(egnn_score), "EGNN, float64": symmetry_errors(egnn_score.double(), torch.float64),
+       "MLP": symmetry_errors(mlp_score)}
+egnn_score.float()
+print(f"det R = {float(torch.linalg.det(R)):+.0f}; errors relative to max |s| (machine epsilon: float32 "
+      f"{torch.finfo(torch.float32).eps:.1e}, float64 {torch.finfo(torch.float64).eps:.1e}):")
+for model_name, errs in sym.items():
+    print(f"  {model_name:13s} " + ", ".join(f"{k}: {v:.1e}" for k, v in errs.items()))
+assert all(v < 1e-4 for v in sym["EGNN"].values())  # float32 rounding
+assert all(v < 1e-10 for v in sym["EGNN, float64"].values())  # ... which shrink with the precision
+assert sym["MLP"]["rotation + translation"] > 1e-2 and sym["MLP"]["permutation"] > 1e-2
+
+# %% [markdown]
+# The EGNN's errors are rounding errors: a modest multiple of the machine epsilon, in float32 and in
+# float64 alike. The MLP's are of the order of the score itself.
+#
+# ### pDEM in one paragraph
+#
+# iDEM learns the score directly. **pDEM** learns the noised *energy* instead: a scalar network
+# $E_\theta(x, t)$ is regressed onto $\hat E_K(x_t, t) = -kT\,[\operatorname{logsumexp}_k(-E(x_t + \sigma_t u_k)/kT) - \log K]$,
+# and sampling uses $-\nabla_x E_\theta / kT$ (by autograd). The score field is then conservative
+# by construction, and the target is one number per point rather than a vector of forces; the
+# price is that $\hat E_K$ is the log of an average, biased for finite $K$ (chapter 04), and that every
+# score evaluation during sampling needs a backward pass. The package has it as
+# `config_for(target, method="pdem")` (with the MLP).
+#
+# ### Evaluating a sampler honestly
+#
+# - **Energy W2**: the 1-D Wasserstein-2 distance between the energies of the samples and of a
+#   reference set. Reported as W2 (in energy units), not W2², which is smaller than W2 when W2 < 1
+#   and larger otherwise, so mixing the two flatters or punishes at random.
+# - **Interatomic distances**: W2 and the total variation distance (TVD) between the histograms
+#   of all pair distances. Both are invariant under the symmetries above.
+# - **x-W2**: optimal transport between the configurations themselves. It is the only metric here
+#   that sees the joint distribution, but in high dimension it **saturates**: two independent
+#   sets from the *same* distribution are already far apart, so its floor hides real
+#   differences. And it is not invariant: it counts a rotated or relabelled cluster as different.
+#   See it:
+
+# %%
+floor_rows = []
+for energy in (lj13(), lj55()):
+    ref_all = load_reference(energy.name)
+    g_floor = torch.Generator().manual_seed(SEED)
+    idx = torch.randperm(ref_all.shape[0], generator=g_floor)
+    half_a, half_b = ref_all[idx[: S.floor_samples]], ref_all[idx[S.floor_samples: 2 * S.floor_samples]]
+    # a structureless Gaussian blob with the reference's per-coordinate spread
+    blob = energy.remove_com(half_b.std(0) * torch.randn(S.floor_samples, energy.dim, generator=g_floor))
+    e_a, e_b, e_blob = energy.energy(half_a), energy.energy(half_b), energy.energy(blob)
+    row = {"target": energy.name, "xw2_floor": metrics.x_w2(half_a, half_b),
+           "xw2_blob": metrics.x_w2(half_a, blob), "ew2_floor": metrics.energy_w2(e_a, e_b),
+           "ew2_blob": metrics.energy_w2(e_a, e_blob)}
+    floor_rows.append(row)
+    print(f"{energy.name} ({energy.dim} coordinates, {S.floor_samples} samples per set):")
+    print(f"  reference vs independent reference: x-W2 = {row['xw2_floor']:.2f}, energy W2 = {row['ew2_floor']:.3g}")
+    print(f"  reference vs Gaussian blob:        x-W2 = {row['xw2_blob']:.2f}, energy W2 = {row['ew2_blob']:.3g}")
+for row in floor_rows:
+    assert row["xw2_blob"] < 1.3 * row["xw2_floor"]  # x-W2 barely tells a blob from the real thing
+    assert row["ew2_blob"] > 100 * row["ew2_floor"]  # the energy does
+
+# %% [markdown]
+# A Gaussian blob with overlapping particles is almost as close in x-W2 as a second, perfect set of
+# samples, while its energies are off by orders of magnitude. So x-W2 is reported below **with its
+# floor** (two independent reference sets of the same size), and never alone.
+#
+# - **Mode coverage** (GMM-40): a mode counts as covered when it received at least a fifth of its
+#   share of the samples within its 99.9% radius (`metrics.mode_coverage`).
+# - **MCMC at an equal budget**: MALA chains started from the same prior as the reverse SDE, given
+#   exactly as many energy-and-force evaluations as iDEM spent in training (`equal_budget_mcmc`).
+#   A neural sampler is only interesting if it beats this; sampling from it afterwards is free,
+#   which is the other half of the comparison.
+#
+# ## Practice
+#
+# ### 1. A short iDEM run on GMM-40
+#
+# The shipped GMM-40 config, shortened to this budget's size. Under `smoke` this is a few outer
+# iterations and the samples are still poor: it shows the loop running, not a trained sampler.
+
+# %%
+demo_config = config_for("gmm40", n_outer=S.demo_outer, inner_steps=S.demo_inner, batch_size=S.demo_batch,
+                         n_mc=S.demo_n_mc, n_refill=S.demo_refill, sde_steps=S.demo_sde_steps,
+                         n_eval=S.demo_eval, eval_every=max(1, S.demo_outer // 5), seed=SEED)
+demo = train_idem(demo_config, out_dir=None, progress=True)
+gmm = GaussianMixture()
+last = demo.evaluations[-1]
+print(f"{demo.outer} outer iterations x {demo_config.inner_steps} regression steps, "
+      f"{demo.energy_evaluations:.3g} energy evaluations, {demo.wall_time:.1f} s; "
+      f"last evaluation: energy W2 {last['energy_w2']:.3g}, {last['modes_covered']:.0f}/40 modes, "
+      f"x-W2 {last['x_w2']:.3g}")
+fig, axes = plt.subplots(1, 4, figsize=(19, 3.8))
+training_curve([h["loss"] for h in demo.history], ax=axes[0], xlabel="outer iteration",
+               ylabel="mean regression loss", logy=True)
+evaluation_curves(demo.evaluations, ["energy_w2", "modes_covered"], axes=axes[1:3], logx=False)
+xlim, ylim = DEFAULT_WINDOWS["gmm40"]
+
+
+def outside_window(x: torch.Tensor) -> float:
+    """Fraction of 2-D points outside the plot window (drawn off-screen)."""
+    inside = (x[:, 0] >= xlim[0]) & (x[:, 0] <= xlim[1]) & (x[:, 1] >= ylim[0]) & (x[:, 1] <= ylim[1])
+    return float(1.0 - inside.float().mean())
+
+
+density_2d(gmm, xlim, ylim, ax=axes[3], colorbar=False, grid=120)
+samples_2d(demo.buffer.data, ax=axes[3], max_points=2000)
+axes[3].set(xlim=xlim, ylim=ylim, title=f"the replay buffer ({len(demo.buffer)} states, "
+            f"{100 * outside_window(demo.buffer.data):.0f}% outside)")
+plt.tight_layout()
+
+# %%
+# bookkeeping that the equal-budget comparison relies on
+assert demo.energy_evaluations == S.demo_outer * S.demo_inner * S.demo_batch * S.demo_n_mc
+assert len(demo.buffer) == min(demo_config.buffer_capacity, S.demo_refill * (S.demo_outer + 1))
+assert all(math.isfinite(h["loss"]) for h in demo.history)
+
+# %% [markdown]
+# ### 2. The shipped checkpoints
+#
+# Each `boltzlab/data/checkpoints/TARGET/` holds the model (`checkpoint.pt`), its `config.json`,
+# `metrics.json` (the evaluations during training, the energy-evaluation count and the
+# training time), `samples.pt` (the samples of the final evaluation) and `mcmc_baseline.json`
+# (MALA given the same number of energy evaluations). Under `full` every target is retrained
+# here with its shipped config instead.
+
+# %%
+def shipped_record(name: str) -> dict | None:
+    """The shipped checkpoint of ``name`` as a dict, or None while it is not shipped."""
+    try:
+        path = shipped_checkpoint(name)
+    except CheckpointError as err:
+        print(f"{name}: {err}")
+        return None
+    summary = json.loads((path / "metrics.json").read_text())
+    sampler = load_sampler(path)
+    samples = torch.load(path / "samples.pt") if (path / "samples.pt").is_file() else None
+    mcmc = json.loads((path / "mcmc_baseline.json").read_text()) if (path / "mcmc_baseline.json").is_file() else None
+    return {"source": f"shipped ({path.name}/)", "sampler": sampler, "config": sampler.config,
+            "evaluations": summary["evaluations"], "final": summary["final"],
+            "outer": summary["outer_iterations"], "energy_evaluations": summary["energy_evaluations"],
+            "wall_time": summary["training_wall_time_s"], "samples": samples, "mcmc": mcmc}
+
+
+def retrained_record(name: str) -> dict:
+    """Train ``name`` with its shipped config here, sample its final evaluation again, and run MCMC."""
+    config = config_for(name)
+    state = train_idem(config, out_dir=None, progress=True)
+    energy = get_target(name)
+    # the final evaluation drew its samples from this generator: same weights, same samples
+    eval_gen = torch.Generator().manual_seed(config.seed + 10_007 * state.outer)
+    samples = sample_model(state.ema, config, energy, config.n_eval, eval_gen).float()
+    sampler = TrainedSampler(state.ema.eval(), config, energy, state.energy_evaluations, state.wall_time,
+                             state.evaluations)
+    return {"source": "retrained here", "sampler": sampler, "config": config, "evaluations": state.evaluations,
+            "final": state.evaluations[-1], "outer": state.outer, "energy_evaluations": state.energy_evaluations,
+            "wall_time": state.wall_time, "samples": samples,
+            "mcmc": equal_budget_mcmc(config, state.energy_evaluations)}
+
+
+records = {name: retrained_record(name) if S.retrain else shipped_record(name) for name in TARGET_NAMES}
+for name, rec in records.items():
+    if rec is None:
+        continue
+    extras = [f for f, key in (("samples.pt", "samples"), ("mcmc_baseline.json", "mcmc")) if rec[key] is None]
+    print(f"{name:6s} {rec['source']}: {rec['outer']}/{rec['config'].n_outer} outer iterations, "
+          f"{rec['energy_evaluations']:.3g} energy evaluations, {rec['wall_time'] / 60:.1f} min of training"
+          + (f"; not yet shipped: {', '.join(extras)}" if extras else ""))
+
+# %% [markdown]
+# A live check that every checkpoint loads and samples: a few fresh samples from each model (a
+# quarter as many for LJ-55, whose EGNN is slow on a CPU), with at most `fresh_sde_steps` reverse-SDE
+# steps for the EGNN models. These are too few for the metrics to mean much; the evaluation below uses the
+# shipped samples of the final evaluation.
+
+# %%
+fresh = {}
+for name, rec in records.items():
+    if rec is None:
+        continue
+    config, energy = rec["config"], get_target(name)
+    n = max(4, S.fresh_samples // 4) if name == "lj55" else S.fresh_samples
+    # the MLP is cheap: it gets its full number of steps (fewer make GMM-40's reverse SDE diverge)
+    steps = config.sde_steps if config.network == "mlp" else min(S.fresh_sde_steps, config.sde_steps)
+    x = rec["sampler"].sample(n, torch.Generator().manual_seed(SEED + 1), sde_steps=steps)
+    fresh[name] = x
+    e = energy.energy(x)
+    line = f"{name:6s} {n} fresh samples in {steps} SDE steps: finite {bool(torch.isfinite(x).all())}"
+    if isinstance(energy, PairPotential):
+        line += f", max |centre of mass| {float(x.reshape(n, energy.n_particles, -1).mean(1).abs().max()):.1e}"
+    print(line + f", median energy {float(e.median()):.3g}")
+    assert x.shape == (n, energy.dim) and bool(torch.isfinite(x).all())
+    if isinstance(energy, PairPotential):  # the sampler stays in the centre-of-mass-free subspace
+        assert float(x.reshape(n, energy.n_particles, -1).mean(1).abs().max()) < 1e-4
+
+# %% [markdown]
+# ### 3. Evaluation against the reference sets
+#
+# The metrics are recomputed here from `samples.pt` against the same reference sample that training
+# evaluated on (exact samples for GMM-40, the shipped MCMC reference sets for the particle
+# systems), and must agree with what `metrics.json` reports. The x-W2 floor is the x-W2 between
+# two independent reference sets of the same size.
+
+# %%
+def xw2_floor(name: str, n: int) -> float:
+    """x-W2 between two independent sets of n reference samples (disjoint subsets of the shipped set)."""
+    g = torch.Generator().manual_seed(SEED + 5)
+    if name == "gmm40":
+        return metrics.x_w2(gmm.sample(n, g), gmm.sample(n, g), max_samples=1000, generator=g)
+    pool = load_reference(name)
+    idx = torch.randperm(pool.shape[0], generator=g)
+    return metrics.x_w2(pool[idx[:n]], pool[idx[n: 2 * n]], max_samples=1000, generator=g)
+
+
+evaluated = {}
+for name, rec in records.items():
+    if rec is None:
+        continue
+    config, energy = rec["config"], get_target(name)
+    reference = evaluation_reference(name, config.n_eval, torch.Generator().manual_seed(config.seed + 7))
+    x = rec["samples"] if rec["samples"] is not None else fresh[name]
+    ours = evaluate_samples(energy, x, reference, torch.Generator().manual_seed(SEED))
+    evaluated[name] = {"samples": x, "reference": reference, "metrics": ours,
+                       "xw2_floor": xw2_floor(name, config.n_eval),
+                       "from": "samples.pt" if rec["samples"] is not None else "fresh samples (samples.pt not shipped yet)"}
+    if rec["samples"] is not None:
+        for key in ("energy_w2", "x_w2", "distance_w2", "distance_tvd", "modes_covered"):
+            if key in ours:
+                assert math.isclose(ours[key], rec["final"][key], rel_tol=1e-4, abs_tol=1e-6), (name, key)
+    print(f"{name:6s} evaluated on {x.shape[0]} {evaluated[name]['from']}")
+
+# %% [markdown]
+# The samples of the final evaluation against the reference: GMM-40 over its density; energy and
+# interatomic-distance histograms for the particle systems (legends give W2 and TVD against the
+# same reference).
+
+# %%
+particle_names = [name for name in ("dw4", "lj13", "lj55") if name in evaluated]
+fig, axes = plt.subplots(1 + len(particle_names), 2, figsize=(13, 4.2 * (1 + len(particle_names))), squeeze=False)
+if "gmm40" in evaluated:
+    density_2d(gmm, xlim, ylim, ax=axes[0, 0], grid=150)
+    samples_2d(evaluated["gmm40"]["samples"], ax=axes[0, 0])
+    axes[0, 0].set(xlim=xlim, ylim=ylim,
+                   title=f"GMM-40: iDEM samples, {evaluated['gmm40']['metrics']['modes_covered']:.0f}/40 modes, "
+                         f"{100 * outside_window(evaluated['gmm40']['samples']):.0f}% outside")
+    density_2d(gmm, xlim, ylim, ax=axes[0, 1], grid=150)
+    samples_2d(evaluated["gmm40"]["reference"], ax=axes[0, 1])
+    axes[0, 1].set_title("GMM-40: exact samples")
+for row, name in enumerate(particle_names, start=1):
+    energy, ev = get_target(name), evaluated[name]
+    energy_histogram({"iDEM": energy.energy(ev["samples"])}, reference=energy.energy(ev["reference"]),
+                     ax=axes[row, 0], bins=40)
+    axes[row, 0].set_title(f"{name}: energies")
+    distance_histogram_plot({"iDEM": ev["samples"]}, energy.n_particles, energy.spatial_dim,
+                            reference=ev["reference"], ax=axes[row, 1], bins=40)
+    axes[row, 1].set_title(f"{name}: interatomic distances")
+plt.tight_layout()
+
+# %% [markdown]
+# ### 4. iDEM against MCMC at the same energy budget, and against published numbers
+#
+# A **corrector** is reported on a separate line, never in place of the plain result: a few MALA
+# steps started from the iDEM samples (their energy evaluations are counted and printed). The
+# published numbers are the ones quoted in this course's brief; they were measured on other
+# reference and sample sets, so compare orders of magnitude, not digits.
+
+# %%
+PUBLISHED = {"gmm40": {"x_w2": "~7.4"}, "lj13": {"energy_w2": "~5-30"}}  # iDEM; LJ-13: re-runs of iDEM
+MALA_STEP = {"gmm40": 0.5, "dw4": 0.05, "lj13": 1e-3, "lj55": 1e-3}  # initial step sizes; adapted per chain
+
+
+def corrected(name: str, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """S.corrector_steps MALA steps from the iDEM samples (adapting the step size on the way);
+    returns the final states and the energy evaluations spent."""
+    result = run_mcmc(get_target(name), x.double(), S.corrector_steps, kernel="mala", step_size=MALA_STEP[name],
+                      burn_in=S.corrector_steps - 1, thin=1, generator=torch.Generator().manual_seed(SEED),
+                      progress=False, keep_energy_trace=False)
+    return result.samples[-1].float(), result.n_energy_evaluations
+
+
+for name, ev in evaluated.items():
+    x_c, n_c = corrected(name, ev["samples"])
+    ev["corrected"] = evaluate_samples(get_target(name), x_c, ev["reference"], torch.Generator().manual_seed(SEED))
+    ev["corrector_evaluations"] = n_c
+
+COLUMNS = [("energy_w2", "energy W2"), ("distance_w2", "dist. W2"), ("distance_tvd", "dist. TVD"),
+           ("x_w2", "x-W2"), ("modes_covered", "modes")]
+
+
+def cell(value) -> str:
+    if value is None:
+        return "n.r."
+    return value if isinstance(value, str) else f"{value:.3g}"
+
+
+header = f"{'target':6s} {'method':40s} " + " ".join(f"{label:>10s}" for _, label in COLUMNS)
+print(header + f" {'x-W2 floor':>10s} {'energy evals':>13s} {'time':>9s}")
+for name, ev in evaluated.items():
+    rec, config = records[name], records[name]["config"]
+    rows = [(f"iDEM (ours, {ev['samples'].shape[0]} samples)", ev["metrics"], rec["energy_evaluations"],
+             f"{rec['wall_time'] / 60:.1f} min")]
+    if rec["mcmc"] is not None:
+        m = rec["mcmc"]
+        rows.append((f"MCMC, same budget ({m['n_chains']:.0f} x {m['steps']:.0f} MALA)", m, m["energy_evaluations"],
+                     f"{m['wall_time_s'] / 60:.1f} min"))
+    else:
+        rows.append(("MCMC, same budget: not shipped yet", {key: "pending" for key, _ in COLUMNS}, None, ""))
+    rows.append((f"iDEM + {S.corrector_steps} MALA steps (corrector)", ev["corrected"],
+                 rec["energy_evaluations"] + ev["corrector_evaluations"], ""))
+    rows.append(("published iDEM (other evaluation sets)", PUBLISHED.get(name, {}), None, ""))
+    for label, values, evals, time_text in rows:
+        applicable = [key for key, _ in COLUMNS if key in ev["metrics"]]
+        cells = " ".join(f"{cell(values.get(key)) if key in applicable else '-':>10s}" for key, _ in COLUMNS)
+        floor = f"{ev['xw2_floor']:.3g}" if label.startswith("iDEM (ours") else ""
+        print(f"{name:6s} {label:40s} {cells} {floor:>10s} {cell(evals) if evals else '':>13s} {time_text:>9s}")
+print("W2 is reported as W2, not W2^2. n.r.: not reported. '-': does not apply to this target. Published: GMM-40 "
+      f"x-W2 {PUBLISHED['gmm40']['x_w2']} (iDEM), LJ-13 energy W2 {PUBLISHED['lj13']['energy_w2']} (re-runs of iDEM).")
+
+# %% [markdown]
+# How the metrics developed during training, against the energy evaluations spent so far; the star
+# is MCMC given the final budget, the dotted line the target (next section).
+
+# %%
+TARGETS = {"gmm40": [("modes_covered", ">=", 40.0), ("x_w2", "<", 6.0)],
+           "dw4": [("energy_w2", "<", 0.3)],
+           "lj13": [("energy_w2", "<", 2.0), ("distance_tvd", "<", 0.05)],
+           "lj55": []}
+CURVES = {"gmm40": ["modes_covered", "x_w2"], "dw4": ["energy_w2", "distance_tvd"],
+          "lj13": ["energy_w2", "distance_tvd"], "lj55": ["energy_w2", "distance_tvd"]}
+shown = [name for name in TARGET_NAMES if records[name] is not None and records[name]["evaluations"]]
+if shown:
+    fig, axes = plt.subplots(len(shown), 2, figsize=(11, 3.4 * len(shown)), squeeze=False)
+    for row, name in zip(axes, shown):
+        evaluation_curves(records[name]["evaluations"], CURVES[name], baseline=records[name]["mcmc"],
+                          targets={k: v for k, _, v in TARGETS[name]}, axes=list(row))
+        for ax, key in zip(row, CURVES[name]):
+            ax.set_title(name)
+            if key == "energy_w2":
+                ax.set_yscale("log")
+    plt.tight_layout()
+
+# %% [markdown]
+# ### 5. Targets
+#
+# The targets for the shipped checkpoints, against our reference sets. Each line below is computed
+# from the recomputed metrics; the assert after it checks every "met" it prints.
+
+# %%
+verdicts = []
+for name, goals in TARGETS.items():
+    if name not in evaluated:
+        print(f"{name}: no checkpoint shipped yet")
+        continue
+    ours = evaluated[name]["metrics"]
+    mcmc = records[name]["mcmc"] or {key: "pending" for key, _ in COLUMNS}
+    if not goals:
+        print(f"{name}: no target; energy W2 {ours['energy_w2']:.3g} (MCMC at the same budget: "
+              f"{cell(mcmc.get('energy_w2'))}), distance TVD {ours['distance_tvd']:.3g} "
+              f"(MCMC: {cell(mcmc.get('distance_tvd'))})")
+    for key, op, threshold in goals:
+        value = ours[key]
+        met = value >= threshold if op == ">=" else value < threshold
+        verdicts.append((name, key, op, threshold, value, met))
+        if met:
+            text = "met"
+        elif op == ">=":
+            text = f"MISSED, short by {threshold - value:.3g}"
+        else:
+            text = f"MISSED by {value - threshold:.3g} ({value / threshold:.2g} times the threshold)"
+        print(f"{name}: {key} = {value:.3g}, target {op} {threshold:g}: {text}; MCMC at the same budget "
+              f"{cell(mcmc.get(key))}; iDEM + corrector {evaluated[name]['corrected'][key]:.3g}")
+
+# %%
+for name, key, op, threshold, value, met in verdicts:
+    recomputed = evaluated[name]["metrics"][key]
+    assert value == recomputed
+    if met:
+        assert (recomputed >= threshold) if op == ">=" else (recomputed < threshold), (name, key)
+print(f"{sum(v[-1] for v in verdicts)} of {len(verdicts)} targets met")
+
+# %% [markdown]
+# #### Where a target is missed
+#
+# <!-- lead: complete this paragraph once the shipped checkpoints are final -->
+# *To be completed once the shipped checkpoints are final.* The cell below derives every number
+# from the shipped metrics: which targets are missed, by how much, what MCMC reaches with the same
+# energy budget, and what the MALA corrector (a separate line, more evaluations) changes. The usual
+# reasons are listed in the Discussion: too few outer iterations for a 2-core CPU budget, too few
+# Monte Carlo copies $K$ at small $t$, clipping bias near overlapping particles, and a buffer that
+# lost modes.
+
+# %%
+missed = [v for v in verdicts if not v[-1]]
+for name, key, op, threshold, value, _ in missed:
+    rec = records[name]
+    print(f"{name}: {key} {value:.3g} against {op} {threshold:g} after {rec['outer']}/{rec['config'].n_outer} "
+          f"outer iterations and {rec['energy_evaluations']:.3g} energy evaluations "
+          f"({rec['wall_time'] / 60:.0f} min of training); MCMC with the same evaluations: "
+          f"{cell((rec['mcmc'] or {key: 'pending'}).get(key))}; after {S.corrector_steps} MALA steps "
+          f"(+{evaluated[name]['corrector_evaluations']:.3g} evaluations): {evaluated[name]['corrected'][key]:.3g}.")
+if not missed:
+    print("every target with a shipped checkpoint is met")
+
+# %% [markdown]
+# ### 6. Widget: watch the reverse SDE denoise
+#
+# Slide $t$ from 1 (the prior $\mathcal N(0, \sigma_1^2 I)$) to 0 and follow GMM-40 samples of the
+# shipped model (the demonstration model while none is shipped) along one reverse-SDE run. The
+# background is the exact $p_t$, GMM-40 widened to $\sqrt{s^2 + \sigma_t^2}$; the title counts the
+# modes of $p_t$ the samples cover. Most of the structure appears late: with the geometric
+# schedule $\sigma_t$ falls by a factor $r$ over $t \in [0, 1]$, evenly in $\log\sigma$. The cell after the
+# widget runs the same reverse SDE with the *exact* noised score of GMM-40: whatever it covers and
+# the network does not is a failure of the learned score, not of the sampler.
+
+# %%
+widget_model = records["gmm40"]["sampler"].model if records["gmm40"] is not None else demo.ema.eval()
+widget_config = records["gmm40"]["config"] if records["gmm40"] is not None else demo_config
+g_widget = torch.Generator().manual_seed(SEED)
+x1 = sample_prior(widget_config.schedule, S.widget_samples, 2, generator=g_widget)
+_, trajectory = reverse_sde_sample(widget_model, widget_config.schedule, x1, S.widget_sde_steps,
+                                   generator=g_widget, return_trajectory=True)
+times = torch.linspace(1.0, 0.0, S.widget_sde_steps + 1)
+widget = reverse_sde_widget(trajectory, times, widget_config.schedule, grid=100)
+display(widget)
+
+# %%
+# the first frame is the prior: its spread is sigma_1 in each coordinate
+prior_spread = float(trajectory[0].std(0).mean())
+covered_end, _ = metrics.mode_coverage(trajectory[-1], gmm.means, gmm.std)
+# the same reverse SDE (same random numbers) with the exact noised score of GMM-40 instead of the network
+schedule_w = widget_config.schedule
+exact_end = reverse_sde_sample(lambda x, t: gmm_noised_score(gmm, x, schedule_w.std(t)), schedule_w, x1,
+                               S.widget_sde_steps, generator=torch.Generator().manual_seed(SEED + 1))
+covered_exact, _ = metrics.mode_coverage(exact_end, gmm.means, gmm.std)
+print(f"spread of the t = 1 frame {prior_spread:.3g}, sigma_1 = {schedule_w.prior_std:.3g}; modes covered at t = 0 "
+      f"({S.widget_samples} samples): the network {covered_end}/40, the exact score {covered_exact}/40")
+assert abs(prior_spread / widget_config.schedule.prior_std - 1) < 0.15
+
+# %% [markdown]
+# ## Discussion
+#
+# What goes wrong, and how you would notice:
+#
+# - **Clipping bias.** Near overlapping particles the Monte Carlo target is dominated by one copy
+#   with an enormous force; clipping it (per particle, `max_norm`) keeps the regression stable but
+#   biases the target exactly where the energy is steep. The symptom is a shifted short-distance
+#   edge of the interatomic-distance histogram and a tail of high energies.
+# - **K too small at small t.** At small $\sigma_t$ the copies are close and the estimate is good; at
+#   large $\sigma_t$ the weights degenerate (chapter 04) and the targets are noisy. The loss then stays
+#   high at large $t$ however long you train; more copies, or fewer but better-placed ones, help.
+# - **Buffer collapse.** The buffer holds the model's own samples, so a mode the model misses early
+#   is never trained on and can stay missed: watch the buffer plot and the mode count during
+#   training, not only at the end. A larger prior width $\sigma_1$ and more samples per refill help.
+# - **x-W2 saturation.** In 39 or 165 dimensions the x-W2 of a perfect sampler is already large;
+#   report it next to its floor, and rely on energy and distance metrics for particle systems.
+# - **MCMC at an equal budget.** Training iDEM costs the energy evaluations totalled in the config
+#   table above; MALA given the same number can do as well or better (the table in section 4 says
+#   whether it does here). The case for a
+#   neural sampler is amortisation (new samples cost no energy evaluations) and, with a likelihood,
+#   reweighting (chapter 06), not a free lunch.
+# - **Correctors** (a few MALA steps, importance resampling) can close part of a gap, but they
+#   change what is being evaluated and cost evaluations: always report them as a separate line.
+#
+# ## Summary
+#
+# - iDEM regresses a score network onto the Monte Carlo estimate of $\nabla \log p_t$ at noised
+#   points from a replay buffer that its own reverse SDE fills; no data is ever used.
+# - For identical particles the score is E(3) × S_n-equivariant and centre-of-mass free; the EGNN
+#   has that built in (measured: float32 rounding error), an MLP does not.
+# - Evaluate with energy W2 (as W2), distance W2 and TVD, x-W2 next to its floor, mode coverage,
+#   and always against MCMC given the same number of energy evaluations.
+# - The shipped checkpoints, their metrics and which targets they meet are printed above, from
+#   the files, not from the text.
+#
+# ## Exercises
+#
+# Open `exercises/05_idem.ipynb`: write one EGNN layer from its equations (checked against
+# `boltzlab.models.EGNNLayer` with the same weights, and by rotating, translating and permuting
+# its input), and the outer loop's buffer refill, an Euler-Maruyama reverse SDE that adds
+# centre-of-mass-free samples to the replay buffer (checked against `boltzlab.diffusion` with
+# the same random numbers).
