@@ -179,6 +179,34 @@ class Chapter06Sizes:
     ode_steps: int  # Heun steps of the probability-flow ODE (sampling and likelihood)
     n_probes: int  # Hutchinson probes per divergence evaluation
     n_exact_check: int  # samples on which Hutchinson is compared with the exact divergence
+    n_lj13: int  # probability-flow samples of chapter 05's shipped LJ-13 iDEM sampler
+    lj13_ode_steps: int  # Heun steps for those samples and their likelihoods
+
+
+@dataclass(frozen=True)
+class Chapter07Sizes:
+    """Chapter 07: reward-guided fine-tuning by iterative distillation."""
+
+    n_data: int  # exact samples at kT0 the model is pretrained on
+    hidden: int  # width of the score network's hidden layers
+    pretrain_steps: int  # denoising-score-matching steps of pretraining
+    pretrain_batch: int  # minibatch size of pretraining
+    sde_steps: int  # reverse-SDE steps of every sampler (roll-in, pools, evaluation samples)
+    n_rounds: int  # rounds (teacher refreshes) of iterative distillation
+    collections_per_round: int  # roll-in/roll-out collections per round
+    n_states: int  # roll-in states per collection
+    n_rollouts: int  # teacher completions per roll-in state (M)
+    rollout_steps: int  # steps of each roll-out
+    steps_per_collection: int  # Adam steps on the (state, target) pairs of one collection
+    rwr_pool: int  # pretrained samples reweighted by reward-weighted regression
+    rwr_steps: int  # denoising-score-matching steps of each reward-weighted regression
+    rwr_alphas: tuple[float, ...]  # alphas of the reward-weighted regressions
+    bon_ns: tuple[int, ...]  # N of the sampled best-of-N runs
+    n_eval: int  # reverse-SDE samples per model for energy W2 and well probabilities
+    n_ess: int  # probability-flow samples per model for the Kish ESS (at least 1000)
+    grid: int  # cells per axis of the quadrature grid (densities, KL)
+    ode_steps: int  # Heun steps of the probability-flow ODE (sampling and likelihood)
+    gauss_samples: int  # best-of-N draws per dimension in the Gaussian demo
 
 
 @dataclass(frozen=True)
@@ -257,17 +285,35 @@ _REGISTRY: dict[str, dict[str, Any]] = {
         "smoke": Chapter06Sizes(n_train=2_000, batch_size=128, hidden=32, gmm_steps=150, dw_steps=150,
                                 block_first_steps=100, block_stage_steps=40, pool_size=2_000, n_eval=4_000, n_boot=200,
                                 n_repeats=10, repeat_size=500, small_draws=500, widget_draws=200, score_steps=40,
-                                score_hidden=16, n_diffusion=128, ode_steps=10, n_probes=1, n_exact_check=8),
+                                score_hidden=16, n_diffusion=128, ode_steps=10, n_probes=1, n_exact_check=8,
+                                n_lj13=32, lj13_ode_steps=8),
         "laptop": Chapter06Sizes(n_train=20_000, batch_size=256, hidden=64, gmm_steps=2_000, dw_steps=1_500,
                                  block_first_steps=600, block_stage_steps=200, pool_size=20_000, n_eval=50_000,
                                  n_boot=1_000, n_repeats=40, repeat_size=2_000, small_draws=2_000, widget_draws=500,
                                  score_steps=1_000, score_hidden=32, n_diffusion=2_000, ode_steps=50, n_probes=2,
-                                 n_exact_check=64),
+                                 n_exact_check=64, n_lj13=1_000, lj13_ode_steps=40),
         "full": Chapter06Sizes(n_train=100_000, batch_size=512, hidden=128, gmm_steps=10_000, dw_steps=5_000,
                                block_first_steps=2_000, block_stage_steps=500, pool_size=50_000, n_eval=500_000,
                                n_boot=2_000, n_repeats=100, repeat_size=10_000, small_draws=10_000, widget_draws=2_000,
                                score_steps=10_000, score_hidden=64, n_diffusion=10_000, ode_steps=100, n_probes=4,
-                               n_exact_check=256),
+                               n_exact_check=256, n_lj13=5_000, lj13_ode_steps=100),
+    },
+    "07": {
+        "smoke": Chapter07Sizes(n_data=20_000, hidden=64, pretrain_steps=2_000, pretrain_batch=512, sde_steps=50,
+                                n_rounds=2, collections_per_round=1, n_states=2_048, n_rollouts=4, rollout_steps=10,
+                                steps_per_collection=200, rwr_pool=4_000, rwr_steps=500, rwr_alphas=(2.0, 1.0),
+                                bon_ns=(1, 2, 4, 8), n_eval=2_000, n_ess=1_000, grid=50, ode_steps=30,
+                                gauss_samples=4_000),
+        "laptop": Chapter07Sizes(n_data=100_000, hidden=128, pretrain_steps=6_000, pretrain_batch=1_024,
+                                 sde_steps=100, n_rounds=4, collections_per_round=2, n_states=4_096, n_rollouts=8,
+                                 rollout_steps=20, steps_per_collection=300, rwr_pool=20_000, rwr_steps=2_000,
+                                 rwr_alphas=(4.0, 2.0, 4.0 / 3.0, 1.0), bon_ns=(1, 2, 4, 8, 16), n_eval=5_000,
+                                 n_ess=2_000, grid=80, ode_steps=60, gauss_samples=20_000),
+        "full": Chapter07Sizes(n_data=400_000, hidden=256, pretrain_steps=30_000, pretrain_batch=2_048,
+                               sde_steps=200, n_rounds=8, collections_per_round=4, n_states=16_384, n_rollouts=16,
+                               rollout_steps=40, steps_per_collection=500, rwr_pool=100_000, rwr_steps=10_000,
+                               rwr_alphas=(8.0, 4.0, 2.0, 4.0 / 3.0, 1.0), bon_ns=(1, 2, 3, 4, 8, 16, 32),
+                               n_eval=20_000, n_ess=10_000, grid=150, ode_steps=100, gauss_samples=100_000),
     },
     "A": {
         "smoke": AppendixSizes(16, 64, 4, 16, 1, False),

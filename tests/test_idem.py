@@ -174,3 +174,12 @@ def test_data_parallel_training_with_gloo_on_two_processes(tmp_path: Path) -> No
     alone = train_idem(config, None, progress=False)
     ddp = torch.load(tmp_path / "ddp" / "checkpoint.pt", weights_only=False)
     assert not torch.equal(_params(alone.model), torch.cat([v.reshape(-1) for v in ddp["model"].values()]))
+
+
+def test_equal_budget_mcmc_spends_the_budget_it_is_given() -> None:
+    config = config_for("dw4", n_eval=50)
+    result = idem.equal_budget_mcmc(config, 20_000, progress=False, max_steps=100)
+    # 200 chains x 100 steps (plus the initial evaluation of every chain)
+    assert result["n_chains"] == 200 and result["steps"] == 100
+    assert 20_000 <= result["energy_evaluations"] <= 20_000 + 200
+    assert math.isfinite(result["energy_w2"]) and 0.0 <= result["distance_tvd"] <= 1.0

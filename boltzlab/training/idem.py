@@ -559,7 +559,7 @@ def train_idem(config: IDEMConfig, out_dir: str | Path | None = None, *, resume:
 
 
 def equal_budget_mcmc(config: IDEMConfig, n_energy_evaluations: int, n_chains: int | None = None,
-                      kernel: str = "mala", progress: bool = True) -> dict[str, float]:
+                      kernel: str = "mala", progress: bool = True, max_steps: int = 20_000) -> dict[str, float]:
     """Run ``n_chains`` MCMC chains (one energy-and-force evaluation per chain and step) for
     ``n_energy_evaluations // n_chains`` steps and evaluate their final states like a sampler.
 
@@ -567,14 +567,17 @@ def equal_budget_mcmc(config: IDEMConfig, n_energy_evaluations: int, n_chains: i
     (centre-of-mass free), so both methods get the same information: the energy, its
     forces, and the same number of evaluations. The first half of the steps adapts the step
     size; the final state of every chain is one sample (``n_chains`` defaults to
-    ``config.n_eval``, the number of samples iDEM is evaluated on). Returns the metrics of
+    ``config.n_eval``, the number of samples iDEM is evaluated on, or more when that would
+    need more than ``max_steps`` steps per chain). Returns the metrics of
     :func:`evaluate_samples` plus ``"steps"``, ``"n_chains"``, ``"energy_evaluations"``,
     ``"acceptance"`` and ``"wall_time_s"``.
     """
     from boltzlab.mcmc import run_mcmc
 
     energy = get_target(config.target)
-    n_chains = n_chains or config.n_eval
+    # more chains rather than more steps once chains are long enough to equilibrate locally:
+    # the same evaluations, better vectorised (and every extra chain is another sample)
+    n_chains = n_chains or max(config.n_eval, -(-n_energy_evaluations // max_steps))
     n_steps = n_energy_evaluations // n_chains
     if n_steps < 2:
         raise TrainingConfigError(f"a budget of {n_energy_evaluations} evaluations gives {n_chains} chains "
