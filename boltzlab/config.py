@@ -206,7 +206,7 @@ class Chapter07Sizes:
     n_ess: int  # probability-flow samples per model for the Kish ESS (at least 1000)
     grid: int  # cells per axis of the quadrature grid (densities, KL)
     ode_steps: int  # Heun steps of the probability-flow ODE (sampling and likelihood)
-    gauss_samples: int  # best-of-N draws per dimension in the Gaussian demo
+    gauss_samples: int  # Gaussian samples for the Monte Carlo check of the closed-form ESS
 
 
 @dataclass(frozen=True)
@@ -303,17 +303,17 @@ _REGISTRY: dict[str, dict[str, Any]] = {
                                 n_rounds=2, collections_per_round=1, n_states=2_048, n_rollouts=4, rollout_steps=10,
                                 steps_per_collection=200, rwr_pool=4_000, rwr_steps=500, rwr_alphas=(2.0, 1.0),
                                 bon_ns=(1, 2, 4, 8), n_eval=2_000, n_ess=1_000, grid=50, ode_steps=30,
-                                gauss_samples=4_000),
+                                gauss_samples=20_000),
         "laptop": Chapter07Sizes(n_data=100_000, hidden=128, pretrain_steps=6_000, pretrain_batch=1_024,
                                  sde_steps=100, n_rounds=4, collections_per_round=2, n_states=4_096, n_rollouts=8,
                                  rollout_steps=20, steps_per_collection=300, rwr_pool=20_000, rwr_steps=2_000,
                                  rwr_alphas=(4.0, 2.0, 4.0 / 3.0, 1.0), bon_ns=(1, 2, 4, 8, 16), n_eval=5_000,
                                  n_ess=2_000, grid=80, ode_steps=60, gauss_samples=20_000),
-        "full": Chapter07Sizes(n_data=400_000, hidden=256, pretrain_steps=30_000, pretrain_batch=2_048,
-                               sde_steps=200, n_rounds=8, collections_per_round=4, n_states=16_384, n_rollouts=16,
-                               rollout_steps=40, steps_per_collection=500, rwr_pool=100_000, rwr_steps=10_000,
-                               rwr_alphas=(8.0, 4.0, 2.0, 4.0 / 3.0, 1.0), bon_ns=(1, 2, 3, 4, 8, 16, 32),
-                               n_eval=20_000, n_ess=10_000, grid=150, ode_steps=100, gauss_samples=100_000),
+        "full": Chapter07Sizes(n_data=200_000, hidden=128, pretrain_steps=15_000, pretrain_batch=1_024,
+                               sde_steps=200, n_rounds=6, collections_per_round=2, n_states=8_192, n_rollouts=8,
+                               rollout_steps=30, steps_per_collection=400, rwr_pool=50_000, rwr_steps=5_000,
+                               rwr_alphas=(6.0, 3.0, 2.0, 1.5, 1.2, 1.0), bon_ns=(1, 2, 3, 4, 8, 16),
+                               n_eval=20_000, n_ess=5_000, grid=120, ode_steps=100, gauss_samples=100_000),
     },
     "A": {
         "smoke": AppendixSizes(16, 64, 4, 16, 1, False),

@@ -399,3 +399,42 @@ def evaluation_curves(
 
 
 __all__ += ["evaluation_curves"]
+
+
+def reward_kl_tradeoff(
+    methods: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    frontier: tuple[Sequence[float], Sequence[float]] | None = None,
+    optimum: tuple[float, float] | None = None,
+    ax: Axes | None = None,
+    xlabel: str = "KL(q || pretrained)  (lower: more natural)",
+    ylabel: str = "mean reward E_q[r]",
+) -> Axes:
+    """Reward against closeness to the pretrained model: one marked line per method.
+
+    ``methods[name] = (kl_values, reward_values)``, one point per setting of that method
+    (rounds, alphas, N), drawn in the given order. ``frontier`` = (kl, reward) of the
+    tilted family q0 e^{lambda r} / Z (the best reward reachable at each KL) as a dashed
+    line; ``optimum`` = (kl, reward) of the target of the fine-tuning as a star.
+    """
+    if not methods:
+        raise ValueError("reward_kl_tradeoff: no methods to plot")
+    ax = _axes(ax, figsize=(6.5, 4.5))
+    if frontier is not None:
+        fx, fy = _as_numpy_1d(frontier[0], "frontier kl"), _as_numpy_1d(frontier[1], "frontier reward")
+        if fx.size != fy.size:
+            raise ValueError(f"frontier has {fx.size} KL values and {fy.size} rewards")
+        ax.plot(fx, fy, "--", color="0.4", label="tilted pretrained (optimal trade-off)")
+    for name, (kl, reward) in methods.items():
+        x, y = _as_numpy_1d(kl, f"{name} kl"), _as_numpy_1d(reward, f"{name} reward")
+        if x.size != y.size or x.size == 0:
+            raise ValueError(f"reward_kl_tradeoff: {name!r} has {x.size} KL values and {y.size} rewards")
+        ax.plot(x, y, "o-", label=name)
+    if optimum is not None:
+        ax.plot([optimum[0]], [optimum[1]], "*", color="k", markersize=16, label="exact optimum (alpha = 1)")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize="small")
+    return ax
+
+
+__all__ += ["reward_kl_tradeoff"]

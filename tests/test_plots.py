@@ -233,3 +233,29 @@ def test_evaluation_curves_on_given_axes_and_bad_input():
         P.evaluation_curves(records, ["loss"], x_key="outer", axes=[a, b])
     with pytest.raises(ValueError, match="baseline has no 'outer'"):
         P.evaluation_curves(records, ["loss"], x_key="outer", baseline={"loss": 1.0})
+
+
+# ----------------------------------------------------------------------------- reward vs KL
+
+
+def test_reward_kl_tradeoff_draws_methods_frontier_and_optimum(tmp_path):
+    frontier = ([0.0, 0.2, 0.7], [4.0, 5.5, 6.4])
+    ax = P.reward_kl_tradeoff({"distillation": ([0.1, 0.3, 0.68], [5.2, 5.9, 6.38]), "best-of-N": ([0.0, 0.19], [4.0, 5.6])},
+                              frontier=frontier, optimum=(0.69, 6.41))
+    dashed, distill, bon, star = ax.lines
+    np.testing.assert_allclose(dashed.get_xdata(), frontier[0])
+    np.testing.assert_allclose(distill.get_ydata(), [5.2, 5.9, 6.38])
+    np.testing.assert_allclose(bon.get_xdata(), [0.0, 0.19])
+    assert list(star.get_xdata()) == [0.69] and list(star.get_ydata()) == [6.41]
+    texts = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert texts[1:3] == ["distillation", "best-of-N"] and "optimum" in texts[-1]
+    ax.figure.savefig(tmp_path / "tradeoff.png")
+
+
+def test_reward_kl_tradeoff_bad_input():
+    with pytest.raises(ValueError, match="no methods"):
+        P.reward_kl_tradeoff({})
+    with pytest.raises(ValueError, match="'rwr' has 2 KL values and 1 rewards"):
+        P.reward_kl_tradeoff({"rwr": ([0.1, 0.2], [1.0])})
+    with pytest.raises(ValueError, match="frontier has 2 KL values and 3 rewards"):
+        P.reward_kl_tradeoff({"rwr": ([0.1], [1.0])}, frontier=([0.0, 1.0], [1.0, 2.0, 3.0]))
