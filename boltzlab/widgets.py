@@ -28,6 +28,7 @@ from typing import Any, Callable, Mapping
 import ipywidgets
 import numpy as np
 import torch
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from torch import Tensor
 
@@ -180,15 +181,19 @@ def temperature_view(
     return TemperatureView(label or energy.name, float(kT), xs, ys, density, p_exact, p_grid)
 
 
+def _density_image(fig: Figure, xs: Tensor, ys: Tensor, density: Tensor, label: str) -> Axes:
+    """A density on a grid (cell centres ``xs``, ``ys``) as an image with a colour bar."""
+    ax = fig.add_subplot()
+    half_dx, half_dy = 0.5 * float(xs[1] - xs[0]), 0.5 * float(ys[1] - ys[0])
+    extent = (float(xs[0]) - half_dx, float(xs[-1]) + half_dx, float(ys[0]) - half_dy, float(ys[-1]) + half_dy)
+    image = ax.imshow(density.numpy(), origin="lower", extent=extent, aspect="auto", cmap="viridis")
+    fig.colorbar(image, ax=ax, label=label)
+    return ax
+
+
 def draw_temperature_view(fig: Figure, view: TemperatureView) -> None:
     """Draw a :class:`TemperatureView` as an image with a colour bar into ``fig``."""
-    ax = fig.add_subplot()
-    half_dx = 0.5 * float(view.xs[1] - view.xs[0])
-    half_dy = 0.5 * float(view.ys[1] - view.ys[0])
-    extent = (float(view.xs[0]) - half_dx, float(view.xs[-1]) + half_dx,
-              float(view.ys[0]) - half_dy, float(view.ys[-1]) + half_dy)
-    image = ax.imshow(view.density.numpy(), origin="lower", extent=extent, aspect="auto", cmap="viridis")
-    fig.colorbar(image, ax=ax, label="$p_T(x)$")
+    ax = _density_image(fig, view.xs, view.ys, view.density, "$p_T(x)$")
     ax.set_xlabel("$x_1$")
     ax.set_ylabel("$x_2$")
     ax.set_title(view.title, fontsize="medium")
@@ -416,17 +421,12 @@ def denoising_view(trajectory: Tensor, times: Tensor, schedule: Any, index: int,
 
 def draw_denoising_view(fig: Figure, view: DenoisingView, max_points: int = 2000) -> None:
     """The exact p_t as an image with the samples at t on top (white dots)."""
-    ax = fig.add_subplot()
-    half_dx = 0.5 * float(view.xs[1] - view.xs[0])
-    half_dy = 0.5 * float(view.ys[1] - view.ys[0])
-    extent = (float(view.xs[0]) - half_dx, float(view.xs[-1]) + half_dx,
-              float(view.ys[0]) - half_dy, float(view.ys[-1]) + half_dy)
-    image = ax.imshow(view.density.numpy(), origin="lower", extent=extent, aspect="auto", cmap="viridis")
-    fig.colorbar(image, ax=ax, label="exact $p_t(x)$")
+    ax = _density_image(fig, view.xs, view.ys, view.density, "exact $p_t(x)$")
     stride = max(1, math.ceil(view.samples.shape[0] / max_points))
     pts = view.samples[::stride].numpy()
+    limits = ax.get_xlim(), ax.get_ylim()  # the image's extent; samples outside it are not shown
     ax.scatter(pts[:, 0], pts[:, 1], s=3, color="white", alpha=0.6, linewidths=0)
-    ax.set(xlim=extent[:2], ylim=extent[2:], xlabel="$x_1$", ylabel="$x_2$")
+    ax.set(xlim=limits[0], ylim=limits[1], xlabel="$x_1$", ylabel="$x_2$")
     ax.set_title(view.title, fontsize="medium")
 
 
