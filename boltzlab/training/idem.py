@@ -146,13 +146,15 @@ class IDEMConfig:
 
 # Sizes for a 2-core CPU; sigma_max follows the scale of each target (about the spread of
 # its samples, so the prior N(0, sigma_1^2) covers every mode).
+# n_outer is the planned length of each run; the shipped checkpoints record how far they got
+# (``metrics.json``: outer_iterations) and continue with ``--resume``.
 CONFIGS: dict[str, IDEMConfig] = {
     "gmm40": IDEMConfig("gmm40", network="mlp", hidden=128, n_layers=3, data_scale=23.0, local_scale=1.3,
-                        sigma_max=70.0, n_mc=256, max_norm=70.0, batch_size=256, lr=1e-3, n_outer=40,
+                        sigma_max=70.0, n_mc=256, max_norm=70.0, batch_size=256, lr=1e-3, n_outer=80,
                         inner_steps=100, n_refill=1_000, sde_steps=200, buffer_capacity=5_000, eval_every=10,
                         n_eval=1_000),
     "dw4": IDEMConfig("dw4", network="egnn", hidden=64, n_layers=3, data_scale=1.9, local_scale=0.2, sigma_max=3.0,
-                      n_mc=256, max_norm=40.0, batch_size=128, lr=1e-3, n_outer=60, inner_steps=100, n_refill=500,
+                      n_mc=256, max_norm=40.0, batch_size=128, lr=1e-3, n_outer=100, inner_steps=100, n_refill=500,
                       sde_steps=200, buffer_capacity=5_000, eval_every=10, n_eval=1_000),
     "lj13": IDEMConfig("lj13", network="egnn", hidden=32, n_layers=3, data_scale=0.7, local_scale=0.07,
                        sigma_max=2.0, n_mc=128, max_norm=150.0, batch_size=64, lr=5e-4, n_outer=100, inner_steps=50,
