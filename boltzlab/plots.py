@@ -14,6 +14,10 @@ are computed by :mod:`boltzlab.metrics`, so a plot and a table never disagree.
 :func:`samples_2d`             a scatter of 2-D samples, to overlay on a density
 :func:`trace_plot`             MCMC traces, one line per chain
 :func:`training_curve`         a loss (or any metric) per iteration, optionally smoothed
+:func:`evaluation_curves`      sampler metrics against energy evaluations, with an MCMC
+                               baseline at the same budget and target lines (chapter 05)
+:func:`reward_kl_tradeoff`     reward against KL to the pretrained model, with the exact
+                               optimum (chapter 07)
 =============================  =============================================================
 """
 

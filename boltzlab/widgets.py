@@ -14,7 +14,11 @@ backend, and the output is an image, never printed text (notebook tests compare 
 Widgets here:
 
 - :func:`temperature_widget`: p_T(x) ∝ exp(-E(x)/kT) of a 2-D energy for a kT slider,
-  with the exact probability of the double well's deep well in the title.
+  with the exact probability of the double well's deep well in the title (chapter 00).
+- :func:`log_z_spread_widget`: the spread of importance-sampling log Z estimates over the
+  sample size, for several proposals (chapter 06).
+- :func:`reverse_sde_widget`: reverse-SDE samples over the exact noised density p_t of a
+  Gaussian mixture for a slider over t, with the modes covered (chapter 05).
 """
 
 from __future__ import annotations
