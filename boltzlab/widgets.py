@@ -19,6 +19,10 @@ Widgets here:
   sample size, for several proposals (chapter 06).
 - :func:`reverse_sde_widget`: reverse-SDE samples over the exact noised density p_t of a
   Gaussian mixture for a slider over t, with the modes covered (chapter 05).
+- :func:`flow_layers_widget`: the density of a 2-D flow after each of its coupling layers
+  (chapter 02).
+- :func:`annealing_widget`: the rungs of a temperature-annealing curriculum, tempered target
+  and the flow's samples at each rung (chapter 03).
 """
 
 from __future__ import annotations
@@ -457,3 +461,179 @@ def reverse_sde_widget(trajectory: Tensor, times: Tensor, schedule: Any, mixture
 
 
 __all__ += ["DenoisingView", "denoising_view", "draw_denoising_view", "reverse_sde_widget"]
+
+
+# ----------------------------------------------------------------------------------------
+# normalizing flows: through the coupling layers, and down an annealing ladder
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FlowStageView:
+    """A 2-D flow after its first ``layers`` coupling layers (see :func:`flow_stage_views`)."""
+
+    layers: int
+    moved: tuple[int, ...]  # the coordinates (0-based) that coupling layer ``layers`` transforms
+    xs: Tensor  # (grid,) cell centres in x1
+    ys: Tensor  # (grid,) cell centres in x2
+    density: Tensor  # (grid, grid) q(x) of the stage, density[j, i] at (xs[i], ys[j])
+    mass: float  # the midpoint-rule integral of q over the mass window: 1 for a normalised density
+    share_near_mode: float | None  # share of the stage's samples within the 99.9% radius of a mode
+    modes_covered: int | None  # metrics.mode_coverage of those samples (None without a mixture)
+    n_modes: int | None
+
+    @property
+    def title(self) -> str:
+        if self.layers == 0:
+            text = "0 coupling layers (the scaled base)"
+        else:
+            moved = ", ".join(f"$x_{i + 1}$" for i in self.moved)
+            text = f"{self.layers} coupling layers: layer {self.layers} moves {moved} given the other"
+        text += f"\n$\\int q$ = {self.mass:.4f}"
+        if self.share_near_mode is not None:
+            text += f", {100 * self.share_near_mode:.0f}% of samples near a mode ({self.modes_covered}/{self.n_modes})"
+        return text
+
+
+def flow_stage_views(flow: Any, window: Window, grid: int = 120, mixture: GaussianMixture | None = None,
+                     n_samples: int = 10_000, mass_window: Window | None = None, mass_grid: int | None = None,
+                     generator: torch.Generator | None = None) -> list[FlowStageView]:
+    r"""One :class:`FlowStageView` per stage of :func:`boltzlab.flows.coupling_stages` of a 2-D ``flow``.
+
+    Stage k is the flow made of the first k coupling layers and the final scaling, itself a
+    normalised density. For each it records q on a ``grid × grid`` grid over ``window``, its
+    integral ``Σ q ΔxΔy`` over ``mass_window`` (default ``window``; choose one wide enough for
+    stage 0's Gaussian) on a ``mass_grid`` grid, and, given a Gaussian ``mixture``, the share of
+    ``n_samples`` samples of the stage within a mode's 99.9% radius and the modes they cover
+    (:func:`boltzlab.metrics.mode_coverage`).
+    """
+    from boltzlab.flows import Flow, coupling_stages, log_prob_on_grid
+    from boltzlab.metrics import mode_coverage
+
+    if not isinstance(flow, Flow) or flow.dim != 2:
+        raise ValueError("flow_stage_views needs a 2-D boltzlab.flows.Flow")
+    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
+        raise ValueError(f"n_samples must be a positive int, got {n_samples!r}")
+    if mixture is not None and (not isinstance(mixture, GaussianMixture) or mixture.dim != 2):
+        raise ValueError("mixture must be a 2-D GaussianMixture (its modes are counted)")
+    mass_window = window if mass_window is None else mass_window
+    layers = list(flow.layers)
+    views = []
+    for k, stage in enumerate(coupling_stages(flow)):
+        mask = getattr(layers[k - 1], "mask", None) if k > 0 else None
+        moved = () if mask is None else tuple(int(i) for i in torch.nonzero(mask == 0).flatten())
+        xs, ys, log_q = log_prob_on_grid(stage, *window, grid=grid)
+        mx, my, mass_log_q = log_prob_on_grid(stage, *mass_window, grid=mass_grid or grid)
+        mass = float(mass_log_q.exp().sum() * (mx[1] - mx[0]) * (my[1] - my[0]))
+        share = covered = None
+        if mixture is not None:
+            # each stage draws from a generator at the same state, so the stages see the same base noise
+            g = None if generator is None else torch.Generator().set_state(generator.get_state())
+            with torch.no_grad():
+                x = stage.sample(n_samples, generator=g)[0].double()
+            covered, counts = mode_coverage(x, mixture.means.double(), mixture.std)
+            share = float(counts.sum()) / n_samples
+        views.append(FlowStageView(k, moved, xs, ys, log_q.exp(), mass, share, covered,
+                                   None if mixture is None else mixture.n_modes))
+    return views
+
+
+def draw_flow_stage(fig: Figure, view: FlowStageView) -> None:
+    """A :class:`FlowStageView` as an image of q with a colour bar."""
+    ax = _density_image(fig, view.xs, view.ys, view.density, "q(x)")
+    ax.set(xlabel="$x_1$", ylabel="$x_2$")
+    ax.set_title(view.title, fontsize="medium")
+
+
+def flow_layers_widget(views: Sequence[FlowStageView], value: int | None = None) -> SliderFigure:
+    """Step through the coupling layers of a 2-D flow: ``views`` from :func:`flow_stage_views`
+    (computed once, so the slider is instant). ``widget.state`` is the :class:`FlowStageView` shown."""
+    views = list(views)
+    if not views or not all(isinstance(v, FlowStageView) for v in views):
+        raise ValueError("flow_layers_widget needs a non-empty list of FlowStageView (from flow_stage_views)")
+    last = len(views) - 1
+    value = last if value is None else value
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= last:
+        raise ValueError(f"value must be an int in [0, {last}], got {value!r}")
+
+    def update(fig: Figure, layers: int) -> FlowStageView:
+        draw_flow_stage(fig, views[layers])
+        return views[layers]
+
+    slider = ipywidgets.IntSlider(value=value, min=0, max=last, description="layers", continuous_update=False)
+    return slider_figure(update, figsize=(6.0, 5.0), layers=slider)
+
+
+@dataclass(frozen=True)
+class AnnealingRungView:
+    """Rung ``rung`` of a temperature-annealing curriculum (see :func:`annealing_view`)."""
+
+    rung: int
+    kT: float
+    ess_fraction: float  # Kish ESS / pool of the weights that fitted this rung; NaN for reverse KL
+    samples: Tensor  # (n, 2) the flow's samples once the rung was fitted
+    xs: Tensor
+    ys: Tensor
+    density: Tensor  # (grid, grid) exact p_kT on the window
+    modes_covered: int | None
+    n_modes: int | None
+
+    @property
+    def title(self) -> str:
+        fit = "reverse KL" if math.isnan(self.ess_fraction) else f"pool ESS {self.ess_fraction:.2f}"
+        text = f"rung {self.rung}: kT = {self.kT:.2f}, {fit}"
+        if self.modes_covered is not None:
+            text += f", {self.modes_covered}/{self.n_modes} modes"
+        return text
+
+
+def annealing_view(energy: Energy, stages: Sequence[Any], rung: int, window: Window, grid: int = 100) -> AnnealingRungView:
+    r"""Rung ``rung`` of ``stages`` (the :class:`boltzlab.flows.AnnealingStage` list of
+    :func:`boltzlab.flows.train_annealed`): the tempered target p_kT ∝ exp(−E/kT) of a 2-D
+    ``energy`` on the window and the flow's samples at that rung; for a Gaussian mixture also the
+    modes (of the kT = 1 target) the samples cover."""
+    from boltzlab.metrics import mode_coverage
+
+    if isinstance(rung, bool) or not isinstance(rung, int) or not 0 <= rung < len(stages):
+        raise ValueError(f"rung must be an int in [0, {len(stages) - 1}], got {rung!r}")
+    if energy.dim != 2:
+        raise ValueError(f"annealing_view needs a 2-D energy, got dim {energy.dim}")
+    stage = stages[rung]
+    samples = stage.samples.detach().to("cpu", torch.float64)
+    if samples.ndim != 2 or samples.shape[1] != 2:
+        raise ValueError(f"stage samples must have shape (n, 2), got {tuple(samples.shape)}")
+    xs, ys, density = boltzmann_density_grid(energy, *window, kT=float(stage.kT), grid=grid)
+    covered = n_modes = None
+    if isinstance(energy, GaussianMixture):
+        covered = mode_coverage(samples, energy.means.double(), energy.std)[0]
+        n_modes = energy.n_modes
+    return AnnealingRungView(rung, float(stage.kT), float(stage.ess_fraction), samples, xs, ys, density,
+                             covered, n_modes)
+
+
+def annealing_widget(energy: Energy, stages: Sequence[Any], window: Window, grid: int = 100,
+                     max_points: int = 2000) -> SliderFigure:
+    """Step down an annealing ladder: each rung's tempered target with the flow's samples on top
+    (orange). Starts at the last rung; ``widget.state`` is the :class:`AnnealingRungView` shown."""
+    stages = list(stages)
+    if not stages:
+        raise ValueError("annealing_widget needs at least one stage (from boltzlab.flows.train_annealed)")
+
+    def update(fig: Figure, rung: int) -> AnnealingRungView:
+        view = annealing_view(energy, stages, rung, window, grid)
+        ax = _density_image(fig, view.xs, view.ys, view.density, f"$p_{{kT}}(x)$, kT = {view.kT:.2f}")
+        stride = max(1, math.ceil(view.samples.shape[0] / max_points))
+        pts = view.samples[::stride].numpy()
+        limits = ax.get_xlim(), ax.get_ylim()
+        ax.scatter(pts[:, 0], pts[:, 1], s=2, color="orange", alpha=0.6, linewidths=0)
+        ax.set(xlim=limits[0], ylim=limits[1], xlabel="$x_1$", ylabel="$x_2$")
+        ax.set_title(view.title, fontsize="medium")
+        return view
+
+    slider = ipywidgets.IntSlider(value=len(stages) - 1, min=0, max=len(stages) - 1, description="rung",
+                                  continuous_update=False)
+    return slider_figure(update, figsize=(6.0, 5.5), rung=slider)
+
+
+__all__ += ["FlowStageView", "flow_stage_views", "draw_flow_stage", "flow_layers_widget",
+            "AnnealingRungView", "annealing_view", "annealing_widget"]

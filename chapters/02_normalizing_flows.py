@@ -36,7 +36,6 @@
 # %%
 import math
 
-import ipywidgets
 import matplotlib.pyplot as plt
 import torch
 
@@ -44,9 +43,9 @@ from boltzlab import flows
 from boltzlab.config import budget, sizes
 from boltzlab.energies import DoubleWell2D, GaussianMixture
 from boltzlab.metrics import mode_coverage
-from boltzlab.plots import density_2d, samples_2d, training_curve
+from boltzlab.plots import density_2d, training_curve
 from boltzlab.training import double_well_exact_samples
-from boltzlab.widgets import slider_figure
+from boltzlab.widgets import flow_layers_widget, flow_stage_views
 
 SEED = 0
 torch.manual_seed(SEED)
@@ -315,42 +314,31 @@ if not SMOKE:
 # ### 5. Through the layers
 # `flows.coupling_stages(flow)` returns the flows made of the first 0, 1, …, L coupling
 # layers (each followed by the final scaling, so all live in data coordinates). Each stage
-# is itself a normalised density: stage 0 is a Gaussian, stage L the trained flow. The
-# panels show the GMM-40 spline flow; below them, for each stage, the share of its samples
-# that lie within 3.7 σ of some mode (0.999 for exact samples) and the modes covered.
+# is itself a normalised density: stage 0 is a Gaussian, stage L the trained flow.
+# `widgets.flow_stage_views` evaluates each stage of the GMM-40 spline flow on a grid and
+# counts the share of its samples that lie within 3.7 σ of some mode (0.999 for exact samples)
+# and the modes covered; the panels show them.
 
 # %%
-stages = flows.coupling_stages(trained["GMM-40", "spline"][0])
-frames = [flows.log_prob_on_grid(stage, *GMM_WINDOW, grid=S.widget_grid) for stage in stages]
-
-
-def total_mass(flow: flows.Flow, half_width: float = 120.0) -> float:
-    """∫ q on a window wide enough for the Gaussian of stage 0 (std about 23)."""
-    xs, ys, log_q = flows.log_prob_on_grid(flow, (-half_width, half_width), (-half_width, half_width), grid=2 * S.grid)
-    return float(log_q.exp().sum() * (xs[1] - xs[0]) * (ys[1] - ys[0]))
-
-
-stage_mass = [total_mass(stage) for stage in stages]
-stage_modes, stage_share = [], []
-for stage in stages:
-    with torch.no_grad():
-        x_stage = stage.sample(S.n_eval, generator=torch.Generator().manual_seed(SEED))[0]
-    covered, counts = mode_coverage(x_stage, gmm.means, gmm.std)
-    stage_modes.append(covered)
-    stage_share.append(float(counts.sum()) / S.n_eval)
-print("coupling layers      :", list(range(len(stages))))
+# the mass window is wide enough for stage 0's Gaussian (std about 23)
+stage_views = flow_stage_views(trained["GMM-40", "spline"][0], GMM_WINDOW, grid=S.widget_grid, mixture=gmm,
+                               n_samples=S.n_eval, mass_window=((-120.0, 120.0), (-120.0, 120.0)),
+                               mass_grid=2 * S.grid, generator=torch.Generator().manual_seed(SEED))
+stage_mass = [v.mass for v in stage_views]
+stage_share = [v.share_near_mode for v in stage_views]
+stage_modes = [v.modes_covered for v in stage_views]
+print("coupling layers      :", [v.layers for v in stage_views])
 print("share near a mode    :", [round(v, 3) for v in stage_share])
 print("modes covered (of 40):", stage_modes)
 print("∫ q                  :", [round(m, 4) for m in stage_mass])
 
-fig, axes = plt.subplots(1, len(stages), figsize=(3 * len(stages), 3))
-for k, (ax, (xs, ys, log_q)) in enumerate(zip(axes, frames)):
-    ax.imshow(log_q.exp().numpy(), origin="lower", extent=(*GMM_WINDOW[0], *GMM_WINDOW[1]), aspect="auto")
-    ax.set_title(f"{k} layers: {100 * stage_share[k]:.0f}% near a mode", fontsize="small")
+fig, axes = plt.subplots(1, len(stage_views), figsize=(3 * len(stage_views), 3))
+for ax, view in zip(axes, stage_views):
+    ax.imshow(view.density.numpy(), origin="lower", extent=(*GMM_WINDOW[0], *GMM_WINDOW[1]), aspect="auto")
+    ax.set_title(f"{view.layers} layers: {100 * view.share_near_mode:.0f}% near a mode", fontsize="small")
     ax.set_xticks([])
     ax.set_yticks([])
 plt.show()
-
 
 # %% [markdown]
 # Step through the layers yourself (the frames were computed above, so the slider is instant).
@@ -358,27 +346,13 @@ plt.show()
 # function of the other.
 
 # %%
-def draw_stage(fig, layers: int) -> int:
-    xs, ys, log_q = frames[layers]
-    ax = fig.add_subplot()
-    image = ax.imshow(log_q.exp().numpy(), origin="lower", extent=(*GMM_WINDOW[0], *GMM_WINDOW[1]), aspect="auto")
-    fig.colorbar(image, ax=ax, label="q(x)")
-    transformed = "x1" if layers % 2 == 1 else "x2"
-    note = f", layer {layers} transforms {transformed} given the other" if layers else " (the scaled base)"
-    ax.set_title(f"after {layers} coupling layers{note}\n{100 * stage_share[layers]:.0f}% of samples near a mode, "
-                 f"∫ q = {stage_mass[layers]:.4f}", fontsize="medium")
-    return layers
-
-
-layer_widget = slider_figure(draw_stage, figsize=(6.0, 5.0),
-                             layers=ipywidgets.IntSlider(value=len(stages) - 1, min=0, max=len(stages) - 1,
-                                                         description="layers", continuous_update=False))
+layer_widget = flow_layers_widget(stage_views)
 layer_widget
 
 # %%
 # every stage is a density (the smoke budget's coarser grid integrates less accurately)
 assert all(abs(m - 1) < (5e-3 if SMOKE else 2e-3) for m in stage_mass), stage_mass
-assert layer_widget.state == len(stages) - 1
+assert layer_widget.state is stage_views[-1]
 if not SMOKE:
     # the Gaussian puts about half of its samples near a mode, the trained flow nearly all
     assert stage_share[0] < 0.7 and stage_share[-1] > 0.9 and stage_modes[-1] >= 38, (stage_share, stage_modes)

@@ -35,7 +35,6 @@
 # %%
 import math
 
-import ipywidgets
 import matplotlib.pyplot as plt
 import torch
 
@@ -44,7 +43,7 @@ from boltzlab.config import budget, sizes
 from boltzlab.energies import DoubleWell2D, GaussianMixture
 from boltzlab.metrics import kish_ess, log_z_estimate, mode_coverage, self_normalized_weights
 from boltzlab.plots import density_2d, samples_2d, training_curve
-from boltzlab.widgets import slider_figure
+from boltzlab.widgets import annealing_widget
 
 SEED = 0
 torch.manual_seed(SEED)
@@ -360,27 +359,13 @@ plt.show()
 
 
 # %%
-def draw_rung(fig, rung: int) -> dict[str, float]:
-    stage = gmm_stages[rung]
-    ax = fig.add_subplot()
-    density_2d(gmm, *GMM_WINDOW, kT=stage.kT, grid=S.grid // 2, ax=ax, colorbar=False)
-    samples_2d(stage.samples, ax=ax, max_points=2000, color="orange", size=2)
-    ax.set(xlim=GMM_WINDOW[0], ylim=GMM_WINDOW[1])
-    covered = mode_coverage(stage.samples, gmm.means, gmm.std)[0]
-    ess = "(reverse KL)" if math.isnan(stage.ess_fraction) else f"pool ESS {stage.ess_fraction:.2f}"
-    ax.set_title(f"rung {rung}: kT = {stage.kT:.2f}, {ess}, {covered} of 40 modes", fontsize="medium")
-    return {"kT": stage.kT, "modes covered": covered}
-
-
-rung_widget = slider_figure(draw_rung, figsize=(6.0, 5.5),
-                            rung=ipywidgets.IntSlider(value=len(gmm_stages) - 1, min=0, max=len(gmm_stages) - 1,
-                                                      description="rung", continuous_update=False))
+rung_widget = annealing_widget(gmm, gmm_stages, GMM_WINDOW, grid=S.grid // 2)
 rung_widget
 
 # %%
 for row in gmm_results.values():
     assert math.isfinite(row["KL(q||p)"]) and row["ESS / n"] > 0
-assert rung_widget.state["kT"] == 1.0
+assert rung_widget.state.kT == 1.0 and rung_widget.state.rung == len(gmm_stages) - 1
 if not SMOKE:
     baseline, mixed, curriculum = (gmm_results[k]["modes covered"] for k in ("reverse KL", "ML + KL", "annealing"))
     assert baseline <= 30, baseline  # collapsed

@@ -313,14 +313,19 @@ for energy in (lj13(), lj55()):
     print(f"{energy.name} ({energy.dim} coordinates, {S.floor_samples} samples per set):")
     print(f"  reference vs independent reference: x-W2 = {row['xw2_floor']:.2f}, energy W2 = {row['ew2_floor']:.3g}")
     print(f"  reference vs Gaussian blob:        x-W2 = {row['xw2_blob']:.2f}, energy W2 = {row['ew2_blob']:.3g}")
+    print(f"  blob / floor: x-W2 {row['xw2_blob'] / row['xw2_floor']:.2f}x, "
+          f"energy W2 {row['ew2_blob'] / row['ew2_floor']:.1e}x")
 for row in floor_rows:
-    assert row["xw2_blob"] < 1.3 * row["xw2_floor"]  # x-W2 barely tells a blob from the real thing
-    assert row["ew2_blob"] > 100 * row["ew2_floor"]  # the energy does
+    # the floor falls slowly as the sets grow (about n^(-1/d)), so the x-W2 ratio creeps up with
+    # the budget (LJ-55: 1.3 at 1000 samples, 1.4 at 2000) but stays far below the energy's
+    assert row["xw2_blob"] < 2 * row["xw2_floor"]  # x-W2 barely tells a blob from the real thing
+    assert row["ew2_blob"] > 1e6 * row["ew2_floor"]  # the energy does, by many orders of magnitude
 
 # %% [markdown]
 # A Gaussian blob with overlapping particles is almost as close in x-W2 as a second, perfect set of
-# samples, while its energies are off by orders of magnitude. So x-W2 is reported below **with its
-# floor** (two independent reference sets of the same size), and never alone.
+# samples (less than twice the floor), while its energies are off by many orders of magnitude. So
+# x-W2 is reported below **with its floor** (two independent reference sets of the same size), and
+# never alone.
 #
 # - **Mode coverage** (GMM-40): a mode counts as covered when it received at least a fifth of its
 #   share of the samples within its 99.9% radius (`metrics.mode_coverage`).

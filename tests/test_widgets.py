@@ -211,3 +211,131 @@ def test_reverse_sde_widget_rejects_bad_input():
     with pytest.raises(ValueError, match="2-D GaussianMixture"):
         W.denoising_view(trajectory, times, schedule, 0, mixture=DoubleWell2D())
     assert torch.isfinite(W.denoising_view(trajectory, times, schedule, 0, grid=20).density).all()
+
+
+def _random_flow(loc=(0.5, -1.0), scale=(1.5, 0.8), n_layers=4):
+    from boltzlab import flows
+
+    return flows.realnvp(2, n_layers=n_layers, hidden=16, loc=list(loc), scale=list(scale), seed=3, zero_init=False)
+
+
+def test_flow_stage_views_are_normalised_and_stage_zero_is_the_scaled_base():
+    import torch
+
+    flow = _random_flow()
+    views = W.flow_stage_views(flow, ((-8.0, 9.0), (-7.0, 5.0)), grid=150)
+    assert [v.layers for v in views] == [0, 1, 2, 3, 4]
+    # every stage is a normalised density (the window holds all but ~1e-6 of each)
+    assert all(abs(v.mass - 1) < 2e-3 for v in views), [v.mass for v in views]
+    # stage 0 is N(loc, diag(scale^2)), written out here
+    X, Y = torch.meshgrid(views[0].xs, views[0].ys, indexing="xy")
+    exact = torch.exp(-((X - 0.5) / 1.5) ** 2 / 2 - ((Y + 1.0) / 0.8) ** 2 / 2) / (2 * torch.pi * 1.5 * 0.8)
+    assert torch.allclose(views[0].density, exact, rtol=1e-4, atol=1e-9)
+    # the random layers really move mass: the last stage is not the base
+    assert float((views[-1].density - views[0].density).abs().max()) > 1e-2
+
+
+def test_flow_stage_views_name_the_coordinate_each_layer_moves():
+    import torch
+
+    from boltzlab import flows
+
+    flow = _random_flow()
+    views = W.flow_stage_views(flow, ((-8.0, 9.0), (-7.0, 5.0)), grid=20)
+    stages = flows.coupling_stages(flow)
+    with torch.no_grad():
+        xs = [stage.sample(200, generator=torch.Generator().manual_seed(0))[0] for stage in stages]
+    for k in range(1, len(stages)):
+        changed = tuple(int(i) for i in torch.nonzero((xs[k] - xs[k - 1]).abs().amax(0) > 1e-6).flatten())
+        assert views[k].moved == changed, (k, views[k].moved, changed)
+    assert views[1].moved == (1,) and "moves $x_2$" in views[1].title
+
+
+def test_flow_stage_views_count_modes_of_a_mixture():
+    from boltzlab import flows
+
+    gmm = GaussianMixture()
+    mode = gmm.means[3].tolist()
+    flow = flows.realnvp(2, n_layers=2, loc=mode, scale=gmm.std)  # zero_init: N(mu_3, s^2) at every stage
+    import torch
+
+    views = W.flow_stage_views(flow, W.DEFAULT_WINDOWS["gmm40"], grid=40, mixture=gmm, n_samples=20_000,
+                               generator=torch.Generator().manual_seed(1))
+    for v in views:
+        assert v.modes_covered == 1 and v.n_modes == 40
+        # the 99.9% radius of an exact mode sample (a neighbour mode may take a few of its points)
+        assert 0.99 < v.share_near_mode <= 1.0
+        assert "(1/40)" in v.title
+
+
+def test_flow_layers_widget_steps_through_the_stages():
+    views = W.flow_stage_views(_random_flow(), ((-8.0, 9.0), (-7.0, 5.0)), grid=30)
+    widget = W.flow_layers_widget(views)
+    assert widget.state is views[-1]
+    before = bytes(widget.image.value)
+    assert before.startswith(PNG_SIGNATURE)
+    widget.controls["layers"].value = 0
+    assert widget.state is views[0] and bytes(widget.image.value) != before
+    assert "scaled base" in widget.state.title
+
+
+def test_flow_widgets_reject_bad_input():
+    from boltzlab import flows
+
+    with pytest.raises(ValueError, match="2-D boltzlab.flows.Flow"):
+        W.flow_stage_views(flows.realnvp(3, n_layers=2), ((-1.0, 1.0), (-1.0, 1.0)))
+    with pytest.raises(ValueError, match="n_samples"):
+        W.flow_stage_views(_random_flow(), ((-1.0, 1.0), (-1.0, 1.0)), mixture=GaussianMixture(), n_samples=0)
+    with pytest.raises(ValueError, match="2-D GaussianMixture"):
+        W.flow_stage_views(_random_flow(), ((-1.0, 1.0), (-1.0, 1.0)), mixture=DoubleWell2D())
+    with pytest.raises(ValueError, match="non-empty list of FlowStageView"):
+        W.flow_layers_widget([])
+    views = W.flow_stage_views(_random_flow(), ((-1.0, 1.0), (-1.0, 1.0)), grid=10)
+    with pytest.raises(ValueError, match=r"value must be an int in \[0, 4\]"):
+        W.flow_layers_widget(views, value=5)
+
+
+def _rung(kT, ess, samples):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(kT=kT, ess_fraction=ess, samples=samples)
+
+
+def test_annealing_widget_shows_each_rung_with_its_modes():
+    import torch
+
+    gmm = GaussianMixture()
+    g = torch.Generator().manual_seed(0)
+    collapsed = gmm.means[5] + gmm.std * torch.randn(2_000, 2, generator=g)
+    stages = [_rung(8.0, float("nan"), collapsed), _rung(1.0, 0.4, gmm.sample(2_000, g))]
+    widget = W.annealing_widget(gmm, stages, W.DEFAULT_WINDOWS["gmm40"], grid=60)
+    last = widget.state
+    assert last.rung == 1 and last.kT == 1.0 and last.modes_covered == 40
+    assert "pool ESS 0.40" in last.title
+    # at kT = 1 the density drawn is the mixture itself, written out here
+    X, Y = torch.meshgrid(last.xs, last.ys, indexing="xy")
+    d2 = (X[..., None] - gmm.means[:, 0].double()) ** 2 + (Y[..., None] - gmm.means[:, 1].double()) ** 2
+    exact = (torch.exp(-d2 / (2 * gmm.std**2)) / (2 * torch.pi * gmm.std**2)).mean(-1)
+    assert torch.allclose(last.density, exact, rtol=0.02, atol=1e-6)
+    before = bytes(widget.image.value)
+    widget.controls["rung"].value = 0
+    first = widget.state
+    assert bytes(widget.image.value) != before
+    assert first.modes_covered == 1 and "reverse KL" in first.title and first.kT == 8.0
+    # a hotter target is flatter
+    assert float(first.density.max()) < float(last.density.max())
+
+
+def test_annealing_widget_rejects_bad_input():
+    import torch
+
+    gmm = GaussianMixture()
+    stages = [_rung(1.0, 0.5, gmm.sample(10, torch.Generator().manual_seed(0)))]
+    with pytest.raises(ValueError, match="at least one stage"):
+        W.annealing_widget(gmm, [], W.DEFAULT_WINDOWS["gmm40"])
+    with pytest.raises(ValueError, match=r"rung must be an int in \[0, 0\]"):
+        W.annealing_view(gmm, stages, 1, W.DEFAULT_WINDOWS["gmm40"])
+    with pytest.raises(ValueError, match="2-D energy"):
+        W.annealing_view(ManyWell(), stages, 0, W.DEFAULT_WINDOWS["gmm40"])
+    with pytest.raises(ValueError, match=r"shape \(n, 2\)"):
+        W.annealing_view(gmm, [_rung(1.0, 0.5, torch.zeros(4, 3))], 0, W.DEFAULT_WINDOWS["gmm40"])
