@@ -124,7 +124,7 @@ def jacobian_logdet(point: torch.Tensor) -> torch.Tensor:
 
 
 logdet_brute = torch.stack([jacobian_logdet(p) for p in x_toy])
-roundtrip = float((toy(z_toy)[0] - x_toy).abs().max())
+roundtrip = float((toy(z_toy)[0] - x_toy).abs().max().detach())
 xs, ys, log_q_toy = flows.log_prob_on_grid(toy, (-15, 15), (-15, 15), grid=S.grid)
 mass_toy = float(log_q_toy.exp().sum() * (xs[1] - xs[0]) * (ys[1] - ys[0]))
 print("log|det dz/dx| reported :", [f"{v:.6f}" for v in logdet_toy.tolist()])
