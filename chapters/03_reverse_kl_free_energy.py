@@ -175,10 +175,13 @@ plt.show()
 #   p is nearly zero. A few thousand samples can miss them, and then the mean and its
 #   standard error are both too small; that is why the loss is evaluated with
 #   `S.eval_batch` samples here, many more than a training batch.
-# - The flow under-fills the shallow well: the title of the right panel gives its share
-#   of samples there, against the exact 1 − 0.967 = 0.033. The dotted line shows what the
-#   loss would be for a flow that dropped the shallow well completely: 0.034 nats, about
-#   as small as the remaining error. The loss can hardly tell the two apart.
+# - The title of the right panel gives the flow's share of samples in the shallow well,
+#   against the exact 1 − 0.967 = 0.033. The dotted line shows what the loss would be for a
+#   flow that dropped the shallow well completely: 0.034 nats, about as small as the
+#   remaining error. The loss can hardly tell the two apart, so whether a run fills the
+#   shallow well depends on its start and its noise, not on anything the loss rewards much:
+#   the cell below says whether this one did (with short training it usually under-fills it;
+#   a long run at a large batch, as under the `full` budget, may fill it).
 
 # %%
 z_scores = [(g - kl) / s for g, kl, s in zip(gap, ev["kl_grid"], ev["se"])]
@@ -189,9 +192,16 @@ assert all(abs(m - 1) < (3e-3 if SMOKE else 1e-3) for m in ev["mass"]), ev["mass
 assert all(abs(g - kl) < 5 * s + 2e-3 for g, kl, s in zip(gap, ev["kl_grid"], ev["se"])), z_scores
 assert all(g > -4 * s for g, s in zip(gap, ev["se"]))  # never below the bound -log Z
 shallow_rkl = float((x_rkl[:, 0] > 0).double().mean())
+# the binomial standard error of a share of x_rkl.shape[0] samples at the exact value
+shallow_se = math.sqrt(P_DEEP * (1 - P_DEEP) / x_rkl.shape[0])
+shallow_z = (shallow_rkl - (1 - P_DEEP)) / shallow_se
+verdict = "under-filled" if shallow_z < -3 else ("over-filled" if shallow_z > 3 else "filled at its exact share")
+print(f"shallow well: share {shallow_rkl:.4f} of {x_rkl.shape[0]} samples against the exact {1 - P_DEEP:.4f} "
+      f"({shallow_z:+.1f} SE): {verdict}")
 if not SMOKE:
     assert ev["kl_grid"][-1] < 0.1 and ev["kl_grid"][-1] < 0.05 * ev["kl_grid"][0], ev["kl_grid"]
-    assert shallow_rkl < 1 - P_DEEP, shallow_rkl  # mode seeking: the shallow well is under-filled
+    # mode seeking: the share is below the exact one or consistent with it, never above
+    assert shallow_z <= 3, (shallow_rkl, shallow_z)
 
 # %% [markdown]
 # ### 2. Importance weights: what they fix and what they cannot
@@ -235,7 +245,9 @@ print(f"exact     : shallow share = {1 - P_DEEP:.4g}, ΔF = {DF_EXACT:.4f}")
 # %%
 assert plain["ESS"] >= 1000 or SMOKE, plain
 if not SMOKE and 0 < plain["shallow share"]:
-    assert abs(plain["ΔF weighted"] - DF_EXACT) < abs(plain["ΔF raw"] - DF_EXACT), plain
+    # weighting moves ΔF toward the exact value, or (when the flow's share was already right)
+    # leaves it within its statistical error
+    assert abs(plain["ΔF weighted"] - DF_EXACT) < max(abs(plain["ΔF raw"] - DF_EXACT), 3 * plain["± SE"]), plain
 
 # %% [markdown]
 # ### 3. Annealing as a curriculum, then reweighting: ΔF within 0.05 kT
@@ -398,8 +410,9 @@ if not SMOKE:
 # ## Summary
 # - Reverse KL trains a flow from the energy alone: 𝓛 = E_q[E/kT + log q] = −log Z + KL(q ‖ p),
 #   the variational free energy (in kT) above the true one.
-# - It is mode seeking: it under-filled the double well's shallow well and kept only part of
-#   GMM-40's modes, at a small cost in loss.
+# - It is mode seeking: it kept only part of GMM-40's modes at a small cost in loss, and on
+#   the double well its loss barely separates a flow with the shallow well from one without
+#   (0.034 nats), so whether a run fills it is up to the run.
 # - Importance weights w = e^{−E/kT}/q turn a flow into an unbiased estimator of free
 #   energies, but only where q has samples: ESS alone does not show a missing well.
 # - Mixing in maximum likelihood, or annealing from a high temperature with reweighted
