@@ -69,6 +69,7 @@ from torch import Tensor, nn
 
 from boltzlab.diffusion import (
     GeometricNoiseSchedule,
+    _identity,
     Projection,
     ScoreFn,
     denoising_score_matching_loss,
@@ -261,10 +262,6 @@ def composed_alpha(alphas: Sequence[float]) -> float:
 # ----------------------------------------------------------------------------------------
 # roll-in, roll-out, target and loss
 # ----------------------------------------------------------------------------------------
-
-
-def _identity(x: Tensor) -> Tensor:
-    return x
 
 
 @torch.no_grad()
