@@ -351,23 +351,24 @@ def test_train_rejects_inconsistent_requests():
         F.train(flow, 1, data=torch.zeros(10, 3))
 
 
-def test_annealing_curriculum_keeps_both_modes_that_reverse_kl_drops():
-    """Two well-separated modes: reverse KL at kT = 1 settles in one; the annealing curriculum
-    (reverse KL hot, then reweighted maximum likelihood down the ladder) keeps both, about 50/50."""
+def test_annealing_curriculum_keeps_both_modes():
+    """Two well-separated modes: the annealing curriculum (reverse KL hot, then reweighted maximum
+    likelihood down the ladder) keeps both, about 50/50, for every seed tried (0.51-0.54 over four).
+    Plain reverse KL at kT = 1 is not compared here: whether 400 steps of it collapse onto one mode
+    depends on the seed and on the machine's floating-point path (measured: right-mode shares from
+    0.03 to 0.997 over nine seeds), so chapter 03 measures and reports it instead of assuming it."""
     target = GaussianMixture(means=torch.tensor([[-5.0, 0.0], [5.0, 0.0]]), std=0.6)
-    plain = F.spline_flow(2, n_layers=2, n_bins=8, bound=4.0, hidden=16, scale=3.0, seed=1)
-    F.train(plain, 400, batch_size=128, lr=5e-3, energy=target, progress=False)
-    annealed = F.spline_flow(2, n_layers=2, n_bins=8, bound=4.0, hidden=16, scale=3.0, seed=1)
-    stages = F.train_annealed(annealed, target, [16.0, 6.0, 2.5, 1.0], first_steps=200, steps_per_stage=100,
-                              pool_size=2000, batch_size=128, lr=5e-3, n_record=500, progress=False)
-    assert [s.kT for s in stages] == [16.0, 6.0, 2.5, 1.0] and math.isnan(stages[0].ess_fraction)
-    assert all(0.05 < s.ess_fraction <= 1.0 for s in stages[1:])
-    assert stages[-1].samples.shape == (500, 2)
-    with torch.no_grad():
-        right_plain = float((plain.sample(4000, generator=gen(28))[0][:, 0] > 0).float().mean())
-        right_annealed = float((annealed.sample(4000, generator=gen(28))[0][:, 0] > 0).float().mean())
-    assert min(right_plain, 1 - right_plain) < 0.02  # collapsed onto one mode
-    assert right_annealed == pytest.approx(0.5, abs=0.1)
+    for flow_seed, train_seed in ((1, 0), (3, 2)):
+        annealed = F.spline_flow(2, n_layers=2, n_bins=8, bound=4.0, hidden=16, scale=3.0, seed=flow_seed)
+        stages = F.train_annealed(annealed, target, [16.0, 6.0, 2.5, 1.0], first_steps=200, steps_per_stage=100,
+                                  pool_size=2000, batch_size=128, lr=5e-3, n_record=500, progress=False,
+                                  seed=train_seed)
+        assert [s.kT for s in stages] == [16.0, 6.0, 2.5, 1.0] and math.isnan(stages[0].ess_fraction)
+        assert all(0.05 < s.ess_fraction <= 1.0 for s in stages[1:])
+        assert stages[-1].samples.shape == (500, 2)
+        with torch.no_grad():
+            right = float((annealed.sample(4000, generator=gen(28))[0][:, 0] > 0).float().mean())
+        assert right == pytest.approx(0.5, abs=0.1)
 
 
 def test_train_annealed_and_weighted_data_reject_bad_requests():

@@ -89,7 +89,7 @@ def test_grade_folder(tmp_path):
     nbformat.write(_with(blank, square_sol=solved_sq), nested / "01_toy.ipynb")
 
     out = tmp_path / "scores.csv"
-    results = grader.grade_folder(subs, sols, out, timeout=25, feedback_dir=tmp_path / "fb", progress=False)
+    results = grader.grade_folder(subs, sols, out, timeout=40, feedback_dir=tmp_path / "fb", progress=False)
     rows = {r["submission"]: r for r in csv.DictReader(out.open())}
     assert len(results) == len(rows) == 10
     pts = lambda who: (float(rows[who]["add"] or 0), float(rows[who]["square"] or 0), float(rows[who]["total"] or 0))  # noqa: E731
