@@ -44,6 +44,8 @@
 # %%
 import json
 import math
+import os
+from pathlib import Path
 
 import ipywidgets  # noqa: F401  (the widget below is an ipywidgets.Box)
 import matplotlib.pyplot as plt
@@ -69,16 +71,15 @@ from boltzlab.reference import load_reference
 from boltzlab.training.idem import (
     CONFIGS,
     CheckpointError,
-    TrainedSampler,
     build_model,
     config_for,
     equal_budget_mcmc,
     evaluate_samples,
     evaluation_reference,
     load_sampler,
-    sample_model,
     shipped_checkpoint,
     train_idem,
+    train_to_completion,
 )
 from boltzlab.widgets import DEFAULT_WINDOWS, reverse_sde_widget
 
@@ -384,42 +385,46 @@ assert all(math.isfinite(h["loss"]) for h in demo.history)
 # `metrics.json` (the evaluations during training, the energy-evaluation count and the
 # training time), `samples.pt` (the samples of the final evaluation) and `mcmc_baseline.json`
 # (MALA given the same number of energy evaluations). Under `full` every target is retrained
-# here with its shipped config instead.
+# here with its shipped config instead, into `runs/full/TARGET/` (or `$BOLTZLAB_RUNS/full/TARGET/`)
+# with a checkpoint after every outer iteration: that takes hours on a CPU, and a run that is cut
+# off continues where it stopped when the cell is run again (stop-and-continue gives the same
+# weights as an uninterrupted run; `tests/test_idem.py` checks it).
 
 # %%
-def shipped_record(name: str) -> dict | None:
-    """The shipped checkpoint of ``name`` as a dict, or None while it is not shipped."""
-    try:
-        path = shipped_checkpoint(name)
-    except CheckpointError as err:
-        print(f"{name}: {err}")
-        return None
+# under `full`, where each target's run lives: a run cut off (a closed laptop) continues from here
+RUNS = (Path(os.environ.get("BOLTZLAB_RUNS", "runs")) / "full").resolve()
+
+
+def checkpoint_record(path: Path, source: str) -> dict:
+    """The checkpoint directory ``path`` (laid out like a shipped one) as a dict."""
     summary = json.loads((path / "metrics.json").read_text())
     sampler = load_sampler(path)
     samples = torch.load(path / "samples.pt") if (path / "samples.pt").is_file() else None
     mcmc = json.loads((path / "mcmc_baseline.json").read_text()) if (path / "mcmc_baseline.json").is_file() else None
-    return {"source": f"shipped ({path.name}/)", "sampler": sampler, "config": sampler.config,
+    return {"source": source, "sampler": sampler, "config": sampler.config,
             "evaluations": summary["evaluations"], "final": summary["final"],
             "outer": summary["outer_iterations"], "energy_evaluations": summary["energy_evaluations"],
             "wall_time": summary["training_wall_time_s"], "samples": samples, "mcmc": mcmc}
 
 
+def shipped_record(name: str) -> dict | None:
+    """The shipped checkpoint of ``name``, or None while it is not shipped."""
+    try:
+        path = shipped_checkpoint(name)
+    except CheckpointError as err:
+        print(f"{name}: {err}")
+        return None
+    return checkpoint_record(path, f"shipped ({path.name}/)")
+
+
 def retrained_record(name: str) -> dict:
-    """Train ``name`` with its shipped config here, sample its final evaluation again, and run MCMC."""
-    config = config_for(name)
-    state = train_idem(config, out_dir=None, progress=True)
-    energy = get_target(name)
-    # the final evaluation drew its samples from this generator: same weights, same samples
-    eval_gen = torch.Generator().manual_seed(config.seed + 10_007 * state.outer)
-    samples = sample_model(state.ema, config, energy, config.n_eval, eval_gen).float()
-    sampler = TrainedSampler(state.ema.eval(), config, energy, state.energy_evaluations, state.wall_time,
-                             state.evaluations)
-    return {"source": "retrained here", "sampler": sampler, "config": config, "evaluations": state.evaluations,
-            "final": state.evaluations[-1], "outer": state.outer, "energy_evaluations": state.energy_evaluations,
-            "wall_time": state.wall_time, "samples": samples,
-            "mcmc": equal_budget_mcmc(config, state.energy_evaluations)}
+    """Train ``name`` with its shipped config into RUNS/name (continuing a run already there), then
+    run the equal-budget MCMC: `python -m boltzlab train NAME --out RUNS/NAME --auto-resume --baseline`."""
+    return checkpoint_record(train_to_completion(config_for(name), RUNS / name), f"retrained here ({RUNS / name})")
 
 
+if S.retrain:
+    print(f"training every target under {RUNS}")
 records = {name: retrained_record(name) if S.retrain else shipped_record(name) for name in TARGET_NAMES}
 for name, rec in records.items():
     if rec is None:

@@ -26,6 +26,7 @@ from boltzlab.training.idem import (
     load_sampler,
     noised_energy_estimate,
     train_idem,
+    train_to_completion,
 )
 
 TINY = {"hidden": 16, "n_layers": 2, "n_mc": 8, "batch_size": 16, "n_outer": 4, "inner_steps": 3, "n_refill": 32,
@@ -117,6 +118,34 @@ def test_pdem_trains_an_energy_network() -> None:
     assert hasattr(state.ema, "energy")
 
 
+def test_train_to_completion_continues_an_interrupted_run_and_keeps_its_baseline(tmp_path: Path) -> None:
+    """What chapter 05 does under ``full``: a run cut off after 2 of 4 outer iterations is
+    continued (not restarted) to the same weights as an uninterrupted run, its equal-budget
+    baseline is written once for that run's evaluation count, and a second call trains nothing."""
+    config = config_for("gmm40", **TINY)
+    uninterrupted = train_idem(config, None, progress=False)
+    train_idem(config, tmp_path, stop_after=2, progress=False)
+    train_to_completion(config, tmp_path, progress=False)
+    payload = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert payload["outer"] == 4
+    assert torch.equal(torch.cat([v.reshape(-1) for v in payload["ema"].values()]), _params(uninterrupted.ema))
+    baseline = json.loads((tmp_path / "mcmc_baseline.json").read_text())
+    assert baseline["budget"] == payload["energy_evaluations"] == uninterrupted.energy_evaluations
+    assert baseline["energy_evaluations"] >= baseline["budget"]
+    before = ((tmp_path / "mcmc_baseline.json").stat().st_mtime_ns, (tmp_path / "checkpoint.pt").stat().st_mtime_ns)
+    train_to_completion(config, tmp_path, progress=False)
+    after = ((tmp_path / "mcmc_baseline.json").stat().st_mtime_ns, (tmp_path / "checkpoint.pt").stat().st_mtime_ns)
+    assert after == before
+    # continued for longer (only n_outer may change): the old baseline no longer matches and is redone
+    longer = replace(config, n_outer=6)
+    train_to_completion(longer, tmp_path, progress=False)
+    redone = json.loads((tmp_path / "mcmc_baseline.json").read_text())
+    assert redone["budget"] == torch.load(tmp_path / "checkpoint.pt", weights_only=False)["energy_evaluations"]
+    assert redone["budget"] == 1.5 * baseline["budget"]
+    with pytest.raises(CheckpointError, match="different config"):
+        train_to_completion(replace(config, lr=0.1), tmp_path, progress=False)
+
+
 def test_bad_configs_and_missing_checkpoints(tmp_path: Path) -> None:
     with pytest.raises(TrainingConfigError, match="unknown target"):
         idem.IDEMConfig("lj99")
@@ -152,6 +181,12 @@ def test_command_line_trains_and_resumes(tmp_path: Path) -> None:
     second = _run([*cmd, "--resume"])
     assert second.returncode == 0, second.stderr
     assert json.loads(second.stdout.strip().splitlines()[-1])["outer"] == 4
+    # --auto-resume starts a run where there is none and continues one where there is
+    fresh = _run([*cmd, "--auto-resume", "--stop-after", "1", "--out", str(tmp_path / "auto")])
+    assert fresh.returncode == 0, fresh.stderr
+    again = _run([*cmd, "--auto-resume", "--out", str(tmp_path / "auto")])
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout.strip().splitlines()[-1])["outer"] == 4
     bad = _run([sys.executable, "-m", "boltzlab", "train", "lj99", "--out", str(tmp_path)])
     assert bad.returncode != 0 and "invalid choice: 'lj99'" in bad.stderr
 

@@ -35,8 +35,8 @@ chapter 05 gives to MCMC as its budget. Under ``torchrun`` the inner loop runs
 data-parallel with :class:`~torch.nn.parallel.DistributedDataParallel` (NCCL on GPUs,
 gloo on CPUs); each rank draws its own batches and fills its own buffer.
 
-Command line: ``python -m boltzlab train TARGET --out DIR [--resume] [--stop-after N]
-[--set FIELD=VALUE ...] [--baseline]``; ``--baseline`` then runs the equal-budget MCMC
+Command line: ``python -m boltzlab train TARGET --out DIR [--resume | --auto-resume]
+[--stop-after N] [--set FIELD=VALUE ...] [--baseline]``; ``--baseline`` then runs the equal-budget MCMC
 comparison (:func:`equal_budget_mcmc`) and saves it beside the checkpoint.
 """
 
@@ -598,7 +598,7 @@ def equal_budget_mcmc(config: IDEMConfig, n_energy_evaluations: int, n_chains: i
 
 def write_baseline(out_dir: str | Path, progress: bool = True) -> dict[str, float]:
     """Run :func:`equal_budget_mcmc` for the checkpoint in ``out_dir`` with the energy
-    evaluations it used, and save the result as ``out_dir/mcmc_baseline.json``."""
+    evaluations it used, and save the result, with that ``"budget"``, as ``out_dir/mcmc_baseline.json``."""
     payload = _load_payload(Path(out_dir))
     config = IDEMConfig(**payload["config"])
     if not (Path(out_dir) / "samples.pt").is_file():
@@ -606,9 +606,46 @@ def write_baseline(out_dir: str | Path, progress: bool = True) -> dict[str, floa
         sampler = load_sampler(out_dir)
         eval_gen = torch.Generator().manual_seed(config.seed + 10_007 * payload["outer"])
         torch.save(sampler.sample(config.n_eval, eval_gen).float(), Path(out_dir) / "samples.pt")
-    result = equal_budget_mcmc(config, int(payload["energy_evaluations"]), progress=progress)
+    budget = int(payload["energy_evaluations"])
+    # the budget, not the evaluations spent (chains x steps rounds it down), identifies the run
+    result = {**equal_budget_mcmc(config, budget, progress=progress), "budget": float(budget)}
     (Path(out_dir) / "mcmc_baseline.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def train_to_completion(config: IDEMConfig, out_dir: str | Path, *, baseline: bool = True,
+                        progress: bool = True) -> Path:
+    """Train ``config`` into ``out_dir`` to its last outer iteration, continuing the run found
+    there (it must have the same config) instead of starting again, then write the
+    equal-budget MCMC baseline unless ``out_dir`` already holds one for the same number of
+    energy evaluations. Returns ``out_dir``, laid out like a shipped checkpoint.
+
+    Because stop-and-continue equals an uninterrupted run, a run killed after hours (a closed
+    laptop, a session that ended) loses at most one outer iteration; calling this again picks
+    it up. The command line's ``--auto-resume --baseline`` does the same.
+    """
+    out = Path(out_dir)
+    resume = (out / CHECKPOINT).is_file()
+    if resume and progress:
+        done = _load_payload(out)["outer"]
+        print(f"{config.target}: continuing the run in {out} after {done}/{config.n_outer} outer iterations")
+    state = train_idem(config, out, resume=resume, progress=progress)
+    if baseline and _world()[0] == 0:
+        current_baseline(out, state.energy_evaluations, progress=progress)
+    return out
+
+
+def current_baseline(out_dir: Path, budget: int, progress: bool = True) -> dict[str, float]:
+    """``out_dir/mcmc_baseline.json`` if it was run for ``budget`` energy evaluations, else a
+    fresh :func:`write_baseline` (the MCMC runs take minutes to half an hour per target)."""
+    saved = out_dir / "mcmc_baseline.json"
+    if saved.is_file():
+        result = json.loads(saved.read_text())
+        if result.get("budget") == budget:
+            if progress:
+                print(f"{saved}: already run for this checkpoint's {budget:.3g} evaluations; kept")
+            return result
+    return write_baseline(out_dir, progress=progress)
 
 
 # ----------------------------------------------------------------------------------------
@@ -635,13 +672,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("target", choices=sorted(CONFIGS))
     parser.add_argument("--out", required=True, type=Path, help="checkpoint directory")
     parser.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt")
+    parser.add_argument("--auto-resume", action="store_true",
+                        help="continue DIR's run if it has a checkpoint, else start one (restartable)")
     parser.add_argument("--stop-after", type=int, default=None, help="outer iterations to run in this call")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a config field, e.g. --set n_outer=200 --set method=pdem")
     parser.add_argument("--baseline", action="store_true",
                         help="after training, run MCMC with the same number of energy evaluations "
-                             "and write DIR/mcmc_baseline.json")
+                             "and write DIR/mcmc_baseline.json (kept if DIR already holds one for this budget)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     overrides = dict(_parse_override(s) for s in args.set)
@@ -652,8 +691,9 @@ def main(argv: list[str] | None = None) -> int:
     if distributed:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank = _world()[0]
+    resume = args.resume or (args.auto_resume and (args.out / CHECKPOINT).is_file())
     try:
-        state = train_idem(config, args.out, resume=args.resume, stop_after=args.stop_after,
+        state = train_idem(config, args.out, resume=resume, stop_after=args.stop_after,
                            progress=not args.no_progress)
     finally:
         if distributed:
@@ -663,5 +703,6 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"outer": state.outer, "energy_evaluations": state.energy_evaluations,
                           "wall_time_s": round(state.wall_time, 1), **final}))
         if args.baseline:
-            print(json.dumps({"mcmc_baseline": write_baseline(args.out, progress=not args.no_progress)}))
+            baseline = current_baseline(args.out, state.energy_evaluations, progress=not args.no_progress)
+            print(json.dumps({"mcmc_baseline": baseline}))
     return 0
