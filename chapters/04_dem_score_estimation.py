@@ -37,11 +37,11 @@ import ipywidgets
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from boltzlab.config import budget, sizes
 from boltzlab.energies import GaussianMixture, lj13, lj55
-from boltzlab.estimators import ESTIMATORS, estimator_error, gmm_noised_score, mc_score
-from boltzlab.kernels import mc_score_estimate
+from boltzlab.estimators import ESTIMATORS, estimator_error, gmm_noised_score, mc_score, score_quality_by_dimension
 from boltzlab.reference import load_reference
 from boltzlab.widgets import slider_figure
 
@@ -207,18 +207,9 @@ widget
 
 # %%
 dim_rows = []
-for d in S.dims:
-    gauss = GaussianMixture(name=f"gauss{d}", dim=d, means=torch.zeros(1, d), std=1.0)
-    gd = torch.Generator().manual_seed(d)
-    x_t = gauss.sample(S.dim_points, gd) + torch.randn(S.dim_points, d, generator=gd)
-    exact = gmm_noised_score(gauss, x_t, 1.0)
-    eps = torch.randn(S.dim_points, S.dim_k, d, generator=gd)
-    ess = mc_score_estimate(gauss, x_t, 1.0, noise=eps, backend="reference").ess
-    row = {"d": d, "ess": float(ess.mean())}
-    for est in ("lse", "jensen"):
-        s = mc_score(gauss, x_t, 1.0, eps=eps, estimator=est)
-        row[f"cos_{est}"] = float(torch.nn.functional.cosine_similarity(s, exact, dim=-1).mean())
-        row[f"ratio_{est}"] = float((s.norm(dim=-1) / exact.norm(dim=-1)).mean())
+for d in tqdm(S.dims, desc="dimensions"):
+    row = {"d": d, **score_quality_by_dimension(d, S.dim_points, S.dim_k, sigma=1.0,
+                                                generator=torch.Generator().manual_seed(d))}
     dim_rows.append(row)
     print(f"d = {d:5d}: ESS {row['ess']:7.1f} / {S.dim_k}; cosine LSE {row['cos_lse']:.3f}, Jensen "
           f"{row['cos_jensen']:.3f}; |S|/|score| LSE {row['ratio_lse']:.2f}, Jensen {row['ratio_jensen']:.2f}")

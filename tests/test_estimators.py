@@ -9,6 +9,7 @@ import torch
 
 from boltzlab.energies import DoubleWell2D, GaussianMixture, lj13
 from boltzlab.estimators import (
+    score_quality_by_dimension,
     clip_score,
     draw_eps,
     estimator_error,
@@ -206,3 +207,23 @@ def test_blended_estimator_targets_the_exact_score_with_far_less_variance_at_lar
     torch.testing.assert_close(big, gmm_noised_score(gmm, x_t, 3.0), rtol=0.0, atol=0.05)
     with pytest.raises(ValueError, match="needs local_scale"):
         mc_score(gmm, x_t, 1.0, 8, estimator="blended")
+
+
+def test_score_quality_by_dimension_against_the_exact_gaussian_score() -> None:
+    """On N(0, I_d) the Jensen estimate is -(x_t + sigma mean_k eps_k), i.e. (1 + sigma^2) times the
+    exact score plus noise of order 1/sqrt(K); the LSE estimate points the right way in 2-D and
+    loses direction (ESS -> 1) in 1000-D. Chunking the noise over points (needed at d = 10^4)
+    leaves the statistics alone."""
+    low = score_quality_by_dimension(2, 200, 256, generator=torch.Generator().manual_seed(0))
+    assert low["cos_lse"] > 0.95 and low["ess"] > 50
+    assert abs(low["ratio_jensen"] - 2.0) < 0.1 and abs(low["ratio_lse"] - 1.0) < 0.05
+    high = score_quality_by_dimension(1000, 16, 256, generator=torch.Generator().manual_seed(0))
+    assert high["ess"] < 2.0 and high["cos_lse"] < 0.9
+    assert abs(high["ratio_jensen"] - 2.0) < 0.05
+    whole = score_quality_by_dimension(50, 64, 64, generator=torch.Generator().manual_seed(1))
+    chunked = score_quality_by_dimension(50, 64, 64, generator=torch.Generator().manual_seed(1),
+                                         max_noise_elements=64 * 50 * 5)  # 5 points per chunk
+    for key in whole:  # within the sampling error of a mean over 64 points
+        assert abs(whole[key] - chunked[key]) < 0.05 * max(1.0, abs(whole[key])), key
+    with pytest.raises(ValueError, match="need dim, n_points, n_samples >= 1"):
+        score_quality_by_dimension(0, 4, 4)
