@@ -144,6 +144,11 @@ def test_train_to_completion_continues_an_interrupted_run_and_keeps_its_baseline
     assert redone["budget"] == 1.5 * baseline["budget"]
     with pytest.raises(CheckpointError, match="different config"):
         train_to_completion(replace(config, lr=0.1), tmp_path, progress=False)
+    # without samples.pt the baseline draws the final evaluation's samples again: the same ones
+    evaluated = torch.load(tmp_path / "samples.pt")
+    (tmp_path / "samples.pt").unlink()
+    idem.write_baseline(tmp_path, progress=False)
+    assert torch.equal(torch.load(tmp_path / "samples.pt"), evaluated)
 
 
 def test_bad_configs_and_missing_checkpoints(tmp_path: Path) -> None:

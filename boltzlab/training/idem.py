@@ -440,7 +440,10 @@ class TrainedSampler:
 
 def load_sampler(path: str | Path) -> TrainedSampler:
     """Load a checkpoint directory (or file) written by :func:`train_idem`, for sampling."""
-    payload = _load_payload(Path(path))
+    return _sampler_from_payload(_load_payload(Path(path)))
+
+
+def _sampler_from_payload(payload: dict[str, Any]) -> TrainedSampler:
     config = IDEMConfig(**payload["config"])
     energy = get_target(config.target)
     model = build_model(config, energy)
@@ -603,7 +606,7 @@ def write_baseline(out_dir: str | Path, progress: bool = True) -> dict[str, floa
     config = IDEMConfig(**payload["config"])
     if not (Path(out_dir) / "samples.pt").is_file():
         # the final evaluation's samples again: same EMA weights, same generator seed
-        sampler = load_sampler(out_dir)
+        sampler = _sampler_from_payload(payload)
         eval_gen = torch.Generator().manual_seed(config.seed + 10_007 * payload["outer"])
         torch.save(sampler.sample(config.n_eval, eval_gen).float(), Path(out_dir) / "samples.pt")
     budget = int(payload["energy_evaluations"])
