@@ -144,6 +144,7 @@ def test_chapter_runs_in_jupyterlab(lab, browser, chapter: Path):
         # finished when every code cell has an execution count and the kernel is idle
         n_code = sum(c.cell_type == "code" for c in nbformat.read(chapter, as_version=4).cells)
         deadline = time.time() + RUN_TIMEOUT_S
+        retry_at = time.time() + 30.0
         while time.time() < deadline:
             prompts = page.evaluate(
                 "() => Array.from(document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')).map(e => e.textContent)")
@@ -151,6 +152,14 @@ def test_chapter_runs_in_jupyterlab(lab, browser, chapter: Path):
             idle = page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").count() > 0
             if len(done) >= n_code and idle:
                 break
+            if retry_at and time.time() > retry_at:
+                retry_at = 0.0
+                if not any(p.strip() not in ("[ ]:", "") for p in prompts):
+                    # on a loaded machine the first Run All can land before the kernel takes
+                    # requests (seen once in CI: 0 of 14 cells queued); nothing ran, so ask again
+                    _dismiss_popups(page)
+                    page.click("div.lm-MenuBar-itemLabel:text-is('Run')")
+                    page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
             time.sleep(1.0)
         else:
             page.screenshot(path=str(ARTIFACTS / f"{chapter.stem}-timeout.png"))
