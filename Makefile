@@ -71,6 +71,7 @@ grade: setup
 
 bench: setup
 	$(BIN)/python benchmarks/bench_score_estimator.py
+	$(BIN)/python benchmarks/bench_gmm_score.py
 
 reference: setup
 	$(BIN)/python -m boltzlab.reference build all

@@ -76,6 +76,29 @@ def test_gmm40_is_normalised_and_exactly_sampled():
     assert torch.equal(counts, torch.ones(40, dtype=torch.long))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gmm40_energy_matches_torch_distributions(dtype):
+    # the energy expands |x - mu|^2 for speed; check it against an independent mixture density,
+    # at samples, between modes and far outside them (where the expansion loses most digits)
+    gmm = en.GaussianMixture()
+    mu = gmm.means.double()
+    ref = torch.distributions.MixtureSameFamily(
+        torch.distributions.Categorical(logits=torch.zeros(40, dtype=torch.float64)),
+        torch.distributions.Independent(torch.distributions.Normal(mu, torch.full_like(mu, gmm.std)), 1))
+    g = torch.Generator().manual_seed(3)
+    x = torch.cat([gmm.sample(2_000, g, dtype=torch.float64), mu,
+                   (torch.rand(2_000, 2, generator=g, dtype=torch.float64) - 0.5) * 160])
+    xr = x.clone().requires_grad_(True)
+    logp = ref.log_prob(xr)
+    (grad,) = torch.autograd.grad(logp.sum(), xr)
+    logp = logp.detach()
+    energy, forces = gmm.energy_and_forces(x.to(dtype))
+    atol = 1e-9 if dtype == torch.float64 else 1e-3
+    scale = 1.0 + logp.abs()
+    assert float(((energy.double() + logp) / scale).abs().max()) < atol
+    assert float(((forces.double() - grad) / (1.0 + grad.abs())).abs().max()) < atol
+
+
 def test_double_well_exact_quantities():
     dw = en.DoubleWell2D()
     p_left, p_right = dw.well_probabilities()

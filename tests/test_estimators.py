@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from boltzlab import estimators
 from boltzlab.energies import DoubleWell2D, GaussianMixture, lj13
 from boltzlab.estimators import (
     score_quality_by_dimension,
@@ -227,3 +228,17 @@ def test_score_quality_by_dimension_against_the_exact_gaussian_score() -> None:
         assert abs(whole[key] - chunked[key]) < 0.05 * max(1.0, abs(whole[key])), key
     with pytest.raises(ValueError, match="need dim, n_points, n_samples >= 1"):
         score_quality_by_dimension(0, 4, 4)
+
+
+@pytest.mark.parametrize("estimator", ["lse", "naive", "jensen"])
+def test_copy_chunking_does_not_change_the_estimate(monkeypatch, estimator):
+    # copies are evaluated in chunks of points (_MAX_COPY_ELEMENTS); a point's estimate must not
+    # depend on how its neighbours were grouped, down to the last bit
+    gmm = GaussianMixture()
+    x = gmm.sample(37, torch.Generator().manual_seed(2), dtype=torch.float64)
+    eps = draw_eps(gmm, 37, 64, torch.Generator().manual_seed(3), dtype=torch.float64)
+    results = []
+    for cap in (1 << 22, 128 * 3, 1):  # everything at once; 3 points per chunk; one point per chunk
+        monkeypatch.setattr(estimators, "_MAX_COPY_ELEMENTS", cap)
+        results.append(mc_score(gmm, x, 1.0, eps=eps, estimator=estimator))
+    assert all(torch.equal(results[0], r) for r in results[1:])
