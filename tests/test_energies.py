@@ -78,8 +78,8 @@ def test_gmm40_is_normalised_and_exactly_sampled():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_gmm40_energy_matches_torch_distributions(dtype):
-    # the energy expands |x - mu|^2 for speed; check it against an independent mixture density,
-    # at samples, between modes and far outside them (where the expansion loses most digits)
+    # an independent mixture density, at samples, at the means and far outside the modes
+    # (where float32 rounding of the squared distances matters most)
     gmm = en.GaussianMixture()
     mu = gmm.means.double()
     ref = torch.distributions.MixtureSameFamily(
