@@ -385,9 +385,9 @@ assert all(math.isfinite(h["loss"]) for h in demo.history)
 # `metrics.json` (the evaluations during training, the energy-evaluation count and the
 # training time), `samples.pt` (the samples of the final evaluation) and `mcmc_baseline.json`
 # (MALA given the same number of energy evaluations). Under `full` every target is retrained
-# here with its shipped config instead, into `runs/full/TARGET/` beside this notebook (`chapters/runs/`;
-# or `$BOLTZLAB_RUNS/full/TARGET/`)
-# with a checkpoint after every outer iteration: that takes hours on a CPU, and a run that is cut
+# here with its shipped config instead, into `runs/full/TARGET/` beside this notebook (that is,
+# `chapters/runs/full/TARGET/`; or `$BOLTZLAB_RUNS/full/TARGET/` when that is set), with a
+# checkpoint after every outer iteration: that takes hours on a CPU, and a run that is cut
 # off continues where it stopped when the cell is run again (stop-and-continue gives the same
 # weights as an uninterrupted run; `tests/test_idem.py` checks it).
 
