@@ -118,18 +118,29 @@ def _checked(energy: Energy, x_t: Tensor, sigma: float | Tensor, eps: Tensor) ->
 def lse_score(energy: Energy, x_t: Tensor, sigma: float | Tensor, eps: Tensor) -> Tensor:
     """DEM score target S_K(x_t) = sum_k softmax_k(-E(x_k)/kT) F(x_k)/kT, x_k = x_t + sigma eps_k.
 
-    Shapes: x_t (B, dim), sigma float or (B,), eps (B, K, dim) -> (B, dim). Particle systems
-    go to the fused :func:`boltzlab.kernels.mc_score_estimate` (noise projected to the
-    centre-of-mass-free subspace there); other energies are evaluated here, materialised."""
+    Shapes: x_t (B, dim), sigma float or (B,), eps (B, K, dim) -> (B, dim). Computed in one
+    streamed pass by :func:`boltzlab.kernels.mc_score_estimate` (noise projected to the
+    centre-of-mass-free subspace there for particle systems), never holding the K copies."""
     inputs = _checked(energy, x_t, sigma, eps)
-    assert inputs.noise is not None
-    if energy.is_particle_system:
-        return mc_score_estimate(energy, inputs.x_t, inputs.sigma, noise=inputs.noise).score
-    log_w, forces = copy_log_weights_and_forces(energy, inputs.x_t, inputs.sigma, inputs.noise)
-    return _combine(log_w, forces, energy.kT, "lse")
+    return mc_score_estimate(energy, inputs.x_t, inputs.sigma, noise=inputs.noise).score
 
 
-def blended_score(energy: Energy, x_t: Tensor, sigma: float | Tensor, eps: Tensor, local_scale: float) -> Tensor:
+def blend_weight(sigma: Tensor, local_scale: float) -> Tensor:
+    """a(sigma) = 1 / (1 + (sigma / l)^4), the force form's share in :func:`blended_score`: (B,) -> (B,)."""
+    return 1.0 / (1.0 + (sigma / local_scale) ** 4)
+
+
+def blend_forms(force_form: Tensor, noise_form: Tensor, sigma: Tensor, local_scale: float) -> Tensor:
+    """a S_F + (1 - a) S_U with a = :func:`blend_weight`: (B, dim), (B, dim), (B,) -> (B, dim).
+    Where sigma = 0 the noise form is undefined and a = 1: the force form alone."""
+    a = blend_weight(sigma, local_scale)[:, None]
+    mixed = a * force_form + (1.0 - a) * noise_form
+    return torch.where((sigma > 0)[:, None], mixed, force_form)
+
+
+def blended_score(energy: Energy, x_t: Tensor, sigma: float | Tensor, eps: Tensor | None, local_scale: float,
+                  *, n_samples: int | None = None, generator: torch.Generator | None = None,
+                  compile: bool | None = None) -> Tensor:
     r"""Force form and noise form of the same self-normalised estimate, blended by noise level.
 
     With x_k = x_t + sigma eps_k and w = softmax_k(-E(x_k)/kT), two estimators share the
@@ -144,19 +155,24 @@ def blended_score(energy: Energy, x_t: Tensor, sigma: float | Tensor, eps: Tenso
     S = a S_F + (1 - a) S_U with a = 1 / (1 + (sigma / l)^4) switches at sigma ≈ l, the
     width of the target's wells (``local_scale``). The fourth power matters: with
     a = l^2 / (l^2 + sigma^2) the force form's huge variance still leaks in at large sigma
-    (on DW-4 at sigma = 3 its error is several times the noise form's alone). Shapes as :func:`lse_score`;
-    materialises the K copies (use it for the regression targets of iDEM, not in hot loops
-    where the fused force-form kernel applies).
+    (on DW-4 at sigma = 3 its error is several times the noise form's alone).
+
+    Both forms come from one streamed pass of :func:`boltzlab.kernels.mc_score_estimate`
+    (``noise_form=True``): the K copies are never held at once. Shapes as :func:`lse_score`;
+    instead of ``eps``, give ``n_samples`` and a ``generator`` (eps = None) to draw the noise
+    chunk by chunk, the same numbers :func:`draw_eps` would draw. ``compile``: as in
+    :func:`boltzlab.kernels.mc_score_estimate`.
     """
-    inputs = _checked(energy, x_t, sigma, eps)
-    assert inputs.noise is not None
-    noise = project_noise(inputs.noise, energy)
-    log_w, forces = copy_log_weights_and_forces(energy, inputs.x_t, inputs.sigma, noise)
-    w = torch.softmax(log_w, dim=1)
-    force_form = (w[..., None] * forces).sum(dim=1) / energy.kT
-    noise_form = (w[..., None] * noise).sum(dim=1) / inputs.sigma[:, None]
-    a = 1.0 / (1.0 + (inputs.sigma / local_scale) ** 4)[:, None]
-    return a * force_form + (1.0 - a) * noise_form
+    if eps is not None:
+        inputs = _checked(energy, x_t, sigma, eps)
+        est = mc_score_estimate(energy, inputs.x_t, inputs.sigma, noise=inputs.noise, noise_form=True,
+                                compile=compile)
+    else:
+        inputs = check_score_inputs(energy, x_t, sigma, n_samples, None, generator)
+        est = mc_score_estimate(energy, inputs.x_t, inputs.sigma, inputs.n_samples, generator=generator,
+                                noise_form=True, compile=compile)
+    assert est.noise_score is not None
+    return blend_forms(est.score, est.noise_score, inputs.sigma, local_scale)
 
 
 def jensen_score(energy: Energy, x_t: Tensor, sigma: float | Tensor, eps: Tensor) -> Tensor:
@@ -246,6 +262,7 @@ def mc_score(
     max_norm: float | None = None,
     per_particle: bool = True,
     local_scale: float | None = None,
+    compile: bool | None = None,
 ) -> Tensor:
     """One entry point for the estimators above: (B, dim) -> (B, dim).
 
@@ -258,20 +275,35 @@ def mc_score(
             which needs ``local_scale``).
         max_norm: clip the result with :func:`clip_score` (per particle for particle systems
             when ``per_particle``).
+        compile: torch.compile for the streamed pass of "lse" and "blended"
+            (:func:`boltzlab.kernels.mc_score_estimate`; None decides by size).
+
+    "lse" and "blended" run as one streamed pass of the fused estimator (memory O(B * dim));
+    "naive", "jensen" and Richardson extrapolation materialise the copies.
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown estimator {estimator!r}; use one of {', '.join(ESTIMATORS)}")
+    if estimator == "blended" and (local_scale is None or richardson):
+        raise ValueError("the blended estimator needs local_scale (and does not combine with richardson)")
     if eps is None:
         if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
             raise ValueError(f"n_samples must be a positive int when eps is not given, got {n_samples!r}")
         if not isinstance(x_t, Tensor) or x_t.ndim != 2:
             raise ValueError(f"x_t must be a tensor of shape (B, {energy.dim})")
+    streamed = estimator in ("lse", "blended") and not richardson
+    if eps is None and not streamed:
         total = 2 * n_samples if richardson else n_samples
         eps = draw_eps(energy, x_t.shape[0], total, generator, dtype=x_t.dtype, device=x_t.device)
     if estimator == "blended":
-        if local_scale is None or richardson:
-            raise ValueError("the blended estimator needs local_scale (and does not combine with richardson)")
-        out = blended_score(energy, x_t, sigma, eps, local_scale)
+        assert local_scale is not None
+        out = blended_score(energy, x_t, sigma, eps, local_scale, n_samples=n_samples, generator=generator,
+                            compile=compile)
+    elif estimator == "lse" and not richardson:
+        # with eps None the noise is drawn chunk by chunk inside the pass (same numbers as draw_eps)
+        inputs = check_score_inputs(energy, x_t, sigma, n_samples if eps is None else None, eps,
+                                    generator if eps is None else None)
+        out = mc_score_estimate(energy, inputs.x_t, inputs.sigma, inputs.n_samples, noise=inputs.noise,
+                                generator=generator if eps is None else None, compile=compile).score
     elif richardson:
         out = richardson_score(energy, x_t, sigma, eps, estimator)
     else:

@@ -198,22 +198,39 @@ def test_command_line_trains_and_resumes(tmp_path: Path) -> None:
 
 def test_data_parallel_training_with_gloo_on_two_processes(tmp_path: Path) -> None:
     """torchrun with 2 CPU ranks: DDP averages gradients, so the ranks stay identical
-    (train_idem checks parameter checksums across ranks at the end and fails otherwise),
-    and the energy-evaluation counter sums both ranks' work."""
+    (train_idem checks parameter checksums across ranks at the end and fails otherwise); the
+    global sizes are the config's (each rank takes half the batch), so the energy-evaluation
+    counter equals a single process's; and stop-and-resume equals the uninterrupted run,
+    because the checkpoint keeps both ranks' buffers and random states."""
     fields = {**TINY, "n_outer": 2, "eval_every": 2}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "boltzlab", "train", "gmm40", "--out", str(tmp_path / "ddp"), "--no-progress", *_set_args(**fields)]
-    result = _run(cmd)
+    cmd = [sys.executable, "-m", "boltzlab", "train", "gmm40", "--procs", "2", "--no-progress",
+           *_set_args(**fields)]
+    result = _run([*cmd, "--out", str(tmp_path / "ddp")])
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     config = config_for("gmm40", **fields)
     single = config.n_outer * config.inner_steps * config.batch_size * config.n_mc
-    assert summary["energy_evaluations"] == 2 * single
+    assert summary["energy_evaluations"] == single
     # the two-rank run differs from a single-process run with the same seed (rank 1's
     # batches entered the averaged gradients)
     alone = train_idem(config, None, progress=False)
     ddp = torch.load(tmp_path / "ddp" / "checkpoint.pt", weights_only=False)
+    assert ddp["world_size"] == 2 and len(ddp["rank_states"]) == 2
+    assert not torch.equal(ddp["rank_states"][0]["buffer"]["data"], ddp["rank_states"][1]["buffer"]["data"])
     assert not torch.equal(_params(alone.model), torch.cat([v.reshape(-1) for v in ddp["model"].values()]))
+    split = [*cmd, "--out", str(tmp_path / "split")]
+    assert _run([*split, "--stop-after", "1"]).returncode == 0
+    resumed = _run([*split, "--auto-resume"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    again = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=False)
+    for key in ddp["model"]:
+        assert torch.equal(again["model"][key], ddp["model"][key]), key
+    for mine, other in zip(again["rank_states"], ddp["rank_states"]):
+        assert torch.equal(mine["buffer"]["data"], other["buffer"]["data"])
+    # a two-process checkpoint cannot silently continue in one process
+    single_resume = _run([sys.executable, "-m", "boltzlab", "train", "gmm40", "--no-progress", "--resume",
+                          "--out", str(tmp_path / "split"), *_set_args(**{**fields, "n_outer": 3})])
+    assert single_resume.returncode != 0 and "--procs 2" in single_resume.stderr
 
 
 def test_equal_budget_mcmc_spends_the_budget_it_is_given() -> None:
@@ -223,3 +240,78 @@ def test_equal_budget_mcmc_spends_the_budget_it_is_given() -> None:
     assert result["n_chains"] == 200 and result["steps"] == 100
     assert 20_000 <= result["energy_evaluations"] <= 20_000 + 200
     assert math.isfinite(result["energy_w2"]) and 0.0 <= result["distance_tvd"] <= 1.0
+
+
+def test_paper_preset_has_the_public_code_sizes_and_old_checkpoints_keep_euler() -> None:
+    lj = config_for("lj13", "paper")
+    assert (lj.hidden, lj.n_layers, lj.n_mc, lj.max_norm, lj.batch_size) == (128, 5, 1000, 20.0, 512)
+    assert (lj.sigma_min, lj.sigma_max, lj.sde_steps, lj.n_refill, lj.buffer_capacity) == (0.01, 2.0, 1000, 1000, 10_000)
+    lj55 = config_for("lj55", "paper", n_outer=3)
+    assert (lj55.n_mc, lj55.batch_size, lj55.sigma_min, lj55.sigma_max, lj55.n_outer) == (100, 128, 0.5, 4.0, 3)
+    assert config_for("dw4", "paper").sigma_min == 1e-5
+    with pytest.raises(TrainingConfigError, match="preset"):
+        config_for("lj13", "gpu")
+    with pytest.raises(TrainingConfigError, match="sde_increment"):
+        config_for("lj13", sde_increment="heun")
+    # the shipped checkpoints were saved before sde_increment existed: they sample as trained
+    shipped = json.loads((idem.shipped_checkpoint("dw4") / "config.json").read_text())
+    assert "sde_increment" not in shipped and idem.IDEMConfig(**shipped).sde_increment == "euler"
+
+
+def test_profile_scales_the_measured_phases_to_the_config(tmp_path: Path) -> None:
+    from boltzlab.training.profile import profile_training
+
+    config = config_for("dw4", **{**TINY, "inner_steps": 6, "sde_steps": 8, "eval_every": 4})
+    report = profile_training(config, regression_steps=2, sde_steps=2, compile=False)
+    assert set(report.seconds) == {"target", "network", "optimizer", "refill", "evaluation"}
+    assert all(v > 0 for v in report.seconds.values())
+    loop = sum(v for k, v in report.seconds.items() if k != "evaluation")
+    assert report.regression_steps_per_s == pytest.approx(6 / loop)
+    assert report.refill_samples_per_s == pytest.approx(config.n_refill / report.seconds["refill"])
+    assert report.seconds["evaluation"] == pytest.approx(report.seconds_per_evaluation / 4)
+    assert "| target |" in report.table() and not report.compiled
+    # the baseline swaps in the materialised targets of before the fused pass, nothing else
+    base = profile_training(config, regression_steps=2, sde_steps=2, compile=True, baseline=True)
+    assert not base.compiled and base.seconds["target"] > 0
+    out = _run([sys.executable, "-m", "boltzlab", "train", "dw4", "--profile", "--profile-steps", "2",
+                "--no-compile", "--no-progress", *_set_args(**TINY)])
+    assert out.returncode == 0, out.stderr[-2000:]
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert summary["profile"] == "dw4" and summary["regression_steps_per_s"] > 0
+
+
+def test_compiled_network_matches_eager_and_falls_back_with_a_message(monkeypatch: pytest.MonkeyPatch) -> None:
+    from boltzlab.models import EGNN
+    from boltzlab.training.compiled import CompiledForward, compile_wanted
+
+    torch.manual_seed(0)
+    net = EGNN(4, 2, hidden=16, n_layers=2)
+    x, t = torch.randn(8, 8), torch.rand(8)
+    eager_out = net(x, t)
+    eager_grad = torch.autograd.grad(eager_out.pow(2).sum(), list(net.parameters()))
+    compiled = CompiledForward(net)
+    out = compiled(x, t)
+    grad = torch.autograd.grad(out.pow(2).sum(), list(net.parameters()))
+    assert not compiled.failed, "torch.compile failed, so nothing compiled was tested"
+    torch.testing.assert_close(out, eager_out, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grad, eager_grad):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    with torch.no_grad():  # parameters changed in place (as the EMA does) are seen
+        for p in net.parameters():
+            p.mul_(0.5)
+        torch.testing.assert_close(compiled(x, t), net(x, t), rtol=1e-5, atol=1e-6)
+
+    def broken(*args, **kwargs):
+        def fail(*a, **k):
+            raise RuntimeError("no C++ compiler")
+        return fail
+
+    monkeypatch.setattr(torch, "compile", broken)
+    fallback = CompiledForward(net)
+    with pytest.warns(RuntimeWarning, match="torch.compile failed for EGNN .*no C\\+\\+ compiler.*eager"):
+        result = fallback(x, t)
+    assert fallback.failed and torch.equal(result, net(x, t))
+    monkeypatch.setenv("BOLTZLAB_COMPILE", "0")
+    assert not compile_wanted(None, 10**6) and compile_wanted(True, 1)
+    monkeypatch.setenv("BOLTZLAB_COMPILE", "auto")
+    assert compile_wanted(None, 1000) and not compile_wanted(None, 999)

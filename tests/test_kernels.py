@@ -232,6 +232,64 @@ def test_cpu_score_matches_reference_with_explicit_noise(
     assert fast.n_energy_evals == batch * k
 
 
+def check_noise_form(est, ref, sigma: Tensor, rel: float, what: str) -> None:
+    """The noise form sum_k w_k eps_k / sigma against the reference's: equal where sigma > 0,
+    NaN in both where sigma = 0 (0/0)."""
+    assert est.noise_score is not None and ref.noise_score is not None
+    live = sigma > 0
+    assert torch.isnan(est.noise_score[~live]).all() and torch.isnan(ref.noise_score[~live]).all()
+    assert_close_rel(est.noise_score[live], ref.noise_score[live], rel, what)
+
+
+@pytest.mark.parametrize("dtype", [F32, F64], ids=["f32", "f64"])
+@pytest.mark.parametrize("name,batch,k,points,copies", SCORE_CASES)
+def test_cpu_noise_form_shares_the_pass_and_matches_reference(
+    name: str, batch: int, k: int, points: int | None, copies: int | None, dtype: torch.dtype
+) -> None:
+    pot = POTENTIALS[name]
+    x = cluster(pot, batch, seed=10, dtype=dtype)
+    sigma = torch.linspace(0.0, 0.3, batch, dtype=dtype)
+    noise = torch.randn(batch, k, pot.dim, generator=torch.Generator().manual_seed(11), dtype=dtype)
+    both = mc_score_estimate(pot, x, sigma, noise=noise, compile=False, block_points=points, block_copies=copies,
+                             noise_form=True)
+    force_only = mc_score_estimate(pot, x, sigma, noise=noise, compile=False, block_points=points,
+                                   block_copies=copies)
+    ref = reference_score_estimate(pot, x, sigma, noise)
+    assert force_only.noise_score is None
+    assert torch.equal(both.score, force_only.score), "asking for the noise form must not change the force form"
+    check_noise_form(both, ref, sigma, 10 * REL[dtype], f"{name} noise form")
+    # the noise form is centre-of-mass free, like the noise it averages
+    live = sigma > 0
+    com = both.noise_score[live].reshape(int(live.sum()), pot.n, pot.d_space).sum(1)
+    assert com.abs().max() <= 1e3 * torch.finfo(dtype).eps * both.noise_score[live].abs().max()
+
+
+def test_noise_form_by_hand_and_generic_energy() -> None:
+    """sum_k softmax_k(l) eps_k / sigma written out for a GMM (no projection), and the streamed
+    generic path against the reference with generator noise."""
+    gmm = GaussianMixture()
+    x = gmm.sample(5, generator=torch.Generator().manual_seed(30), dtype=F64)
+    sigma = torch.tensor([0.5, 1.0, 2.0, 4.0, 8.0], dtype=F64)
+    eps = torch.randn(5, 90, 2, generator=torch.Generator().manual_seed(31), dtype=F64)
+    log_w = -gmm.energy(x[:, None] + sigma[:, None, None] * eps) / gmm.kT
+    by_hand = (torch.softmax(log_w, 1)[..., None] * eps).sum(1) / sigma[:, None]
+    est = mc_score_estimate(gmm, x, sigma, noise=eps, noise_form=True, block_points=2)
+    assert_close_rel(est.noise_score, by_hand, 1e-12, "GMM noise form by hand")
+    streamed = mc_score_estimate(gmm, x, sigma, 150, generator=torch.Generator().manual_seed(32), noise_form=True)
+    ref = mc_score_estimate(gmm, x, sigma, 150, generator=torch.Generator().manual_seed(32), backend="reference")
+    assert_close_rel(streamed.noise_score, ref.noise_score, 1e-12, "GMM streamed noise form")
+    assert_close_rel(streamed.score, ref.score, 1e-12, "GMM streamed force form")
+
+
+@pytest.mark.parametrize("dtype", [F32, F64], ids=["f32", "f64"])
+def test_noise_form_is_stable_for_overlapping_particles(dtype: torch.dtype) -> None:
+    pot, x, sigma, noise = overlap_inputs(dtype)
+    est = mc_score_estimate(pot, x, sigma, noise=noise, compile=False, block_copies=8, noise_form=True)
+    check_overlap_estimate(est, pot, x, sigma, noise)
+    ref = reference_score_estimate(pot, x.to(F64), sigma.to(F64), noise.to(F64))
+    check_noise_form(est, ref, sigma, 10 * REL[dtype], "overlap noise form")
+
+
 def test_generator_noise_is_the_same_on_every_path() -> None:
     pot = lj13()
     x = cluster(pot, 6, seed=12)
@@ -411,6 +469,17 @@ def triton_results() -> dict[str, object]:
         calls.append({"fn": "mc_score_estimate", "energy": pot, "args": (x, sigma),
                       "kwargs": {"noise": noise, "block_copies": 16}})
         ids.append(f"overlap-{dtype}")
+    for case in SCORE_CASES[:2]:
+        for dtype in (F32, F64):
+            pot, x, sigma, noise = _score_inputs(case, dtype)
+            calls.append({"fn": "mc_score_estimate", "energy": pot, "args": (x, sigma),
+                          "kwargs": {"noise": noise, "noise_form": True}})
+            ids.append(f"noise-form-{case[0]}-{dtype}")
+    pot = lj13()
+    calls.append({"fn": "mc_score_estimate", "energy": pot,
+                  "args": (cluster(pot, 6, seed=12), 0.2, 2 * NOISE_CHUNK + 9),
+                  "kwargs": {"generator": torch.Generator().manual_seed(13), "noise_form": True}})
+    ids.append("noise-form-generator")
     results = run_interpreted(calls, timeout=300)
     return dict(zip(ids, results))
 
@@ -462,6 +531,27 @@ def test_triton_score_is_stable_for_overlapping_particles(triton_results: dict, 
     pot, x, sigma, noise = overlap_inputs(dtype)
     est = _result(triton_results, f"overlap-{dtype}")
     check_overlap_estimate(est, pot, x, sigma, noise)
+
+
+@pytest.mark.kernels
+@pytest.mark.parametrize("case", SCORE_CASES[:2], ids=lambda c: c[0])
+@pytest.mark.parametrize("dtype", [F32, F64], ids=["f32", "f64"])
+def test_triton_noise_form_matches_the_reference(triton_results: dict, case: tuple, dtype: torch.dtype) -> None:
+    pot, x, sigma, noise = _score_inputs(case, dtype)
+    est = _result(triton_results, f"noise-form-{case[0]}-{dtype}")
+    ref = reference_score_estimate(pot, x, sigma, noise)
+    assert_close_rel(est.score, ref.score, 10 * REL[dtype], "score next to the noise form")
+    check_noise_form(est, ref, sigma, 10 * REL[dtype], "Triton noise form")
+
+
+@pytest.mark.kernels
+def test_triton_noise_form_with_generator_noise_matches_the_cpu_path(triton_results: dict) -> None:
+    pot = lj13()
+    x = cluster(pot, 6, seed=12)
+    est = _result(triton_results, "noise-form-generator")
+    cpu = mc_score_estimate(pot, x, 0.2, 2 * NOISE_CHUNK + 9, generator=torch.Generator().manual_seed(13),
+                            noise_form=True, compile=False)
+    assert_close_rel(est.noise_score, cpu.noise_score, 1e-10, "noise form, generator noise")
 
 
 def test_interpreter_variable_does_not_leak_into_this_process(triton_results: dict) -> None:

@@ -7,7 +7,8 @@ training code never see the difference:
   (LJ benchmark, standard LJ, DW-4) for a batch of configurations;
 - :func:`mc_score_estimate`, the DEM score target
   S_K(x_t) = sum_k softmax_k(-E(x_k)/kT) F(x_k)/kT,  x_k = x_t + sigma eps_k,
-  streamed over K with an online logsumexp (memory O(B * dim), not O(B * K * dim)).
+  streamed over K with an online logsumexp (memory O(B * dim), not O(B * K * dim)), and in
+  the same pass, on request, its noise (Tweedie) form sum_k softmax_k eps_k / sigma.
 
 ============  ==============================================================================
 backend       what runs
@@ -113,6 +114,7 @@ def mc_score_estimate(
     compile: bool | None = None,
     block_points: int | None = None,
     block_copies: int | None = None,
+    noise_form: bool = False,
 ) -> ScoreEstimate:
     """The DEM Monte Carlo score target at noisy points ``x_t`` (B, dim).
 
@@ -131,9 +133,13 @@ def mc_score_estimate(
             None uses the global RNG. Not together with ``noise``.
         backend: see the module docstring. ``compile``: torch.compile for the "torch" backend
             (None: automatic). ``block_points``/``block_copies``: override the tile shape.
+        noise_form: also accumulate the noise (Tweedie) form sum_k w_k eps_k / sigma in the
+            same pass (``noise_score``; :func:`boltzlab.estimators.blended_score` needs it).
+            The reference backend always computes it.
 
     Returns a :class:`ScoreEstimate`: ``score`` (B, dim), ``log_normalizer`` (B,),
-    ``ess`` (B,) and ``n_energy_evals`` = B * K. Raises :class:`ScoreInputError` for bad input.
+    ``ess`` (B,), ``n_energy_evals`` = B * K and ``noise_score`` (B, dim) or None.
+    Raises :class:`ScoreInputError` for bad input.
     """
     inputs = check_score_inputs(energy, x_t, sigma, n_samples, noise, generator)
     chosen = _choose_backend(backend, energy, inputs.x_t.device)
@@ -144,6 +150,7 @@ def mc_score_estimate(
         return reference_score_estimate(energy, inputs.x_t, inputs.sigma, eps)
     if chosen == "triton":
         assert isinstance(energy, PairPotential)
-        return _triton().score_estimate_triton(energy, inputs, generator, block_points, block_copies)
+        return _triton().score_estimate_triton(energy, inputs, generator, block_points, block_copies,
+                                               noise_form=noise_form)
     return score_estimate_cpu(energy, inputs, generator, compile=compile,
-                              block_points=block_points, block_copies=block_copies)
+                              block_points=block_points, block_copies=block_copies, noise_form=noise_form)

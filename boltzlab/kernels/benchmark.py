@@ -52,6 +52,8 @@ IMPLEMENTATIONS: dict[str, str] = {
     "torch_compiled": "boltzlab torch path, torch.compile",
     "triton": "boltzlab Triton kernels (CUDA)",
     "autograd_cuda": "autograd, batched B*K copies (CUDA)",
+    "target_fused": "training target (blended, clipped), fused pass",
+    "target_materialised": "training target (blended, clipped), materialised (cf35560)",
 }
 
 
@@ -134,6 +136,50 @@ def noisy_points(case: BenchCase) -> Any:
     return lj_benchmark(n).remove_com(x.reshape(case.batch, 3 * n))
 
 
+TARGET_LOCAL_SCALE = 0.07
+"""local_scale of the blended training target in the benchmark (LJ-13's course config)."""
+TARGET_MAX_NORM = 20.0
+"""Per-particle clipping norm of the training target in the benchmark (the public iDEM configs)."""
+
+
+def materialised_blended_score(energy: Any, x_t: Any, sigma: Any, eps: Any, local_scale: float) -> Any:
+    """The blended training target as boltzlab computed it before the fused pass (commit
+    cf35560), kept as the benchmarks' baseline: every copy's energy and forces materialised
+    (in chunks of points) by :func:`boltzlab.estimators.copy_log_weights_and_forces`, then the
+    softmax, the force form, the noise form and the blend. Shapes as
+    :func:`boltzlab.estimators.blended_score`."""
+    import torch
+
+    from boltzlab.estimators import blend_forms, copy_log_weights_and_forces
+    from boltzlab.kernels.estimate import check_score_inputs
+    from boltzlab.kernels.noise import project_noise
+
+    inputs = check_score_inputs(energy, x_t, sigma, None, eps, None)
+    noise = project_noise(inputs.noise, energy)
+    log_w, forces = copy_log_weights_and_forces(energy, inputs.x_t, inputs.sigma, noise)
+    w = torch.softmax(log_w, dim=1)
+    force_form = (w[..., None] * forces).sum(dim=1) / energy.kT
+    noise_form = (w[..., None] * noise).sum(dim=1) / inputs.sigma[:, None]
+    return blend_forms(force_form, noise_form, inputs.sigma, local_scale)
+
+
+def materialised_mc_score(energy: Any, x_t: Any, sigma: Any, n_samples: int | None = None, *,
+                          generator: Any = None, estimator: str = "lse", max_norm: float | None = None,
+                          local_scale: float | None = None, **_: Any) -> Any:
+    """:func:`boltzlab.estimators.mc_score` as it was before the fused pass, for the training
+    targets ("lse" and "blended"): the noise drawn whole by :func:`boltzlab.estimators.draw_eps`
+    (the same numbers as the streamed draw), the copies materialised, per-particle clipping."""
+    from boltzlab.estimators import clip_score, draw_eps, mc_score
+
+    eps = draw_eps(energy, x_t.shape[0], n_samples, generator, dtype=x_t.dtype, device=x_t.device)
+    if estimator != "blended":
+        return mc_score(energy, x_t, sigma, eps=eps, estimator=estimator, max_norm=max_norm)
+    out = materialised_blended_score(energy, x_t, sigma, eps, local_scale)
+    if max_norm is None:
+        return out
+    return clip_score(out, max_norm, n_particles=energy.n_particles, spatial_dim=energy.spatial_dim)
+
+
 def _make_call(implementation: str, case: BenchCase) -> Any:
     import torch
 
@@ -156,6 +202,12 @@ def _make_call(implementation: str, case: BenchCase) -> Any:
         compile = implementation == "torch_compiled"
         return lambda: mc_score_estimate(pot, x, case.sigma, case.n_samples, generator=generator,
                                          backend="torch", compile=compile).score
+    if implementation in ("target_fused", "target_materialised"):
+        from boltzlab.estimators import mc_score
+
+        score = mc_score if implementation == "target_fused" else materialised_mc_score
+        return lambda: score(pot, x, case.sigma, case.n_samples, generator=generator, estimator="blended",
+                             local_scale=TARGET_LOCAL_SCALE, max_norm=TARGET_MAX_NORM)
     if implementation == "triton":
         return lambda: mc_score_estimate(pot, x, case.sigma, case.n_samples, generator=generator,
                                          backend="triton").score

@@ -105,33 +105,39 @@ def pair_block(x: Tensor, nbr: Tensor, params: Tensor, kind: str) -> tuple[Tenso
     return energy, forces
 
 
-def prepare_block(x_t: Tensor, sigma: Tensor, noise: Tensor, project: bool) -> Tensor:
-    """Perturbed copies in coordinate-major layout.
+def prepare_block(x_t: Tensor, sigma: Tensor, noise: Tensor, project: bool) -> tuple[Tensor, Tensor]:
+    """Perturbed copies in coordinate-major layout, and the noise that made them.
 
     ``x_t`` (d, N, b), ``sigma`` (b,), ``noise`` (d, N, k, b) (a coordinate-major noise block,
     see :mod:`.noise`) -> X (d, N, k * b) contiguous with
-    X[:, :, c * b + p] = x_t[:, :, p] + sigma[p] * eps[:, :, c, p] (eps centred over N if ``project``).
+    X[:, :, c * b + p] = x_t[:, :, p] + sigma[p] * eps[:, :, c, p] (eps centred over N if
+    ``project``), and that eps as (d, N, k * b) (a view where possible).
     """
     if project:
         noise = noise - noise.mean(1, keepdim=True)
     copies = x_t[:, :, None, :] + sigma * noise
-    return copies.reshape(x_t.shape[0], x_t.shape[1], -1).contiguous()
+    d, n = x_t.shape[0], x_t.shape[1]
+    return copies.reshape(d, n, -1).contiguous(), noise.reshape(d, n, -1)
 
 
 def pairs_and_fold(
-    x: Tensor, valid: Tensor, nbr: Tensor, params: Tensor, kind: str,
+    x: Tensor, eps: Tensor | None, valid: Tensor, nbr: Tensor, params: Tensor, kind: str,
     max_log_weight: Tensor, sum_weights: Tensor, sum_sq_weights: Tensor, weighted_sum: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Evaluate a block of b * k copies and fold it into the online-logsumexp state.
 
-    ``x`` (d, N, k * b) from :func:`prepare_block`, ``valid`` (b, k) bool; the state's
-    ``weighted_sum`` is (b, d * N) in coordinate-major order (index a * N + i).
+    ``x`` (d, N, k * b) and ``eps`` (d, N, k * b) or None from :func:`prepare_block`,
+    ``valid`` (b, k) bool; the state's ``weighted_sum`` is (b, d * N) in coordinate-major order
+    (index a * N + i), or (b, 2 d * N) with the weighted noise after the forces when ``eps``
+    is given (the noise form of the estimate shares the weights, so one fold serves both).
     """
     energy, forces = pair_block(x, nbr, params, kind)
     b, k = valid.shape
     kT = params[-1]
     log_w = torch.where(valid, -energy.reshape(k, b).T / kT, torch.full_like(valid, -math.inf, dtype=x.dtype))
-    values = forces.reshape(-1, k, b).permute(2, 1, 0)  # (b, k, d * N), a view
+    if eps is not None:
+        forces = torch.cat([forces, eps])
+    values = forces.reshape(-1, k, b).permute(2, 1, 0)  # (b, k, d * N) or (b, k, 2 d * N), a view
     return online_lse_update(max_log_weight, sum_weights, sum_sq_weights, weighted_sum, log_w, values)
 
 
@@ -154,12 +160,18 @@ def use_compile(compile: bool | None, n_pairs: int) -> bool:
         return False
     if compile is not None:
         return bool(compile)
+    setting = compile_env_setting()
+    return setting if setting is not None else n_pairs >= AUTO_COMPILE_MIN_PAIRS
+
+
+def compile_env_setting() -> bool | None:
+    """``BOLTZLAB_COMPILE``: False for 0/false/no, True for 1/true/yes, None when unset or "auto"."""
     env = os.environ.get(COMPILE_ENV_VAR, "auto").strip().lower()
     if env in ("0", "false", "no"):
         return False
     if env in ("1", "true", "yes"):
         return True
-    return n_pairs >= AUTO_COMPILE_MIN_PAIRS
+    return None
 
 
 @functools.lru_cache(maxsize=None)
@@ -242,16 +254,18 @@ def score_estimate_cpu(
     compile: bool | None = None,
     block_points: int | None = None,
     block_copies: int | None = None,
+    noise_form: bool = False,
 ) -> ScoreEstimate:
     """The streamed estimator for checked ``inputs`` (see :func:`boltzlab.kernels.mc_score_estimate`).
 
     Pair potentials use the coordinate-major block kernel; any other energy is evaluated with
     ``energy.energy_and_forces`` chunk by chunk (:func:`_score_estimate_generic`).
     ``block_points``/``block_copies`` override the automatic block shape (``block_copies``
-    must divide NOISE_CHUNK).
+    must divide NOISE_CHUNK). ``noise_form`` also accumulates sum_k w_k eps_k (the
+    estimate's ``noise_score``).
     """
     if not isinstance(energy, PairPotential):
-        return _score_estimate_generic(energy, inputs, generator, block_points)
+        return _score_estimate_generic(energy, inputs, generator, block_points, noise_form)
     params = PairParams.from_potential(energy)
     compiled = use_compile(compile, inputs.batch * inputs.n_samples * params.n_pairs)
     auto_points, auto_copies = _block_shape(inputs.batch, params.n_pairs, compiled)
@@ -269,7 +283,8 @@ def score_estimate_cpu(
     x_cm[:, :, :batch] = inputs.x_t.reshape(batch, n, d).permute(2, 1, 0)
     sigma = torch.zeros(padded_batch, dtype=dtype, device=device)
     sigma[:batch] = inputs.sigma
-    state = OnlineLSEState.empty(padded_batch, n * d, dtype, device)
+    n_values = 2 * n * d if noise_form else n * d
+    state = OnlineLSEState.empty(padded_batch, n_values, dtype, device)
     m, s1, s2, acc = state.max_log_weight, state.sum_weights, state.sum_sq_weights, state.weighted_sum
     p = params.as_tensor(dtype, device)
     nbr = neighbour_table(n, device)
@@ -286,31 +301,35 @@ def score_estimate_cpu(
         for b0 in range(0, padded_batch, points):
             rows = slice(b0, b0 + points)
             for c0 in range(0, k_chunk, copies):
-                xb = _run(prepare_block, compiled, x_cm[:, :, rows], sigma[rows],
-                          noise[:, :, c0:c0 + copies, rows], True)
+                xb, eb = _run(prepare_block, compiled, x_cm[:, :, rows], sigma[rows],
+                              noise[:, :, c0:c0 + copies, rows], True)
                 m[rows], s1[rows], s2[rows], acc[rows] = _run(
-                    pairs_and_fold, compiled, xb, valid[:, c0:c0 + copies], nbr, p, params.kind,
-                    m[rows], s1[rows], s2[rows], acc[rows])
-    # coordinate-major (a * N + i) back to particle-major (i * d + a)
-    acc = acc.reshape(padded_batch, d, n).transpose(1, 2).reshape(padded_batch, n * d)
+                    pairs_and_fold, compiled, xb, eb if noise_form else None, valid[:, c0:c0 + copies], nbr, p,
+                    params.kind, m[rows], s1[rows], s2[rows], acc[rows])
+    # coordinate-major (a * N + i) back to particle-major (i * d + a), for each value block
+    acc = acc.reshape(padded_batch, -1, d, n).transpose(2, 3).reshape(padded_batch, n_values)
     final = OnlineLSEState(m[:batch], s1[:batch], s2[:batch], acc[:batch])
-    return finish_estimate(final, energy.kT, inputs.n_samples)
+    return finish_estimate(final, energy.kT, inputs.n_samples, inputs.sigma if noise_form else None)
 
 
 def _score_estimate_generic(
     energy: Energy, inputs: ScoreInputs, generator: torch.Generator | None, block_points: int | None,
+    noise_form: bool = False,
 ) -> ScoreEstimate:
     """Streamed estimator for any energy, with its own ``energy_and_forces``: one noise chunk
     (at most 64 copies) for ``block_points`` points at a time."""
     batch = inputs.batch
     points = block_points or max(1, GENERIC_COPIES_PER_BLOCK // min(NOISE_CHUNK, inputs.n_samples))
-    state = OnlineLSEState.empty(batch, energy.dim, inputs.x_t.dtype, inputs.x_t.device)
+    n_values = 2 * energy.dim if noise_form else energy.dim
+    state = OnlineLSEState.empty(batch, n_values, inputs.x_t.dtype, inputs.x_t.device)
     for chunk in _coordinate_major_chunks(energy, inputs, generator):
         eps = project_noise(point_major(chunk), energy)  # (B, k_c, dim)
         for b0 in range(0, batch, points):
             rows = slice(b0, b0 + points)
             copies = inputs.x_t[rows, None] + inputs.sigma[rows, None, None] * eps[rows]
             e, f = energy.energy_and_forces(copies)
+            if noise_form:
+                f = torch.cat([f, eps[rows]], dim=-1)
             part = OnlineLSEState(state.max_log_weight[rows], state.sum_weights[rows],
                                   state.sum_sq_weights[rows], state.weighted_sum[rows])
             new = fold_block(part, -e / energy.kT, f)
@@ -318,4 +337,4 @@ def _score_estimate_generic(
             state.sum_weights[rows] = new.sum_weights
             state.sum_sq_weights[rows] = new.sum_sq_weights
             state.weighted_sum[rows] = new.weighted_sum
-    return finish_estimate(state, energy.kT, inputs.n_samples)
+    return finish_estimate(state, energy.kT, inputs.n_samples, inputs.sigma if noise_form else None)

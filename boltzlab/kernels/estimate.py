@@ -32,12 +32,16 @@ class ScoreEstimate:
     ``score`` (B, dim): S_K(x_t). ``log_normalizer`` (B,): log[(1/K) sum_k exp(-E(x_k)/kT)].
     ``ess`` (B,): Kish effective sample size of the weights, (sum w)^2 / sum w^2, in [1, K].
     ``n_energy_evals``: energy-and-force evaluations used, B * K (what training code counts).
+    ``noise_score`` (B, dim) or None: the noise (Tweedie) form of the same self-normalised
+    estimate, sum_k w_k eps_k / sigma with the same weights and the same (centre-of-mass-free)
+    eps_k; computed when asked for (``noise_form=True``), NaN where sigma = 0 (0/0 there).
     """
 
     score: Tensor
     log_normalizer: Tensor
     ess: Tensor
     n_energy_evals: int
+    noise_score: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -113,12 +117,29 @@ def _check_sigma(sigma: float | Tensor, batch: int, like: Tensor) -> Tensor:
     return sigma_t.contiguous()
 
 
-def finish_estimate(state: OnlineLSEState, kT: float, n_samples: int) -> ScoreEstimate:
-    """Turn the final online-logsumexp state (values = forces) into a :class:`ScoreEstimate`."""
+def noise_form_score(weighted_noise: Tensor, sigma: Tensor) -> Tensor:
+    """sum_k w_k eps_k / sigma from the normalised weighted noise (B, dim) and sigma (B,);
+    NaN in rows with sigma = 0, where the noise form is 0/0."""
+    safe = torch.where(sigma > 0, sigma, torch.ones_like(sigma))
+    out = weighted_noise / safe[:, None]
+    return torch.where((sigma > 0)[:, None], out, torch.full_like(out, math.nan))
+
+
+def finish_estimate(state: OnlineLSEState, kT: float, n_samples: int, sigma: Tensor | None = None) -> ScoreEstimate:
+    """Turn the final online-logsumexp state into a :class:`ScoreEstimate`.
+
+    The state's values are the forces (B, dim), or with ``sigma`` (B,) given, the forces and
+    the centred noise side by side (B, 2 dim), from which the noise form is formed too."""
     s1 = state.sum_weights
+    weighted = state.weighted_sum / s1[:, None]
+    noise_score = None
+    if sigma is not None:
+        weighted, weighted_noise = weighted.chunk(2, dim=1)
+        noise_score = noise_form_score(weighted_noise, sigma)
     return ScoreEstimate(
-        score=state.weighted_sum / (s1[:, None] * kT),
+        score=weighted / kT,
         log_normalizer=state.max_log_weight + torch.log(s1) - math.log(n_samples),
         ess=s1 * s1 / state.sum_sq_weights,
         n_energy_evals=int(s1.shape[0]) * n_samples,
+        noise_score=noise_score,
     )

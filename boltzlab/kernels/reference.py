@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from boltzlab.energies import Energy, PairPotential
-from boltzlab.kernels.estimate import ScoreEstimate, check_score_inputs
+from boltzlab.kernels.estimate import ScoreEstimate, check_score_inputs, noise_form_score
 from boltzlab.kernels.noise import project_noise
 from boltzlab.kernels.pair_params import PairParams
 
@@ -101,14 +101,16 @@ def reference_log_weights(energy: Energy, x_t: Tensor, sigma: float | Tensor, no
 
 
 def reference_score_estimate(energy: Energy, x_t: Tensor, sigma: float | Tensor, noise: Tensor) -> ScoreEstimate:
-    """S_K(x_t) = sum_k softmax_k(-E(x_k)/kT) F(x_k)/kT with all B * K copies in memory.
+    """S_K(x_t) = sum_k softmax_k(-E(x_k)/kT) F(x_k)/kT with all B * K copies in memory, and
+    its noise form sum_k softmax_k(-E(x_k)/kT) eps_k / sigma (``noise_score``, always computed).
 
     Shapes: x_t (B, dim), sigma scalar or (B,), noise (B, K, dim) -> :class:`ScoreEstimate`.
     Forces are analytic (dense pair reference for pair potentials, ``energy_and_forces`` otherwise).
     """
     inputs = check_score_inputs(energy, x_t, sigma, None, noise, None)
     assert inputs.noise is not None
-    copies = perturbed_copies(energy, inputs.x_t, inputs.sigma, inputs.noise)
+    eps = project_noise(inputs.noise, energy)
+    copies = inputs.x_t[:, None, :] + inputs.sigma[:, None, None] * eps
     e, f = _energy_and_forces(energy, copies)
     log_w = -e / energy.kT
     w = torch.softmax(log_w, dim=1)
@@ -117,6 +119,7 @@ def reference_score_estimate(energy: Energy, x_t: Tensor, sigma: float | Tensor,
         log_normalizer=torch.logsumexp(log_w, dim=1) - math.log(inputs.n_samples),
         ess=1.0 / (w * w).sum(1),
         n_energy_evals=inputs.batch * inputs.n_samples,
+        noise_score=noise_form_score((w[..., None] * eps).sum(1), inputs.sigma),
     )
 
 

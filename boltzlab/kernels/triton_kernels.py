@@ -14,7 +14,8 @@ tensor in the positions' dtype, so float64 kernels compute in float64 throughout
 Fused estimator. A program owns BLOCK_B points; its rows are BLOCK_B x BLOCK_K copies. It
 loops over the K copies in steps of BLOCK_K: load eps, centre it, form x_t + sigma eps,
 evaluate energies and forces, and fold the block into an online logsumexp (running max,
-sum of weights, sum of squared weights, weighted force sum; see
+sum of weights, sum of squared weights, weighted force sum and, for the noise form of the
+estimate, weighted noise sum; see
 :mod:`boltzlab.kernels.online_lse`). Only that state, O(B * dim), is ever written to memory.
 The state is read at the start and written at the end, so a long K can be split over launches
 (one per noise chunk when the noise comes from a generator).
@@ -145,14 +146,16 @@ def pair_energy_forces_kernel(
 
 @triton.jit
 def mc_score_kernel(
-    xt_ptr, sigma_ptr, eps_ptr, m_ptr, s1_ptr, s2_ptr, acc_ptr, p_ptr, B, K, N,
+    xt_ptr, sigma_ptr, eps_ptr, m_ptr, s1_ptr, s2_ptr, acc_ptr, nacc_ptr, p_ptr, B, K, N,
     stride_eps_b, stride_eps_k, stride_eps_i, stride_eps_a,
     KIND: tl.constexpr, SPATIAL_DIM: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_N: tl.constexpr, NOISE_FORM: tl.constexpr,
 ):
-    """Fold K copies per point into the online-logsumexp state (m, s1, s2, acc).
+    """Fold K copies per point into the online-logsumexp state (m, s1, s2, acc[, nacc]).
 
     x_t (B, dim), sigma (B,), state (B,) x 3 and acc (B, dim) read and written in place;
+    with NOISE_FORM, nacc (B, dim) accumulates the weighted centred noise sum_k w_k eps_k
+    with the same weights (the noise form of the estimate; nacc_ptr is ignored otherwise);
     dim = N * SPATIAL_DIM. eps[b, k, i, a] sits at b * stride_eps_b + k * stride_eps_k +
     i * stride_eps_i + a * stride_eps_a, so point-major (B, K, dim) and coordinate-major
     (SPATIAL_DIM, N, K, B) noise are read in place. Row r of the tile is copy r % BLOCK_K of
@@ -180,6 +183,8 @@ def mc_score_kernel(
     acc_mask = point_ok[:, None] & particle_ok[None, :]
     acc_offsets = points[:, None].to(tl.int64) * dim + particle_offsets
     ax, ay, az = _load_xyz(acc_ptr + acc_offsets, acc_mask, SPATIAL_DIM)
+    if NOISE_FORM:
+        nx, ny, nz = _load_xyz(nacc_ptr + acc_offsets, acc_mask, SPATIAL_DIM)
     weight = tl.where(particle_ok, 1.0, 0.0)[None, :]
 
     for k0 in range(0, K, BLOCK_K):
@@ -211,12 +216,18 @@ def mc_score_kernel(
         ax = ax * rescale[:, None] + tl.sum(w3 * tl.reshape(fx, (BLOCK_B, BLOCK_K, BLOCK_N)), axis=1)
         ay = ay * rescale[:, None] + tl.sum(w3 * tl.reshape(fy, (BLOCK_B, BLOCK_K, BLOCK_N)), axis=1)
         az = az * rescale[:, None] + tl.sum(w3 * tl.reshape(fz, (BLOCK_B, BLOCK_K, BLOCK_N)), axis=1)
+        if NOISE_FORM:
+            nx = nx * rescale[:, None] + tl.sum(w3 * tl.reshape(ex, (BLOCK_B, BLOCK_K, BLOCK_N)), axis=1)
+            ny = ny * rescale[:, None] + tl.sum(w3 * tl.reshape(ey, (BLOCK_B, BLOCK_K, BLOCK_N)), axis=1)
+            nz = nz * rescale[:, None] + tl.sum(w3 * tl.reshape(ez, (BLOCK_B, BLOCK_K, BLOCK_N)), axis=1)
         m = new_m
 
     tl.store(m_ptr + points, m, mask=point_ok)
     tl.store(s1_ptr + points, s1, mask=point_ok)
     tl.store(s2_ptr + points, s2, mask=point_ok)
     _store_xyz(acc_ptr + acc_offsets, ax, ay, az, acc_mask, SPATIAL_DIM)
+    if NOISE_FORM:
+        _store_xyz(nacc_ptr + acc_offsets, nx, ny, nz, acc_mask, SPATIAL_DIM)
 
 
 # ----------------------------------------------------------------------------------------
@@ -271,6 +282,7 @@ def score_estimate_triton(
     generator: torch.Generator | None,
     block_points: int | None = None,
     block_copies: int | None = None,
+    noise_form: bool = False,
 ) -> ScoreEstimate:
     """The fused estimator with :func:`mc_score_kernel` (see :func:`boltzlab.kernels.mc_score_estimate`).
 
@@ -296,6 +308,7 @@ def score_estimate_triton(
             raise ValueError(f"{name} must be a power of two, got {value}")
 
     state = OnlineLSEState.empty(batch, dim, dtype, device)
+    weighted_noise = torch.zeros(batch, dim, dtype=dtype, device=device) if noise_form else state.weighted_sum
     p = params.as_tensor(dtype, device)
     grid = (triton.cdiv(batch, block_points),)
     n, d = params.n_particles, params.spatial_dim
@@ -309,9 +322,14 @@ def score_estimate_triton(
         strides = [eps.stride(axis) for axis in axes]  # (b, k, i, a)
         mc_score_kernel[grid](
             x_t, inputs.sigma, eps, state.max_log_weight, state.sum_weights,
-            state.sum_sq_weights, state.weighted_sum, p, batch, eps.shape[axes[1]], n, *strides,
+            state.sum_sq_weights, state.weighted_sum, weighted_noise, p, batch, eps.shape[axes[1]], n, *strides,
             KIND=_KIND_CODE[params.kind], SPATIAL_DIM=params.spatial_dim,
-            BLOCK_B=block_points, BLOCK_K=block_copies, BLOCK_N=block_n, num_warps=_GPU_WARPS,
+            BLOCK_B=block_points, BLOCK_K=block_copies, BLOCK_N=block_n, NOISE_FORM=noise_form,
+            num_warps=_GPU_WARPS,
         )
+    if noise_form:
+        state = OnlineLSEState(state.max_log_weight, state.sum_weights, state.sum_sq_weights,
+                               torch.cat([state.weighted_sum, weighted_noise], dim=1))
+        return finish_estimate(state, potential.kT, inputs.n_samples, inputs.sigma)
     return finish_estimate(state, potential.kT, inputs.n_samples)
 

@@ -47,6 +47,8 @@ import copy
 import json
 import math
 import os
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -60,6 +62,7 @@ from tqdm.auto import tqdm
 from boltzlab import metrics
 from boltzlab.diffusion import (
     GeometricNoiseSchedule,
+    SDE_INCREMENTS,
     ReplayBuffer,
     ScaledEnergy,
     ScaledScore,
@@ -70,6 +73,7 @@ from boltzlab.diffusion import (
 )
 from boltzlab.energies import Energy, GaussianMixture, PairPotential, get_target
 from boltzlab.estimators import mc_score
+from boltzlab.training.compiled import compile_wanted, maybe_compiled
 
 METHODS = ("idem", "pdem")
 SHIPPED_DIR = Path(__file__).resolve().parents[1] / "data" / "checkpoints"
@@ -114,6 +118,9 @@ class IDEMConfig:
     eval_every: int = 10  # outer iterations between evaluations (and at the end)
     n_eval: int = 1_000  # samples per evaluation
     seed: int = 0
+    # variance added per reverse-SDE step: "euler" g(t)^2 dt (what the shipped checkpoints were
+    # trained with) or "exact" sigma_t^2 - sigma_{t-dt}^2 (boltzlab.diffusion.reverse_sde_sample)
+    sde_increment: str = "euler"
 
     def __post_init__(self) -> None:
         from boltzlab.energies import TARGETS
@@ -129,6 +136,9 @@ class IDEMConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise TrainingConfigError(f"{name} must be a positive int, got {value!r}")
+        if self.sde_increment not in SDE_INCREMENTS:
+            raise TrainingConfigError(f"unknown sde_increment {self.sde_increment!r}; use one of "
+                                      f"{', '.join(SDE_INCREMENTS)}")
         if self.estimator not in ("lse", "blended"):
             raise TrainingConfigError(f"unknown estimator {self.estimator!r}; use 'lse' or 'blended'")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -140,7 +150,7 @@ class IDEMConfig:
         return GeometricNoiseSchedule(self.sigma_min, self.sigma_max)
 
     def energy_evaluations_per_step(self) -> int:
-        """Target energies (each with its forces) evaluated per regression step, per rank."""
+        """Target energies (each with its forces) evaluated per regression step (all ranks together)."""
         return self.batch_size * self.n_mc
 
 
@@ -165,14 +175,44 @@ CONFIGS: dict[str, IDEMConfig] = {
 }
 
 
-def config_for(target: str, **overrides: Any) -> IDEMConfig:
-    """The shipped config of ``target`` with ``overrides`` applied (e.g. ``n_outer=5``)."""
-    if target not in CONFIGS:
-        raise TrainingConfigError(f"no iDEM config for {target!r}; known: {', '.join(CONFIGS)}")
+# The sizes of the public iDEM code (repository jarridrb/DEM, commit 26c930b:
+# configs/model/dem.yaml and configs/experiment/{dw4,lj13,lj55}_idem.yaml): EGNN hidden 128
+# with 3 (DW-4) or 5 (LJ) layers; geometric schedule sigma_min/sigma_max 1e-5/3, 0.01/2, 0.5/4;
+# K = 1000, 1000, 100 copies; scores clipped per particle at norm 20; batch 512 (128 for
+# LJ-55) from a buffer of 10,000; 1000 new samples per outer iteration (1024 default, 128
+# for LJ-55); 1000 integration steps; Adam lr 1e-3; no EMA (use_ema: false); LJ-55 trains
+# 2000 epochs. Not in those files, taken as commonly re-run: 100 regression steps per outer
+# iteration, 1000 outer iterations (DW-4, LJ-13) and gradient clipping at 0.5.
+# What this code cannot express yet (so the preset is the paper's sizes, not its exact
+# method): lambda(t) = 1 (NoLambdaWeighter; here sigma_t^2 + local_scale^2 with the
+# ScaledScore preconditioning), diffusion_scale 0.9 (LJ-13) and 0.5 (LJ-55), and LJ-55's
+# negative-time steps.
+PAPER_CONFIGS: dict[str, IDEMConfig] = {
+    "dw4": replace(CONFIGS["dw4"], hidden=128, n_layers=3, sigma_min=1e-5, sigma_max=3.0, n_mc=1000,
+                   estimator="lse", max_norm=20.0, batch_size=512, lr=1e-3, grad_clip=0.5, ema_decay=0.0,
+                   n_outer=1000, inner_steps=100, n_refill=1000, sde_steps=1000, buffer_capacity=10_000),
+    "lj13": replace(CONFIGS["lj13"], hidden=128, n_layers=5, sigma_min=0.01, sigma_max=2.0, n_mc=1000,
+                    estimator="lse", max_norm=20.0, batch_size=512, lr=1e-3, grad_clip=0.5, ema_decay=0.0,
+                    n_outer=1000, inner_steps=100, n_refill=1000, sde_steps=1000, buffer_capacity=10_000),
+    "lj55": replace(CONFIGS["lj55"], hidden=128, n_layers=5, sigma_min=0.5, sigma_max=4.0, n_mc=100,
+                    estimator="lse", max_norm=20.0, batch_size=128, lr=1e-3, grad_clip=0.5, ema_decay=0.0,
+                    n_outer=2000, inner_steps=100, n_refill=128, sde_steps=1000, buffer_capacity=10_000),
+}
+PRESETS: dict[str, dict[str, IDEMConfig]] = {"course": CONFIGS, "paper": PAPER_CONFIGS}
+
+
+def config_for(target: str, preset: str = "course", **overrides: Any) -> IDEMConfig:
+    """The config of ``target`` in ``preset`` ("course": the shipped CPU configs, "paper": the
+    public iDEM code's sizes, :data:`PAPER_CONFIGS`) with ``overrides`` applied (e.g. ``n_outer=5``)."""
+    if preset not in PRESETS:
+        raise TrainingConfigError(f"unknown preset {preset!r}; use one of {', '.join(PRESETS)}")
+    configs = PRESETS[preset]
+    if target not in configs:
+        raise TrainingConfigError(f"no iDEM config for {target!r} in preset {preset!r}; known: {', '.join(configs)}")
     unknown = set(overrides) - set(IDEMConfig.__dataclass_fields__)
     if unknown:
         raise TrainingConfigError(f"unknown config fields: {', '.join(sorted(unknown))}")
-    return replace(CONFIGS[target], **overrides)
+    return replace(configs[target], **overrides)
 
 
 # ----------------------------------------------------------------------------------------
@@ -227,30 +267,59 @@ def noised_energy_estimate(energy: Energy, x_t: Tensor, sigma: Tensor, n_mc: int
     return -energy.kT * (torch.logsumexp(-e / energy.kT, dim=1) - math.log(n_mc))
 
 
-def regression_loss(model: nn.Module, config: IDEMConfig, energy: Energy, x0: Tensor,
-                    generator: torch.Generator) -> Tensor:
-    """One inner-loop loss on buffer states ``x0`` (B, dim): the weighted regression above."""
+def regression_target(config: IDEMConfig, energy: Energy, x0: Tensor,
+                      generator: torch.Generator, compile: bool | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Noised points and their regression targets for buffer states ``x0`` (B, dim).
+
+    Returns ``x_t`` (B, dim), ``t`` (B,) and the target: for iDEM the clipped Monte Carlo
+    score (B, dim) from one streamed pass of the fused estimator (``compile`` as in
+    :func:`boltzlab.estimators.mc_score`); for pDEM the noised-energy estimate (B,). No
+    gradients; this is where every target-energy evaluation happens.
+    """
     schedule = config.schedule
     t = sample_times(x0.shape[0], generator=generator, t_min=config.t_min, dtype=x0.dtype)
     x_t, _ = perturb(x0, t, schedule, project=_projection(energy), generator=generator)
     sigma = schedule.std(t)
-    weight = schedule.variance(t) + config.local_scale**2  # ScaledScore.weight: an order-one loss
-    if config.method == "pdem":
-        target_e = noised_energy_estimate(energy, x_t, sigma, config.n_mc, generator)
-        inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-        # energies in kT units, equally weighted over t (their scale does not blow up at small t)
-        return ((inner.energy(x_t, t) - target_e).pow(2) / energy.kT**2).mean()
     with torch.no_grad():
+        if config.method == "pdem":
+            return x_t, t, noised_energy_estimate(energy, x_t, sigma, config.n_mc, generator)
         extra = {"local_scale": config.local_scale} if config.estimator == "blended" else {}
         target = mc_score(energy, x_t, sigma, config.n_mc, generator=generator, max_norm=config.max_norm,
-                          estimator=config.estimator, **extra)  # type: ignore[arg-type]
+                          estimator=config.estimator, compile=compile, **extra)  # type: ignore[arg-type]
+    return x_t, t, target
+
+
+def target_loss(model: nn.Module, config: IDEMConfig, energy: Energy, x_t: Tensor, t: Tensor,
+                target: Tensor) -> Tensor:
+    """The weighted regression of the model onto :func:`regression_target`'s targets (a scalar).
+
+    iDEM: mean of lambda(t) |s_theta(x_t, t) - target|^2 with lambda = sigma_t^2 + local_scale^2
+    (:class:`~boltzlab.diffusion.ScaledScore`'s weight: an order-one loss at every t); pDEM:
+    mean of (E_theta(x_t, t) - target)^2 / kT^2.
+    """
+    if config.method == "pdem":
+        inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        # energies in kT units, equally weighted over t (their scale does not blow up at small t)
+        return ((inner.energy(x_t, t) - target).pow(2) / energy.kT**2).mean()
+    weight = config.schedule.variance(t) + config.local_scale**2
     return (weight * (model(x_t, t) - target).pow(2).sum(-1)).mean()
+
+
+def regression_loss(model: nn.Module, config: IDEMConfig, energy: Energy, x0: Tensor,
+                    generator: torch.Generator) -> Tensor:
+    """One inner-loop loss on buffer states ``x0`` (B, dim): :func:`regression_target` then
+    :func:`target_loss`."""
+    x_t, t, target = regression_target(config, energy, x0, generator)
+    return target_loss(model, config, energy, x_t, t, target)
 
 
 def sample_model(model: nn.Module, config: IDEMConfig, energy: Energy, n: int,
                  generator: torch.Generator | None = None, sde_steps: int | None = None,
-                 progress: bool = False) -> Tensor:
-    """n samples from the reverse SDE of ``model``: (n, dim). Costs no energy evaluations."""
+                 progress: bool = False, forward: nn.Module | None = None) -> Tensor:
+    """n samples from the reverse SDE of ``model``: (n, dim). Costs no energy evaluations.
+
+    ``forward`` (for example ``torch.compile(model)``) computes the score in place of ``model``;
+    ``config.sde_increment`` picks the step's variance increment."""
     project = _projection(energy)
     x1 = sample_prior(config.schedule, n, energy.dim, project=project, generator=generator)
     was_training = model.training
@@ -261,9 +330,9 @@ def sample_model(model: nn.Module, config: IDEMConfig, energy: Energy, n: int,
             with torch.enable_grad():
                 return model(x, t).detach()
     else:
-        score = model
+        score = forward if forward is not None else model
     x = reverse_sde_sample(score, config.schedule, x1, sde_steps or config.sde_steps, project=project,
-                           generator=generator, progress=progress)
+                           generator=generator, progress=progress, increment=config.sde_increment)
     model.train(was_training)
     return x
 
@@ -331,19 +400,43 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
+def rank_share(total: int, rank: int, world: int) -> int:
+    """Rank ``rank``'s part of ``total`` items split over ``world`` ranks as evenly as possible
+    (the first ``total % world`` ranks take one more)."""
+    return total // world + (1 if rank < total % world else 0)
+
+
 def initial_state(config: IDEMConfig, energy: Energy) -> TrainingState:
-    """A fresh model (initialised from ``config.seed``), its EMA, Adam, and an empty buffer."""
-    rank, _ = _world()
+    """A fresh model (initialised from ``config.seed``), its EMA, Adam, and an empty buffer
+    (this rank's share of ``buffer_capacity`` under data parallelism)."""
+    rank, world = _world()
     torch.manual_seed(config.seed)  # same initial weights on every rank
     model = build_model(config, energy)
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     generator = torch.Generator().manual_seed(config.seed + 1_000_003 * rank)
-    return TrainingState(model, ema, optimizer, ReplayBuffer(config.buffer_capacity, energy.dim), generator)
+    buffer = ReplayBuffer(max(1, rank_share(config.buffer_capacity, rank, world)), energy.dim)
+    return TrainingState(model, ema, optimizer, buffer, generator)
 
 
-def save_checkpoint(state: TrainingState, config: IDEMConfig, out_dir: Path) -> Path:
-    """Write ``checkpoint.pt`` (atomically), ``config.json`` and ``metrics.json`` into ``out_dir``."""
+def gather_rank_states(state: TrainingState) -> list[dict[str, Any]] | None:
+    """Every rank's buffer and generator state, gathered on rank 0 (a collective: all ranks
+    call it); None on other ranks and in single-process runs."""
+    rank, world = _world()
+    if world == 1:
+        return None
+    mine = {"buffer": state.buffer.state_dict(), "generator": state.generator.get_state()}
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, mine)
+    return gathered if rank == 0 else None
+
+
+def save_checkpoint(state: TrainingState, config: IDEMConfig, out_dir: Path,
+                    rank_states: list[dict[str, Any]] | None = None) -> Path:
+    """Write ``checkpoint.pt`` (atomically), ``config.json`` and ``metrics.json`` into ``out_dir``.
+
+    Under data parallelism ``rank_states`` (from :func:`gather_rank_states`) holds every rank's
+    buffer and generator, so a resumed run continues each rank exactly."""
     out_dir.mkdir(parents=True, exist_ok=True)
     payload = {
         "config": asdict(config),
@@ -357,6 +450,8 @@ def save_checkpoint(state: TrainingState, config: IDEMConfig, out_dir: Path) -> 
         "wall_time": state.wall_time,
         "history": state.history,
         "evaluations": state.evaluations,
+        "world_size": 1 if rank_states is None else len(rank_states),
+        "rank_states": rank_states,
     }
     tmp = out_dir / (CHECKPOINT + ".tmp")
     torch.save(payload, tmp)
@@ -407,12 +502,18 @@ def load_state(path: Path, config: IDEMConfig, energy: Energy) -> TrainingState:
         diff = {k: (v, getattr(config, k)) for k, v in asdict(saved).items()
                 if k != "n_outer" and getattr(config, k) != v}
         raise CheckpointError(f"checkpoint at {path} was trained with a different config: {diff}")
+    rank, world = _world()
+    saved_world = payload.get("world_size", 1)
+    if saved_world != world:
+        raise CheckpointError(f"checkpoint at {path} was trained with {saved_world} process(es); "
+                              f"resume it with --procs {saved_world}, not {world}")
+    own = payload["rank_states"][rank] if world > 1 else payload
     state = initial_state(config, energy)
     state.model.load_state_dict(payload["model"])
     state.ema.load_state_dict(payload["ema"])
     state.optimizer.load_state_dict(payload["optimizer"])
-    state.buffer.load_state_dict(payload["buffer"])
-    state.generator.set_state(payload["generator"])
+    state.buffer.load_state_dict(own["buffer"])
+    state.generator.set_state(own["generator"])
     state.outer = payload["outer"]
     state.energy_evaluations = payload["energy_evaluations"]
     state.wall_time = payload["wall_time"]
@@ -468,6 +569,16 @@ def _all_sum(value: int) -> int:
     return int(t.item())
 
 
+def _all_mean(value: float) -> float:
+    """The mean of ``value`` over ranks (the loss of the global batch when shares are equal)."""
+    _, world = _world()
+    if world == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t.item()) / world
+
+
 def check_ranks_in_sync(model: nn.Module) -> None:
     """Under DistributedDataParallel every rank must hold the same weights after each step;
     compare a checksum of the parameters across ranks and fail loudly if they drifted."""
@@ -482,8 +593,38 @@ def check_ranks_in_sync(model: nn.Module) -> None:
         raise RuntimeError(f"DDP ranks hold different weights: checksums {[g.tolist() for g in gathered]}")
 
 
+PHASES: tuple[str, ...] = ("target", "network", "optimizer", "refill", "evaluation", "checkpoint")
+"""The parts of an outer iteration whose wall-clock seconds every history record keeps
+(``seconds_PHASE``): target estimation (buffer draw, noising, Monte Carlo targets), the
+network's forward and backward pass, the optimiser (gradient clipping, Adam, EMA), the
+reverse-SDE refill, the evaluation, and gathering the ranks' states for the checkpoint
+(writing it happens after the record is made)."""
+
+
+class PhaseTimer:
+    """Wall-clock seconds per phase: ``with timer("target"): ...``; ``timer.seconds`` maps
+    each of :data:`PHASES` to its total."""
+
+    def __init__(self) -> None:
+        self.seconds = dict.fromkeys(PHASES, 0.0)
+        self._phase = ""
+        self._start = 0.0
+
+    def __call__(self, phase: str) -> "PhaseTimer":
+        if phase not in self.seconds:
+            raise ValueError(f"unknown phase {phase!r}; known: {', '.join(PHASES)}")
+        self._phase = phase
+        return self
+
+    def __enter__(self) -> None:
+        self._start = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds[self._phase] += time.perf_counter() - self._start
+
+
 def train_idem(config: IDEMConfig, out_dir: str | Path | None = None, *, resume: bool = False,
-               stop_after: int | None = None, progress: bool = True) -> TrainingState:
+               stop_after: int | None = None, progress: bool = True, compile: bool | None = None) -> TrainingState:
     """Run (or continue) iDEM/pDEM training under ``config``.
 
     Args:
@@ -492,11 +633,22 @@ def train_idem(config: IDEMConfig, out_dir: str | Path | None = None, *, resume:
         resume: continue from ``out_dir/checkpoint.pt``; a missing checkpoint is an error.
         stop_after: stop after this many outer iterations in this call (a session's share
             of a long run); the final checkpoint then continues where this one stopped.
+        compile: run the score network through torch.compile (training forward and the
+            refill's sampler); None decides by :func:`boltzlab.training.compiled.compile_wanted`.
+            It changes float32 rounding only, not the algorithm.
+
+    Under data parallelism (``torchrun``, or ``python -m boltzlab train ... --procs P``) the
+    run is the same algorithm with the same global sizes: each of the P ranks takes
+    ``batch_size / P`` points per regression step (DDP averages the gradients), refills its
+    own buffer (a 1/P share of ``buffer_capacity``) with its share of ``n_refill``, and the
+    checkpoint keeps every rank's buffer and random state.
 
     Returns the final :class:`TrainingState` (its ``ema`` is the sampler to use).
     """
     energy = get_target(config.target)
     rank, world = _world()
+    if config.batch_size % world:
+        raise TrainingConfigError(f"batch_size {config.batch_size} must be divisible by the {world} processes")
     out = Path(out_dir) if out_dir is not None else None
     if resume:
         if out is None:
@@ -507,52 +659,74 @@ def train_idem(config: IDEMConfig, out_dir: str | Path | None = None, *, resume:
     model: nn.Module = state.model
     if world > 1:
         model = nn.parallel.DistributedDataParallel(state.model)
+    # automatically only for the EGNN, where compiling was measured to pay (training/compiled.py)
+    auto_steps = config.n_outer * config.inner_steps if config.network == "egnn" else 0
+    compiled = compile_wanted(compile, auto_steps) and config.method == "idem"
+    train_forward = maybe_compiled(model, compiled)
+    sample_forward = maybe_compiled(state.ema, compiled)
     reference = evaluation_reference(config.target, config.n_eval, torch.Generator().manual_seed(config.seed + 7))
+    local_batch = config.batch_size // world
+    local_refill = max(1, rank_share(config.n_refill, rank, world))
 
     if len(state.buffer) == 0:
         # the untrained network's samples seed the buffer: no data is ever used
-        state.buffer.add(sample_model(state.ema, config, energy, config.n_refill, state.generator))
+        state.buffer.add(sample_model(state.ema, config, energy, local_refill, state.generator))
     last = config.n_outer if stop_after is None else min(config.n_outer, state.outer + stop_after)
     bar = tqdm(range(state.outer, last), desc=f"iDEM {config.target}", disable=not progress or rank != 0,
                initial=state.outer, total=config.n_outer)
-    per_step = config.energy_evaluations_per_step()
+    per_step = local_batch * config.n_mc
     for outer in bar:
         start = time.perf_counter()
+        timer = PhaseTimer()
         losses = []
         for _ in range(config.inner_steps):
-            x0 = state.buffer.sample(config.batch_size, state.generator)
-            loss = regression_loss(model, config, energy, x0, state.generator)
-            state.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(state.model.parameters(), config.grad_clip)
-            state.optimizer.step()
-            _ema_update(state.ema, state.model, config.ema_decay)
+            with timer("target"):
+                x0 = state.buffer.sample(local_batch, state.generator)
+                # a long compiled run compiles the estimator's blocks too, whatever their size
+                x_t, t, target = regression_target(config, energy, x0, state.generator, compile=compiled or None)
+            with timer("network"):
+                loss = target_loss(train_forward, config, energy, x_t, t, target)
+                state.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+            with timer("optimizer"):
+                torch.nn.utils.clip_grad_norm_(state.model.parameters(), config.grad_clip)
+                state.optimizer.step()
+                _ema_update(state.ema, state.model, config.ema_decay)
             losses.append(float(loss.detach()))
         state.energy_evaluations += _all_sum(config.inner_steps * per_step)
-        state.buffer.add(sample_model(state.ema, config, energy, config.n_refill, state.generator))
+        with timer("refill"):
+            state.buffer.add(sample_model(state.ema, config, energy, local_refill, state.generator,
+                                          forward=sample_forward))
         state.outer = outer + 1
-        state.wall_time += time.perf_counter() - start
-        record = {"outer": float(state.outer), "loss": sum(losses) / len(losses),
+        record = {"outer": float(state.outer), "loss": _all_mean(sum(losses) / len(losses)),
                   "energy_evaluations": float(state.energy_evaluations)}
-        state.history.append(record)
         # evaluate on schedule, at the end, and when this call stops early (so every saved
         # checkpoint has metrics for the weights it holds)
         if rank == 0 and (state.outer % config.eval_every == 0 or state.outer == last):
-            eval_gen = torch.Generator().manual_seed(config.seed + 10_007 * state.outer)
-            with torch.no_grad():
-                x = sample_model(state.ema, config, energy, config.n_eval, eval_gen)
-            result = {"outer": float(state.outer), "energy_evaluations": float(state.energy_evaluations),
-                      **evaluate_samples(energy, x, reference, eval_gen)}
-            state.evaluations.append(result)
-            if out is not None:
-                out.mkdir(parents=True, exist_ok=True)
-                torch.save(x.float().clone(), out / "samples.pt")  # the evaluated samples, for notebooks
+            with timer("evaluation"):
+                eval_gen = torch.Generator().manual_seed(config.seed + 10_007 * state.outer)
+                with torch.no_grad():
+                    x = sample_model(state.ema, config, energy, config.n_eval, eval_gen, forward=sample_forward)
+                result = {"outer": float(state.outer), "energy_evaluations": float(state.energy_evaluations),
+                          **evaluate_samples(energy, x, reference, eval_gen)}
+                state.evaluations.append(result)
+                if out is not None:
+                    out.mkdir(parents=True, exist_ok=True)
+                    torch.save(x.float().clone(), out / "samples.pt")  # the evaluated samples, for notebooks
             bar.set_postfix({k: f"{v:.3g}" for k, v in result.items() if k in ("energy_w2", "x_w2", "modes_covered",
                                                                              "distance_tvd")})
         if not math.isfinite(record["loss"]):
             raise FloatingPointError(f"iDEM loss became non-finite at outer iteration {state.outer}; lower lr")
+        rank_states = None
+        if out is not None:
+            with timer("checkpoint"):
+                rank_states = gather_rank_states(state)
+        # training time, as before phases were timed: without evaluation and checkpointing
+        state.wall_time += time.perf_counter() - start - timer.seconds["evaluation"] - timer.seconds["checkpoint"]
+        record.update({f"seconds_{phase}": round(sec, 4) for phase, sec in timer.seconds.items()})
+        state.history.append(record)
         if out is not None and rank == 0:
-            save_checkpoint(state, config, out)
+            save_checkpoint(state, config, out, rank_states)
     bar.close()
     check_ranks_in_sync(state.model)
     return state
@@ -669,11 +843,31 @@ def _parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
+def _launch_processes(procs: int, argv: list[str]) -> int:
+    """Re-run this command as ``procs`` data-parallel processes (torchrun, gloo on CPUs), one
+    torch thread each: the measured fastest use of a 2-core machine (benchmarks/README.md)."""
+    rest, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--procs":
+            skip = True
+        elif not arg.startswith("--procs="):
+            rest.append(arg)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs),
+           "-m", "boltzlab", "train", *rest]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    return subprocess.call(cmd, env=env)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m boltzlab train TARGET --out DIR [--resume] [--stop-after N] [--set FIELD=VALUE ...]``."""
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="python -m boltzlab train", description=__doc__.split("\n\n")[0])
     parser.add_argument("target", choices=sorted(CONFIGS))
-    parser.add_argument("--out", required=True, type=Path, help="checkpoint directory")
+    parser.add_argument("--out", type=Path, help="checkpoint directory (required unless --profile)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="course",
+                        help="course: the shipped CPU configs; paper: the public iDEM code's sizes")
     parser.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt")
     parser.add_argument("--auto-resume", action="store_true",
                         help="continue DIR's run if it has a checkpoint, else start one (restartable)")
@@ -681,23 +875,57 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a config field, e.g. --set n_outer=200 --set method=pdem")
+    parser.add_argument("--procs", type=int, default=1,
+                        help="data-parallel processes (gloo, one thread each); 2 uses both cores of a 2-core machine")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="torch.compile the score network (default: for runs of >= 1000 regression steps, "
+                             "or as BOLTZLAB_COMPILE says)")
+    parser.add_argument("--profile", action="store_true",
+                        help="print where an outer iteration of this config spends its time, and exit")
+    parser.add_argument("--profile-steps", type=int, default=5,
+                        help="regression steps and SDE steps timed by --profile (scaled to the config)")
+    parser.add_argument("--profile-baseline", action="store_true",
+                        help="with --profile: the loop as before the fused estimator (materialised targets, "
+                             "eager), the baseline of benchmarks/bench_training.py")
     parser.add_argument("--baseline", action="store_true",
                         help="after training, run MCMC with the same number of energy evaluations "
                              "and write DIR/mcmc_baseline.json (kept if DIR already holds one for this budget)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    overrides = dict(_parse_override(s) for s in args.set)
-    if args.seed is not None:
-        overrides["seed"] = args.seed
-    config = config_for(args.target, **overrides)
+    if args.procs < 1:
+        parser.error(f"--procs must be >= 1, got {args.procs}")
+    if args.out is None and not args.profile:
+        parser.error("--out DIR is required (or use --profile)")
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if args.procs > 1 and not distributed:
+        return _launch_processes(args.procs, argv)
+    try:
+        overrides = dict(_parse_override(s) for s in args.set)
+        if args.seed is not None:
+            overrides["seed"] = args.seed
+        config = config_for(args.target, args.preset, **overrides)
+    except TrainingConfigError as err:
+        parser.error(str(err))
     if distributed:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank = _world()[0]
-    resume = args.resume or (args.auto_resume and (args.out / CHECKPOINT).is_file())
     try:
+        if args.profile:
+            from boltzlab.training.profile import profile_training
+
+            report = profile_training(config, regression_steps=args.profile_steps, sde_steps=args.profile_steps,
+                                      compile=args.compile, progress=not args.no_progress,
+                                      baseline=args.profile_baseline)
+            if rank == 0:
+                print(report.table())
+                print(json.dumps(report.summary()))
+            return 0
+        resume = args.resume or (args.auto_resume and (args.out / CHECKPOINT).is_file())
         state = train_idem(config, args.out, resume=resume, stop_after=args.stop_after,
-                           progress=not args.no_progress)
+                           progress=not args.no_progress, compile=args.compile)
+    except (CheckpointError, TrainingConfigError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     finally:
         if distributed:
             dist.destroy_process_group()
