@@ -17,7 +17,7 @@ COMMANDS = {
     "reference": "boltzlab.reference",
     "exercises": "boltzlab.exercises",
     "grading": "boltzlab.grading.grader",
-    "train": "boltzlab.training.idem",
+    "train": "boltzlab.training.cli",
 }
 
 

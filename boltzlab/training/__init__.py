@@ -2,9 +2,14 @@
 
 - :mod:`boltzlab.training.generative`  VAE, GAN and WGAN on samples (chapter 01), and the
   generic :func:`run_training` loop with its :class:`TrainingHistory` that every loop shares
-- :mod:`boltzlab.training.idem`        iDEM and pDEM from the energy alone (chapter 05): dataclass
-  configs per target, resumable checkpoints, an energy-evaluation counter, and
-  DistributedDataParallel under ``torchrun`` (``python -m boltzlab train ...``)
+- :mod:`boltzlab.training.idem`        iDEM and pDEM from the energy alone (chapter 05): the
+  regression targets, the two loops, resumable checkpoints and an energy-evaluation counter;
+  beside it :mod:`~boltzlab.training.idem_config` (dataclass configs, the course and paper
+  presets), :mod:`~boltzlab.training.parallel` (DistributedDataParallel ranks),
+  :mod:`~boltzlab.training.compiled` (torch.compile with a fallback),
+  :mod:`~boltzlab.training.profile` (time per phase), :mod:`~boltzlab.training.mcmc_baseline`
+  (MCMC at an equal energy budget) and :mod:`~boltzlab.training.cli`
+  (``python -m boltzlab train ...``)
 """
 
 from boltzlab.training.generative import (

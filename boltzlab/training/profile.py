@@ -100,7 +100,7 @@ def profile_training(config: idem.IDEMConfig, *, regression_steps: int = 5, sde_
     steps_scale = config.inner_steps / regression_steps
     seconds = {phase: last[f"seconds_{phase}"] * steps_scale for phase in ("target", "network", "optimizer")}
     seconds["refill"] = last["seconds_refill"] * config.sde_steps / sde_steps
-    rank, world = idem._world()
+    rank, world = idem.rank_and_world()
     energy = get_target(config.target)
     per_eval = 0.0
     if rank == 0:
@@ -118,3 +118,27 @@ def profile_training(config: idem.IDEMConfig, *, regression_steps: int = 5, sde_
     return TrainingProfile(config=config, seconds=seconds, seconds_per_evaluation=per_eval,
                            regression_steps_per_s=config.inner_steps / loop,
                            refill_samples_per_s=config.n_refill / seconds["refill"], compiled=compiled, world=world)
+
+
+def sde_step_sweep(sampler: idem.TrainedSampler, steps: tuple[int, ...], increments: tuple[str, ...] = ("euler", "exact"),
+                   n: int = 1_000, seed: int = 0, progress: bool = False) -> list[dict[str, float | str]]:
+    """Metrics of ``n`` reverse-SDE samples of a trained sampler against the number of SDE
+    steps and the variance increment (:func:`boltzlab.diffusion.reverse_sde_sample`): one row
+    per (increment, steps) with the metrics of :func:`boltzlab.training.idem.evaluate_samples`
+    and the sampling time. Every row starts from the same prior draws (same seed)."""
+    from tqdm.auto import tqdm
+
+    config = sampler.config
+    reference = idem.evaluation_reference(config.target, n, torch.Generator().manual_seed(seed + 7))
+    rows: list[dict[str, float | str]] = []
+    grid = [(inc, k) for inc in increments for k in steps]
+    for increment, k in tqdm(grid, desc="SDE steps", disable=not progress):
+        cfg = replace(config, sde_increment=increment)
+        gen = torch.Generator().manual_seed(seed)
+        start = time.perf_counter()
+        with torch.no_grad():
+            x = idem.sample_model(sampler.model, cfg, sampler.energy, n, gen, sde_steps=k)
+        seconds = time.perf_counter() - start
+        metrics = idem.evaluate_samples(sampler.energy, x, reference, torch.Generator().manual_seed(seed + 1))
+        rows.append({"increment": increment, "sde_steps": float(k), "seconds": round(seconds, 2), **metrics})
+    return rows
