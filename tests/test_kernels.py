@@ -230,6 +230,16 @@ def test_cpu_score_matches_reference_with_explicit_noise(
     assert_close_rel(fast.ess, ref.ess, 10 * REL[dtype], "ESS")
     check_weights_sum_to_one(fast, pot, x, sigma, noise)
     assert fast.n_energy_evals == batch * k
+    # the noise form rides on the same pass without changing the force form
+    both = mc_score_estimate(pot, x, sigma, noise=noise, compile=False, block_points=points, block_copies=copies,
+                             noise_form=True)
+    assert fast.noise_score is None
+    assert torch.equal(both.score, fast.score), "asking for the noise form must not change the force form"
+    check_noise_form(both, ref, sigma, 10 * REL[dtype], f"{name} noise form")
+    # the noise form is centre-of-mass free, like the noise it averages
+    live = sigma > 0
+    com = both.noise_score[live].reshape(int(live.sum()), pot.n, pot.d_space).sum(1)
+    assert com.abs().max() <= 1e3 * torch.finfo(dtype).eps * both.noise_score[live].abs().max()
 
 
 def check_noise_form(est, ref, sigma: Tensor, rel: float, what: str) -> None:
@@ -239,29 +249,6 @@ def check_noise_form(est, ref, sigma: Tensor, rel: float, what: str) -> None:
     live = sigma > 0
     assert torch.isnan(est.noise_score[~live]).all() and torch.isnan(ref.noise_score[~live]).all()
     assert_close_rel(est.noise_score[live], ref.noise_score[live], rel, what)
-
-
-@pytest.mark.parametrize("dtype", [F32, F64], ids=["f32", "f64"])
-@pytest.mark.parametrize("name,batch,k,points,copies", SCORE_CASES)
-def test_cpu_noise_form_shares_the_pass_and_matches_reference(
-    name: str, batch: int, k: int, points: int | None, copies: int | None, dtype: torch.dtype
-) -> None:
-    pot = POTENTIALS[name]
-    x = cluster(pot, batch, seed=10, dtype=dtype)
-    sigma = torch.linspace(0.0, 0.3, batch, dtype=dtype)
-    noise = torch.randn(batch, k, pot.dim, generator=torch.Generator().manual_seed(11), dtype=dtype)
-    both = mc_score_estimate(pot, x, sigma, noise=noise, compile=False, block_points=points, block_copies=copies,
-                             noise_form=True)
-    force_only = mc_score_estimate(pot, x, sigma, noise=noise, compile=False, block_points=points,
-                                   block_copies=copies)
-    ref = reference_score_estimate(pot, x, sigma, noise)
-    assert force_only.noise_score is None
-    assert torch.equal(both.score, force_only.score), "asking for the noise form must not change the force form"
-    check_noise_form(both, ref, sigma, 10 * REL[dtype], f"{name} noise form")
-    # the noise form is centre-of-mass free, like the noise it averages
-    live = sigma > 0
-    com = both.noise_score[live].reshape(int(live.sum()), pot.n, pot.d_space).sum(1)
-    assert com.abs().max() <= 1e3 * torch.finfo(dtype).eps * both.noise_score[live].abs().max()
 
 
 def test_noise_form_by_hand_and_generic_energy() -> None:

@@ -515,7 +515,7 @@ def train_idem(config: IDEMConfig, out_dir: str | Path | None = None, *, resume:
                 state.optimizer.step()
                 _ema_update(state.ema, state.model, config.ema_decay)
             losses.append(float(loss.detach()))
-        state.energy_evaluations += all_sum(config.inner_steps * per_step)
+        state.energy_evaluations += int(all_sum(config.inner_steps * per_step))
         with timer("refill"):
             state.buffer.add(sample_model(state.ema, config, energy, local_refill, state.generator,
                                           forward=sample_forward))

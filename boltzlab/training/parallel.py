@@ -40,23 +40,19 @@ def gather_rank_states(state: Any) -> list[dict[str, Any]] | None:
     return gathered if rank == 0 else None
 
 
-def all_sum(value: int) -> int:
+def all_sum(value: float) -> float:
+    """The sum of ``value`` over ranks (``value`` itself in one process), in float64."""
     _, world = rank_and_world()
     if world == 1:
         return value
     t = torch.tensor([value], dtype=torch.float64)
     dist.all_reduce(t)
-    return int(t.item())
+    return float(t.item())
 
 
 def all_mean(value: float) -> float:
     """The mean of ``value`` over ranks (the loss of the global batch when shares are equal)."""
-    _, world = rank_and_world()
-    if world == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(t)
-    return float(t.item()) / world
+    return all_sum(value) / rank_and_world()[1]
 
 
 def check_ranks_in_sync(model: nn.Module) -> None:
