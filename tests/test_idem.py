@@ -231,6 +231,14 @@ def test_data_parallel_training_with_gloo_on_two_processes(tmp_path: Path) -> No
     single_resume = _run([sys.executable, "-m", "boltzlab", "train", "gmm40", "--no-progress", "--resume",
                           "--out", str(tmp_path / "split"), *_set_args(**{**fields, "n_outer": 3})])
     assert single_resume.returncode != 0 and "--procs 2" in single_resume.stderr
+    # and the mistakes every rank would make are named once, before any process starts
+    odd = _run([*cmd, "--out", str(tmp_path / "odd"), "--set", "batch_size=15"])
+    assert odd.returncode != 0 and "batch_size 15 must be divisible by --procs 2" in odd.stderr
+    alone_dir = tmp_path / "alone"
+    assert _run([sys.executable, "-m", "boltzlab", "train", "gmm40", "--no-progress", "--out", str(alone_dir),
+                 *_set_args(**{**fields, "n_outer": 1})]).returncode == 0
+    widened = _run([*cmd, "--out", str(alone_dir), "--auto-resume"])
+    assert widened.returncode != 0 and "trained with 1 process(es); resume it with --procs 1" in widened.stderr
 
 
 def test_equal_budget_mcmc_spends_the_budget_it_is_given() -> None:

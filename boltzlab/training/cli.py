@@ -98,8 +98,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is None and not args.profile:
         parser.error("--out DIR is required (or use --profile)")
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if args.procs > 1 and not distributed:
-        return _launch_processes(args.procs, argv)
     try:
         overrides = dict(_parse_override(s) for s in args.set)
         if args.seed is not None:
@@ -107,6 +105,17 @@ def main(argv: list[str] | None = None) -> int:
         config = config_for(args.target, args.preset, **overrides)
     except TrainingConfigError as err:
         parser.error(str(err))
+    if args.procs > 1 and not distributed:
+        # the mistakes every rank would report, said once before any process starts
+        if config.batch_size % args.procs:
+            parser.error(f"batch_size {config.batch_size} must be divisible by --procs {args.procs}")
+        saved = args.out / CHECKPOINT if args.out is not None else None
+        if saved is not None and (args.resume or args.auto_resume) and saved.is_file():
+            trained_with = torch.load(saved, map_location="cpu", weights_only=False).get("world_size", 1)
+            if trained_with != args.procs:
+                parser.error(f"{saved} was trained with {trained_with} process(es); resume it with "
+                             f"--procs {trained_with}")
+        return _launch_processes(args.procs, argv)
     if distributed:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank = rank_and_world()[0]
