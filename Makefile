@@ -9,7 +9,7 @@ LAB_ARGS ?=
 JOBS   ?= 2
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup browser-deps lab test test-fast sync exercises check-exercises release grade bench reference clean-venv help
+.PHONY: setup browser-deps sandbox-deps lab test test-fast sync exercises check-exercises release grade bench reference clean-venv help
 
 help:
 	@echo "make lab        set up, then open JupyterLab on chapter 00"
@@ -17,7 +17,7 @@ help:
 	@echo "make sync       pair chapters/*.py and solutions/*.py with their .ipynb (jupytext --sync)"
 	@echo "make exercises  regenerate exercises/ from solutions/"
 	@echo "make release    write the student release (no solutions) to release/"
-	@echo "make grade SUBMISSIONS=dir [OUT=scores.csv]   grade submitted notebooks"
+	@echo "make grade SUBMISSIONS=dir [OUT=scores.csv] [FEEDBACK=feedback]   grade submitted notebooks (sandboxed)"
 
 setup: $(STAMP)
 
@@ -43,7 +43,18 @@ browser-deps:
 	  fi; \
 	fi
 
-test: setup browser-deps
+# The grader runs each submission in a bubblewrap sandbox (boltzlab/grading/sandbox.py).
+sandbox-deps:
+	@if ! command -v bwrap >/dev/null 2>&1; then \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian's bubblewrap for the grader's sandbox"; \
+	    apt-get update -qq >/dev/null && apt-get install -y -qq --no-install-recommends bubblewrap >/dev/null; \
+	  else \
+	    echo "bwrap not found and cannot be installed here: install bubblewrap; the sandboxed grading tests will be skipped"; \
+	  fi; \
+	fi
+
+test: setup browser-deps sandbox-deps
 	BOLTZLAB_BUDGET=smoke OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest -n $(JOBS) --dist loadfile \
 	  --nbval-lax --nbval-current-env -p no:cacheprovider \
 	  tests chapters solutions exercises
@@ -64,10 +75,12 @@ RELEASE ?= release
 release: setup
 	$(BIN)/python -m boltzlab.exercises release $(RELEASE)
 
+# Writes only $(OUT) and $(FEEDBACK)/ (both git-ignored at their defaults).
 SUBMISSIONS ?= submissions
 OUT ?= scores.csv
-grade: setup
-	$(BIN)/python -m boltzlab.grading grade $(SUBMISSIONS) --out $(OUT) --feedback feedback
+FEEDBACK ?= feedback
+grade: setup sandbox-deps
+	$(BIN)/python -m boltzlab.grading grade $(SUBMISSIONS) --out $(OUT) --feedback $(FEEDBACK)
 
 bench: setup
 	$(BIN)/python benchmarks/bench_score_estimator.py
