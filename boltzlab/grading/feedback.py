@@ -119,8 +119,9 @@ def all_passed(exercise: str) -> None:
 
 
 def _show_message_only(shell: Any, etype: type, value: BaseException, tb: Any, tb_offset: int | None = None) -> None:
-    """IPython handler for failed checks: the exception's one line, as the cell's error."""
-    shell.showtraceback((etype, value, tb), exception_only=True)
+    """IPython handler for failed checks: the exception's one line, as the cell's error
+    (``showtraceback(exception_only=True)`` would add a line about ``%tb`` above it)."""
+    shell._showtraceback(etype, value, shell.InteractiveTB.get_exception_only(etype, value))
 
 
 def _install_message_only_display() -> None:
