@@ -86,3 +86,17 @@ def test_failed_check_shows_one_line_and_says_write_it_yourself():
         shown = "\n".join(errors[0].traceback)
         assert len(errors[0].traceback) == 1 and "feedback.py" not in shown and "During handling" not in shown
     assert nb.cells[3].outputs[0].text.strip() == "10.0"
+
+
+def test_every_packaged_answer_is_listed_and_a_wrong_name_is_refused():
+    from boltzlab.grading import write_yourself
+
+    write_yourself.install_all()
+    listed = {name for exercise in ("mala_step", "kish_ess", "gradient_penalty", "bar_free_energy", "log_z_bootstrap",
+                                    "soft_optimal_weights", "online_update", "mc_score")
+              for name in write_yourself.forbidden_for(exercise)}
+    assert {"boltzlab.mcmc.mala_step", "boltzlab.metrics.kish_ess", "boltzlab.training.generative.gradient_penalty",
+            "boltzlab.importance.bar_free_energy", "boltzlab.importance.log_z_bootstrap",
+            "boltzlab.finetune.soft_optimal_weights", "boltzlab.kernels.online_lse.online_lse_update"} <= listed
+    with pytest.raises(ValueError, match="'boltzlab.metrics.no_such_function', which does not exist"):
+        write_yourself.register({"typo": ["boltzlab.metrics.no_such_function"]})

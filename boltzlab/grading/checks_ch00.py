@@ -156,7 +156,7 @@ def check_kish_ess(kish_ess: Callable[[Tensor], object]) -> None:
 # The package functions each exercise asks the learner to write: inside the exercise's check
 # they refuse to run (boltzlab.grading.write_yourself), in the notebook and the grader alike.
 WRITE_YOURSELF = {
-    "mala_step": ("boltzlab.mcmc.mala_step", "boltzlab.mcmc._mala_move", "boltzlab.grading.checks_ch00._mala_variants"),
+    "mala_step": ("boltzlab.mcmc.mala_step", "boltzlab.mcmc._mala_move"),
     "kish_ess": ("boltzlab.metrics.kish_ess",),
 }
 write_yourself.register(WRITE_YOURSELF)

@@ -211,8 +211,6 @@ def check_log_z_bootstrap(fn: BootstrapFn) -> None:
 
 # The package functions each exercise asks the learner to write: inside the exercise's check
 # they refuse to run (boltzlab.grading.write_yourself), in the notebook and the grader alike.
-WRITE_YOURSELF = {
-    "bar_free_energy": ("boltzlab.importance.bar_free_energy", "boltzlab.grading.checks_ch06._bar_with_m"),
-    "log_z_bootstrap": ("boltzlab.importance.log_z_bootstrap",),
-}
+WRITE_YOURSELF = {"bar_free_energy": ("boltzlab.importance.bar_free_energy",),
+                  "log_z_bootstrap": ("boltzlab.importance.log_z_bootstrap",)}
 write_yourself.register(WRITE_YOURSELF)

@@ -36,9 +36,9 @@ class WriteThisYourself(RuntimeError):
 def register(lists: Mapping[str, Sequence[str]]) -> None:
     """Record each exercise's list and guard the functions on it."""
     for exercise, names in lists.items():
-        _registry[exercise] = tuple(names)
         for name in names:
             _guard(name)
+        _registry[exercise] = tuple(names)  # only once every name on it exists
 
 
 def install_all() -> None:
