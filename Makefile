@@ -32,27 +32,26 @@ $(STAMP): requirements.txt pyproject.toml
 lab: setup
 	$(BIN)/jupyter lab --port=$(PORT) $(LAB_ARGS) chapters/00_boltzmann_mcmc.ipynb
 
+# $(call apt-install-missing,COMMAND,DEBIAN_PACKAGE,WHAT_FOR,WHAT_HAPPENS_WITHOUT): as root
+# on Debian, install the package when the command is missing; elsewhere say what is lost.
+define apt-install-missing
+@if ! command -v $(1) >/dev/null 2>&1; then \
+  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+    echo "installing Debian's $(2) $(3)"; \
+    apt-get update -qq >/dev/null && apt-get install -y -qq --no-install-recommends $(2) >/dev/null; \
+  else \
+    echo "$(1) not found and cannot be installed here: $(4)"; \
+  fi; \
+fi
+endef
+
 # The browser test drives Debian's chromium with Playwright (never Playwright's own download).
 browser-deps:
-	@if [ ! -x /usr/bin/chromium ]; then \
-	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
-	    echo "installing Debian's chromium for the browser test"; \
-	    apt-get update -qq >/dev/null && apt-get install -y -qq --no-install-recommends chromium >/dev/null; \
-	  else \
-	    echo "chromium not found and cannot be installed here: the browser test will be skipped"; \
-	  fi; \
-	fi
+	$(call apt-install-missing,chromium,chromium,for the browser test,the browser test will be skipped)
 
 # The grader runs each submission in a bubblewrap sandbox (boltzlab/grading/sandbox.py).
 sandbox-deps:
-	@if ! command -v bwrap >/dev/null 2>&1; then \
-	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
-	    echo "installing Debian's bubblewrap for the grader's sandbox"; \
-	    apt-get update -qq >/dev/null && apt-get install -y -qq --no-install-recommends bubblewrap >/dev/null; \
-	  else \
-	    echo "bwrap not found and cannot be installed here: install bubblewrap; the sandboxed grading tests will be skipped"; \
-	  fi; \
-	fi
+	$(call apt-install-missing,bwrap,bubblewrap,for the grader's sandbox,make grade refuses to run and its tests are skipped)
 
 test: setup browser-deps sandbox-deps
 	BOLTZLAB_BUDGET=smoke OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest -n $(JOBS) --dist loadfile \

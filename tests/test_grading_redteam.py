@@ -1,6 +1,7 @@
 """Red team: hostile submissions against the sandboxed grader.
 
-One grading run over a toy assignment holds an honest notebook, untouched ones before and
+One grading run over the toy assignment of test_grading.py (``add``: 1 point; ``square``:
+3 points, 2 of them in a hidden-tests-only cell) holds an honest notebook, untouched ones before and
 after the attackers, and one notebook per attack. Each attacker defines a *correct*
 ``add`` only when its attack worked (it found the solutions, the instructor's secret, the
 score table, a writable package...), and a wrong one otherwise; so "scores 0" means the
@@ -25,6 +26,7 @@ import pytest
 from boltzlab import exercises as ex
 from boltzlab.grading import grader, sandbox
 from boltzlab.grading.sandbox import Limits
+from test_grading import _solutions, _with
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET_VAR, SECRET = "BOLTZLAB_INSTRUCTOR_SECRET", "s3cr3t-instructor-token"
@@ -71,15 +73,14 @@ for t in _targets:
 """ + _add_if("_hit")
 READ_ENVIRONMENT = "import os\n" + _add_if(f"os.environ.get('{SECRET_VAR}') or any(k.startswith('PYTEST') for k in os.environ)")
 # The repository (found from the package) and its solutions, or any solution notebook anywhere.
-READ_SOLUTIONS = """import boltzlab, pathlib, os
+READ_SOLUTIONS = """import boltzlab, pathlib, os, sys
 _repo = pathlib.Path(boltzlab.__file__).resolve().parents[1]
 _found = (_repo / 'solutions').exists() or (_repo / '.git').exists()
-for _top in ('/', '/tmp', '/root', '/work', '/home'):
-    for _dir, _subdirs, _files in os.walk(_top):
-        if _dir.startswith(('/proc', '/sys', '/usr', '/dev')):
-            _subdirs[:] = []
-            continue
-        _found = _found or any(f == '01_toy.ipynb' or f == 'scores.csv' for f in _files)
+for _dir, _subdirs, _files in os.walk('/'):
+    if _dir.startswith(('/proc', '/sys', '/usr', '/dev', sys.prefix, sys.base_prefix)):
+        _subdirs[:] = []  # the interpreter's own trees: large, and read-only binds of the host's
+        continue
+    _found = _found or any(f == '01_toy.ipynb' or f == 'scores.csv' for f in _files)
 """ + _add_if("_found")
 # Write into the package (the grader and the checks), the repository, the environment, home.
 WRITE_EVERYWHERE = """import boltzlab, boltzlab.grading.grader as g, boltzlab.grading.feedback as f, pathlib, sys
@@ -148,40 +149,6 @@ ATTACKS = {
 LIMITS = Limits(processes=96, output_bytes=2 * 2**20)
 
 
-def _toy_solutions(folder: Path) -> Path:
-    """A two-exercise assignment: ``add`` (1 point, visible and hidden test) and ``square``
-    (3 points over two cells, one of them only hidden tests)."""
-    cells = [
-        nbformat.v4.new_code_cell("def add(a, b):\n    ### BEGIN SOLUTION\n    return a + b\n    ### END SOLUTION\n",
-                                  metadata={"nbgrader": {"grade": False, "grade_id": "add_sol", "solution": True}}),
-        nbformat.v4.new_code_cell("assert add(2, 3) == 5\n### BEGIN HIDDEN TESTS\nassert add(-1, 1) == 0\n### END HIDDEN TESTS\n",
-                                  metadata={"nbgrader": {"grade": True, "grade_id": "add", "points": 1}}),
-        nbformat.v4.new_code_cell("def square(x):\n    ### BEGIN SOLUTION\n    return x * x\n    ### END SOLUTION\n",
-                                  metadata={"nbgrader": {"grade": False, "grade_id": "square_sol", "solution": True}}),
-        nbformat.v4.new_code_cell("assert square(3) == 9\n",
-                                  metadata={"nbgrader": {"grade": True, "grade_id": "square_small", "points": 1},
-                                            "boltzlab": {"exercise": "square"}}),
-        nbformat.v4.new_code_cell("### BEGIN HIDDEN TESTS\nassert square(-4) == 16\n### END HIDDEN TESTS\n",
-                                  metadata={"nbgrader": {"grade": True, "grade_id": "square_hidden", "points": 2},
-                                            "boltzlab": {"exercise": "square"}}),
-    ]
-    sols = folder / "solutions"
-    sols.mkdir()
-    nbformat.write(nbformat.v4.new_notebook(cells=cells), sols / "01_toy.ipynb")
-    return sols
-
-
-def _answered(blank: nbformat.NotebookNode, add: str, square: str | None = None) -> nbformat.NotebookNode:
-    nb = nbformat.from_dict(blank)
-    for cell in nb.cells:
-        gid = cell.metadata.get("nbgrader", {}).get("grade_id")
-        if gid == "add_sol":
-            cell.source = add
-        elif gid == "square_sol" and square is not None:
-            cell.source = square
-    return nb
-
-
 def _fingerprint(*folders: Path) -> dict[str, str]:
     """Content hash of every file under ``folders``."""
     out = {}
@@ -220,16 +187,16 @@ def graded(tmp_path_factory):
     if sandbox.sandbox_problem() is not None:
         pytest.skip(f"no sandbox here: {sandbox.sandbox_problem()}")
     home = tmp_path_factory.mktemp("redteam")
-    sols = _toy_solutions(home)
+    sols = _solutions(home)
     ex.build_all(sols, home / "exercises")
     blank = nbformat.read(home / "exercises" / "01_toy.ipynb", as_version=4)
     subs = home / "subs"
     subs.mkdir()
-    nbformat.write(_answered(blank, SOLVED_ADD, SOLVED_SQUARE), subs / "a_honest.ipynb")
+    nbformat.write(_with(blank, add_sol=SOLVED_ADD, square_sol=SOLVED_SQUARE), subs / "a_honest.ipynb")
     nbformat.write(blank, subs / "a_untouched.ipynb")
     for name, code in ATTACKS.items():
-        nbformat.write(_answered(blank, code), subs / f"m_{name}.ipynb")
-    nbformat.write(_answered(blank, SOLVED_ADD, SOLVED_SQUARE), subs / "z_honest.ipynb")
+        nbformat.write(_with(blank, add_sol=code), subs / f"m_{name}.ipynb")
+    nbformat.write(_with(blank, add_sol=SOLVED_ADD, square_sol=SOLVED_SQUARE), subs / "z_honest.ipynb")
     nbformat.write(blank, subs / "z_untouched.ipynb")
     out = home / "scores.csv"
     watched = [home, ROOT / "boltzlab", ROOT / "solutions", Path(sys.prefix) / "bin"]
@@ -315,7 +282,7 @@ def test_no_process_survives(graded):
 
 
 def test_unavailable_sandbox_is_an_error_not_a_fallback(tmp_path, monkeypatch, capsys):
-    sols = _toy_solutions(tmp_path)
+    sols = _solutions(tmp_path)
     subs = tmp_path / "subs"
     subs.mkdir()
     monkeypatch.setattr(sandbox.shutil, "which", lambda name: None)
