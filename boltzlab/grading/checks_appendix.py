@@ -31,7 +31,8 @@ def _stream(update: OnlineUpdate, log_w: Tensor, values: Tensor, blocks: list[sl
     s = torch.zeros(batch, dtype=log_w.dtype)
     acc = torch.zeros(batch, dim, dtype=log_w.dtype)
     for block in blocks:
-        out = call_learner(update, m.clone(), s.clone(), acc.clone(), log_w[:, block], values[:, block], name=name, exercise="online_update")
+        out = call_learner(update, m.clone(), s.clone(), acc.clone(), log_w[:, block], values[:, block],
+                           name=name, exercise="online_update")
         if not (isinstance(out, tuple) and len(out) == 3):
             raise CheckFailed(f"{name} should return a tuple (m, s, acc), got {type(out).__name__}")
         m, s, acc = out
@@ -72,7 +73,8 @@ def _name_mistake(update: OnlineUpdate, name: str) -> str:
     log_w = torch.tensor([[0.0, -1.0, 2.0, 3.0]], dtype=F64)
     values = torch.randn(1, 4, 2, generator=g, dtype=F64)
     first = _stream(update, log_w, values, [slice(0, 2)], name)
-    got = call_learner(update, *(t.clone() for t in first), log_w[:, 2:], values[:, 2:], name=name, exercise="online_update")
+    got = call_learner(update, *(t.clone() for t in first), log_w[:, 2:], values[:, 2:],
+                       name=name, exercise="online_update")
     for mistake, expected in _mistake_variants(*first, log_w[:, 2:], values[:, 2:]).items():
         if all(torch.allclose(a.to(F64), b, rtol=1e-6, atol=1e-9) for a, b in zip(got, expected)):
             return _MISTAKES[mistake]
