@@ -15,6 +15,8 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
+import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -279,6 +281,27 @@ def test_unavailable_sandbox_is_an_error_not_a_fallback(tmp_path, monkeypatch, c
     assert grader.main(["grade", str(subs), "--solutions", str(sols), "--out", str(tmp_path / "s.csv")]) == 2
     assert "cannot grade safely" in capsys.readouterr().err
     assert not (tmp_path / "s.csv").exists()
+    # --unsafe is the explicit way round: limits only, no sandbox
+    ex.build_all(sols, tmp_path / "exercises")
+    blank = nbformat.read(tmp_path / "exercises" / "01_toy.ipynb", as_version=4)
+    nbformat.write(_with(blank, add_sol=SOLVED_ADD, square_sol=SOLVED_SQUARE), subs / "trusted.ipynb")
+    assert grader.main(["grade", str(subs), "--solutions", str(sols), "--out", str(tmp_path / "s.csv"),
+                        "--unsafe", "--no-progress"]) == 0
+    row = next(csv.DictReader((tmp_path / "s.csv").open()))
+    assert (row["submission"], row["total"], row["status"]) == ("trusted.ipynb", "4", "ok")
+
+
+def test_make_grade_writes_only_git_ignored_defaults():
+    makefile = (ROOT / "Makefile").read_text()
+    recipe = makefile.split("\ngrade:")[1].split("\n\n")[0]
+    assert "--out $(OUT) --feedback $(FEEDBACK)" in recipe
+    defaults = [re.search(rf"^{var} \?= (\S+)$", makefile, re.M).group(1) for var in ("OUT", "FEEDBACK")]
+    assert defaults == ["scores.csv", "feedback"]
+    ignored = subprocess.run(["git", "check-ignore", "scores.csv", "feedback/ada.md"], cwd=ROOT,
+                             capture_output=True, text=True)
+    if ignored.returncode == 128:
+        pytest.skip("not a git checkout")
+    assert ignored.stdout.split() == ["scores.csv", "feedback/ada.md"]
 
 
 def test_bad_limits_are_refused():

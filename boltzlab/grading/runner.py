@@ -28,7 +28,7 @@ from jupyter_client.connect import write_connection_file
 from boltzlab.grading import sandbox
 from boltzlab.grading.sandbox import Limits
 
-KERNEL_START_SECONDS = 30.0
+KERNEL_START_SECONDS = 60.0  # interpreter and ipykernel only: torch loads in the first cell
 KEPT_TEXT = 4000  # characters of a cell's output kept for the feedback report
 
 
