@@ -307,3 +307,31 @@ def test_make_grade_writes_only_git_ignored_defaults():
 def test_bad_limits_are_refused():
     with pytest.raises(ValueError, match="memory_bytes must be positive"):
         Limits(memory_bytes=0)
+
+
+# Known limit, kept visible: code in the kernel can replace the kernel's own request handler
+# and answer "ok" for every later cell. Reading the execute_reply (as nbgrader does) cannot
+# tell; it takes running the tests in a process the learner's code cannot reach (follow-up).
+# strict: when a change closes this hole the test fails and must become a plain test.
+FORGE_REPLIES = """k = get_ipython().kernel
+async def _answer_ok(stream, ident, parent):
+    k.session.send(stream, 'execute_reply', {'status': 'ok', 'execution_count': 1, 'user_expressions': {},
+                   'payload': []}, parent, ident=ident)
+    k.session.send(k.iopub_socket, 'status', {'execution_state': 'idle'}, parent, ident=k._topic('status'))
+k.shell_handlers['execute_request'] = _answer_ok
+def add(a, b):
+    raise NotImplementedError()
+"""
+
+
+@needs_sandbox
+@pytest.mark.xfail(strict=True, reason="a kernel that rewrites its own message handlers forges its replies")
+def test_forged_replies_from_a_rewritten_kernel_handler(tmp_path):
+    sols = _solutions(tmp_path)
+    ex.build_all(sols, tmp_path / "exercises")
+    blank = nbformat.read(tmp_path / "exercises" / "01_toy.ipynb", as_version=4)
+    subs = tmp_path / "subs"
+    subs.mkdir()
+    nbformat.write(_with(blank, add_sol=FORGE_REPLIES), subs / "forger.ipynb")
+    grader.grade_folder(subs, sols, tmp_path / "scores.csv", timeout=TIMEOUT, progress=False, limits=LIMITS)
+    assert next(csv.DictReader((tmp_path / "scores.csv").open()))["total"] == "0"
