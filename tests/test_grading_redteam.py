@@ -335,3 +335,13 @@ def test_forged_replies_from_a_rewritten_kernel_handler(tmp_path):
     nbformat.write(_with(blank, add_sol=FORGE_REPLIES), subs / "forger.ipynb")
     grader.grade_folder(subs, sols, tmp_path / "scores.csv", timeout=TIMEOUT, progress=False, limits=LIMITS)
     assert next(csv.DictReader((tmp_path / "scores.csv").open()))["total"] == "0"
+
+
+@needs_sandbox
+def test_a_kernel_that_cannot_start_is_reported_with_its_own_words(tmp_path):
+    from boltzlab.grading import runner
+
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("print(1)")])
+    run = runner.run_notebook(nb, grader.copy_package(tmp_path), 30, Limits(memory_bytes=40 * 2**20))
+    assert run.outcomes == {} and run.status.startswith("kernel did not start: it exited with status 1")
+    assert "MemoryError" in run.status

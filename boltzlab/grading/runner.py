@@ -15,8 +15,10 @@ import os
 import queue
 import secrets
 import shutil
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,6 +118,25 @@ def _run_cell(client: BlockingKernelClient, proc, source: str, budget: _Budget) 
     return CellOutcome(reply.get("status", "error"), text, error[:2000]), "ok"
 
 
+class _ConsoleTail:
+    """Reads the kernel's own stdout and stderr (not the cells' output, which comes as
+    messages) as it comes, keeping only the end: it says why a kernel did not start, and a
+    kernel that writes to its file descriptors forever neither blocks nor fills a disk."""
+
+    def __init__(self, proc: subprocess.Popen, keep: int = KEPT_TEXT):
+        self._tail = b""
+        self._keep = keep
+        threading.Thread(target=self._drain, args=(proc.stdout,), daemon=True).start()
+
+    def _drain(self, pipe) -> None:
+        while chunk := pipe.read1(65536):
+            self._tail = (self._tail + chunk)[-self._keep:]
+        pipe.close()
+
+    def last_lines(self, n: int) -> str:
+        return " ".join(self._tail.decode(errors="replace").strip().splitlines()[-n:])
+
+
 def _wait_for_kernel(client: BlockingKernelClient, proc) -> str | None:
     """Ask for ``kernel_info`` until the kernel answers; returns a problem or None."""
     deadline = time.monotonic() + KERNEL_START_SECONDS
@@ -141,15 +162,15 @@ def run_notebook(nb: nbformat.NotebookNode, package_root: Path, timeout: float, 
     cells reached keep their outcomes. The sandbox and all its processes are gone on return.
     """
     run = NotebookRun()
-    private = Path(tempfile.mkdtemp(prefix="boltzlab-grader-"))  # the grader's alone: the kernel's log
+    private = Path(tempfile.mkdtemp(prefix="boltzlab-grader-"))  # root-only (0700) parent of:
     shared = private / "kernel"  # the connection file and the kernel's sockets, nothing else
     shared.mkdir()
     conn_file, _ = write_connection_file(str(shared / "kernel.json"), transport="ipc", ip=str(shared / "k"),
                                          key=secrets.token_hex(32).encode())
     os.chmod(conn_file, 0o644)  # readable by the kernel's user inside the sandbox
-    log = private / "kernel.log"
     argv = [sys.executable, "-m", "ipykernel_launcher", "-f", conn_file, "--HistoryManager.enabled=False"]
-    proc = sandbox.start(argv, package_root, shared, limits, _kernel_env(), log, unsafe=unsafe)
+    proc = sandbox.start(argv, package_root, shared, limits, _kernel_env(), unsafe=unsafe)
+    console = _ConsoleTail(proc)
     client = BlockingKernelClient(connection_file=conn_file)
     client.load_connection_file()
     pid_ns = None
@@ -157,8 +178,7 @@ def run_notebook(nb: nbformat.NotebookNode, package_root: Path, timeout: float, 
         client.start_channels(hb=False)  # liveness is the process itself, watched below
         problem = _wait_for_kernel(client, proc)
         if problem:
-            tail = log.read_text(errors="replace").strip().splitlines()[-3:]
-            run.status = f"kernel did not start: {problem}; {' '.join(tail)}"[:300]
+            run.status = f"kernel did not start: {problem}; {console.last_lines(3)}"[:300]
             return run
         pid_ns = None if unsafe else sandbox.pid_namespace(proc)
         budget = _Budget(timeout, limits.output_bytes)

@@ -151,9 +151,10 @@ def _limit_resources(limits: Limits) -> Callable[[], None]:
 
 
 def start(argv: Sequence[str], package_root: Path, shared_dir: Path, limits: Limits, env: dict[str, str],
-          log: Path, unsafe: bool = False) -> subprocess.Popen:
+          unsafe: bool = False) -> subprocess.Popen:
     """Start ``argv`` sandboxed (or, with ``unsafe``, only under the resource limits, in
-    ``shared_dir``, with ``env`` and the package copy first on the path)."""
+    ``shared_dir``, with ``env`` and the package copy first on the path). Its stdout and
+    stderr are one pipe, which the caller must keep reading."""
     if unsafe:
         env = {**env, "PYTHONPATH": str(package_root), "HOME": str(shared_dir)}
         cmd, cwd = list(argv), shared_dir
@@ -161,9 +162,8 @@ def start(argv: Sequence[str], package_root: Path, shared_dir: Path, limits: Lim
         if os.geteuid() == 0:  # the kernel runs as nobody and creates its sockets here
             os.chown(shared_dir, NOBODY, NOBODY)
         cmd, cwd = sandbox_command(argv, package_root, shared_dir, limits, env), None
-    with log.open("wb") as out:
-        return subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True, preexec_fn=_limit_resources(limits))
+    return subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_limit_resources(limits))
 
 
 def _namespace_members(pid_ns: str) -> list[int]:
