@@ -345,3 +345,15 @@ def test_a_kernel_that_cannot_start_is_reported_with_its_own_words(tmp_path):
     run = runner.run_notebook(nb, grader.copy_package(tmp_path), 30, Limits(memory_bytes=40 * 2**20))
     assert run.outcomes == {} and run.status.startswith("kernel did not start: it exited with status 1")
     assert "MemoryError" in run.status
+
+
+@needs_sandbox
+def test_cpu_time_limit_stops_a_busy_loop_before_the_wall_clock(tmp_path):
+    from boltzlab.grading import runner
+
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("while True:\n    pass"),
+                                         nbformat.v4.new_code_cell("print('never')")])
+    start = time.monotonic()
+    run = runner.run_notebook(nb, grader.copy_package(tmp_path), 60, Limits(cpu_seconds=6))
+    assert run.status.startswith("kernel died") and run.outcomes == {}
+    assert time.monotonic() - start < 50
