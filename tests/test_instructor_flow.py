@@ -39,17 +39,28 @@ def test_release_then_grade(tmp_path):
     subs = tmp_path / "submissions"
     (subs / "ada").mkdir(parents=True)
     (subs / "bo").mkdir()
+    (subs / "cy").mkdir()
     solution = nbformat.read(ROOT / "solutions" / "00_mcmc.ipynb", as_version=4)
     nbformat.write(_solve(handed_out, solution), subs / "ada" / "00_mcmc.ipynb")
     nbformat.write(handed_out, subs / "bo" / "00_mcmc.ipynb")
+    # cy hands in the package's own kish_ess, imported under another name before the check
+    calls_package = _solve(handed_out, solution)
+    for cell in calls_package.cells:
+        if cell.metadata.get("nbgrader", {}).get("grade_id") == "kish_ess_solution":
+            cell.source = ("from boltzlab.metrics import kish_ess as packaged_ess\n\n"
+                           "def kish_ess(log_w):\n    return packaged_ess(log_w)\n")
+    nbformat.write(calls_package, subs / "cy" / "00_mcmc.ipynb")
 
     out, feedback = tmp_path / "scores.csv", tmp_path / "feedback"
     subprocess.run([sys.executable, "-m", "boltzlab.grading", "grade", str(subs), "--out", str(out),
                     "--feedback", str(feedback), "--timeout", "180", "--no-progress"], check=True, cwd=ROOT)
     rows = {r["submission"]: r for r in csv.DictReader(out.open())}
-    ada, bo = rows["ada/00_mcmc.ipynb"], rows["bo/00_mcmc.ipynb"]
+    ada, bo, cy = rows["ada/00_mcmc.ipynb"], rows["bo/00_mcmc.ipynb"], rows["cy/00_mcmc.ipynb"]
     assert (ada["mala_step"], ada["kish_ess"], ada["total"], ada["max_total"]) == ("3", "2", "5", "5")
     assert (bo["mala_step"], bo["kish_ess"], bo["total"]) == ("0", "0", "0")
-    assert ada["status"] == bo["status"] == "ok"
+    assert (cy["mala_step"], cy["kish_ess"], cy["total"]) == ("3", "0", "3")
+    assert ada["status"] == bo["status"] == cy["status"] == "ok"
     report = (feedback / "bo__00_mcmc.md").read_text()
     assert "Total: 0 / 5" in report and "still raises NotImplementedError" in report
+    assert "calls boltzlab.metrics.kish_ess" in (feedback / "cy__00_mcmc.md").read_text()
+    assert "write it yourself" in (feedback / "cy__00_mcmc.md").read_text()

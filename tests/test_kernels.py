@@ -551,6 +551,16 @@ def test_interpreter_variable_does_not_leak_into_this_process(triton_results: di
 
 
 def _correct_update(m, s, acc, log_w, values):
+    """The appendix exercise answered by hand: inside the check the package's
+    online_lse_update refuses to run (a learner must write it)."""
+    new_m = torch.maximum(m, log_w.amax(1))
+    shift = torch.where(torch.isfinite(new_m), new_m, torch.zeros_like(new_m))  # padding-only rows: -inf stays
+    scale = torch.exp(m - shift)
+    w = torch.exp(log_w - shift[:, None])
+    return new_m, s * scale + w.sum(1), acc * scale[:, None] + (w[:, :, None] * values).sum(1)
+
+
+def _packaged_update(m, s, acc, log_w, values):
     from boltzlab.kernels.online_lse import online_lse_update
 
     new_m, new_s, _, new_acc = online_lse_update(m, s, torch.zeros_like(s), acc, log_w, values)
@@ -588,6 +598,14 @@ def test_appendix_check_passes_a_correct_update(capsys: pytest.CaptureFixture) -
 
     check_online_update(_correct_update)
     assert "All checks passed" in capsys.readouterr().out
+
+
+def test_appendix_check_refuses_the_packaged_update() -> None:
+    from boltzlab.grading.checks_appendix import check_online_update
+    from boltzlab.grading.feedback import CheckFailed
+
+    with pytest.raises(CheckFailed, match="calls boltzlab.kernels.online_lse.online_lse_update.*write it yourself"):
+        check_online_update(_packaged_update)
 
 
 @pytest.mark.parametrize("wrong,message", [

@@ -16,6 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from boltzlab.grading import write_yourself
 from boltzlab.grading.feedback import CheckFailed, all_passed, call_learner, expect_close, expect_shape, passed
 
 OnlineUpdate = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]
@@ -30,7 +31,8 @@ def _stream(update: OnlineUpdate, log_w: Tensor, values: Tensor, blocks: list[sl
     s = torch.zeros(batch, dtype=log_w.dtype)
     acc = torch.zeros(batch, dim, dtype=log_w.dtype)
     for block in blocks:
-        out = call_learner(update, m.clone(), s.clone(), acc.clone(), log_w[:, block], values[:, block], name=name)
+        out = call_learner(update, m.clone(), s.clone(), acc.clone(), log_w[:, block], values[:, block],
+                           name=name, exercise="online_update")
         if not (isinstance(out, tuple) and len(out) == 3):
             raise CheckFailed(f"{name} should return a tuple (m, s, acc), got {type(out).__name__}")
         m, s, acc = out
@@ -71,7 +73,8 @@ def _name_mistake(update: OnlineUpdate, name: str) -> str:
     log_w = torch.tensor([[0.0, -1.0, 2.0, 3.0]], dtype=F64)
     values = torch.randn(1, 4, 2, generator=g, dtype=F64)
     first = _stream(update, log_w, values, [slice(0, 2)], name)
-    got = call_learner(update, *(t.clone() for t in first), log_w[:, 2:], values[:, 2:], name=name)
+    got = call_learner(update, *(t.clone() for t in first), log_w[:, 2:], values[:, 2:],
+                       name=name, exercise="online_update")
     for mistake, expected in _mistake_variants(*first, log_w[:, 2:], values[:, 2:]).items():
         if all(torch.allclose(a.to(F64), b, rtol=1e-6, atol=1e-9) for a, b in zip(got, expected)):
             return _MISTAKES[mistake]
@@ -136,8 +139,14 @@ def check_online_update(update: OnlineUpdate) -> None:
                           "exp(m_old - m_new) is exp(-inf + inf) = NaN. Hint: when m_new is -inf, shift by 0 instead")
     expect_close("s after a block of padding", s, torch.zeros(batch, dtype=F64), atol=0.0,
                  hint="padding has weight exp(-inf) = 0")
-    out = call_learner(update, m, s, acc, log_w[:, :4], values[:, :4], name=name)
+    out = call_learner(update, m, s, acc, log_w[:, :4], values[:, :4], name=name, exercise="online_update")
     expect_close("acc / s after padding then a block", out[2] / out[1][:, None],
                  (torch.softmax(log_w[:, :4], 1)[..., None] * values[:, :4]).sum(1), rtol=1e-9, atol=1e-12)
     passed("a block of padding (-inf) first leaves no NaN behind")
     all_passed(name)
+
+
+# The package functions each exercise asks the learner to write: inside the exercise's check
+# they refuse to run (boltzlab.grading.write_yourself), in the notebook and the grader alike.
+WRITE_YOURSELF = {"online_update": ("boltzlab.kernels.online_lse.online_lse_update",)}
+write_yourself.register(WRITE_YOURSELF)

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from boltzlab.grading import write_yourself
 from boltzlab.grading.feedback import (
     CheckFailed,
     all_passed,
@@ -280,3 +281,9 @@ def check_gradient_penalty(fn: Callable[..., Any]) -> None:
             )
     passed("differentiable with respect to the critic's parameters (create_graph=True)")
     all_passed("gradient_penalty")
+
+
+# The package functions each exercise asks the learner to write: inside the exercise's check
+# they refuse to run (boltzlab.grading.write_yourself), in the notebook and the grader alike.
+WRITE_YOURSELF = {"gradient_penalty": ("boltzlab.training.generative.gradient_penalty",)}
+write_yourself.register(WRITE_YOURSELF)

@@ -148,7 +148,8 @@ def check_free_energy_difference(fn: FreeEnergyFn) -> None:
         got_shifted = as_float(f"{name} with log_w shifted by {shift:+g}", call_learner(fn, log_w + shift, in_a, in_b, name=name))
         if not math.isfinite(got_shifted):
             raise CheckFailed(f"{name}: with log-weights around {shift:+g} you returned {got_shifted}: exp({shift:g}) "
-                              "over- or underflows. Work in log space: ΔF = logsumexp(log_w[in_a]) - logsumexp(log_w[in_b])")
+                              "over- or underflows. Work in log space: sum the weights of each state with "
+                              "torch.logsumexp, never with exp")
         expect_close(f"{name} with log_w shifted by {shift:+g}", got_shifted, expected, rtol=1e-6, atol=1e-6,
                      hint="adding a constant to every log-weight must not change ΔF; use torch.logsumexp")
     passed("stable for log-weights of size 800, as real ones are (use logsumexp)")

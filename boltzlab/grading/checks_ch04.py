@@ -16,6 +16,7 @@ from torch import Tensor
 
 from boltzlab.energies import DoubleWell2D, Energy, GaussianMixture
 from boltzlab.estimators import copy_log_weights_and_forces, draw_eps, lse_score
+from boltzlab.grading import write_yourself
 from boltzlab.grading.feedback import CheckFailed, all_passed, call_learner, expect_close, expect_shape, passed
 
 ScoreFn = Callable[[Energy, Tensor, float, Tensor], Tensor]
@@ -99,3 +100,9 @@ def check_mc_score(fn: ScoreFn) -> None:
     _case(fn, cold, x_cold, 0.02, draw_eps(cold, 3, 16, g, dtype=F64), "the double well at kT = 0.01 (-E/kT ~ 1e3)")
     passed("finite and correct where exp(-E/kT) would underflow or overflow (logsumexp)")
     all_passed("mc_score")
+
+
+# The package functions each exercise asks the learner to write: inside the exercise's check
+# they refuse to run (boltzlab.grading.write_yourself), in the notebook and the grader alike.
+WRITE_YOURSELF = {"mc_score": ("boltzlab.estimators.mc_score", "boltzlab.estimators.lse_score")}
+write_yourself.register(WRITE_YOURSELF)

@@ -4,6 +4,11 @@ A check is a plain function that calls the learner's code on chosen inputs and c
 with an independent answer. The helpers here turn a mismatch into a sentence a learner can
 act on ("returned shape (10,), expected (10, 2)"; "ESS for equal weights of 100 samples
 was 10.0, expected 100.0 (off by 90.0)"), instead of a bare ``AssertionError``.
+
+In a notebook, a failed check shows only its message: importing this module makes IPython
+print :class:`CheckFailed` and :class:`ExerciseNotAttempted` as one line, without the
+traceback through the package's check code (the cell still fails: the kernel's reply
+says ``error``, which is what graders read).
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from boltzlab.grading.write_yourself import WriteThisYourself, forbidding
+
 
 class CheckFailed(AssertionError):
     """A learner's function gave a wrong answer; the message says which and by how much."""
@@ -24,21 +31,28 @@ class ExerciseNotAttempted(NotImplementedError):
     """The learner's function still raises NotImplementedError (the exercise is untouched)."""
 
 
-def call_learner(fn: Callable[..., Any], *args: Any, name: str | None = None, **kwargs: Any) -> Any:
-    """Call the learner's ``fn``; turn ``NotImplementedError`` into a friendly
-    :class:`ExerciseNotAttempted` and any other exception into :class:`CheckFailed` that names it."""
+def call_learner(fn: Callable[..., Any], *args: Any, name: str | None = None, exercise: str | None = None,
+                 **kwargs: Any) -> Any:
+    """Call the learner's ``fn`` for ``exercise`` (default ``name``); turn ``NotImplementedError``
+    into a friendly :class:`ExerciseNotAttempted`, a call to the package's version of the
+    answer into a :class:`CheckFailed` that says to write it, and any other exception into
+    :class:`CheckFailed` that names it. The learner's traceback is not chained: the message
+    says what happened, and the package's frames would only hide it."""
     label = name or getattr(fn, "__name__", "your function")
     if not callable(fn):
         raise CheckFailed(f"expected a function for {label}, got {type(fn).__name__}")
     try:
-        return fn(*args, **kwargs)
-    except NotImplementedError as err:
+        with forbidding(exercise or label):
+            return fn(*args, **kwargs)
+    except NotImplementedError:
         raise ExerciseNotAttempted(
             f"{label} still raises NotImplementedError: replace the `raise NotImplementedError()` "
             "in the cell above with your solution, run that cell, then run this check again."
-        ) from err
+        ) from None
+    except WriteThisYourself as err:
+        raise CheckFailed(f"{label} does not count: {err}") from None
     except Exception as err:  # the learner's bug, reported as such
-        raise CheckFailed(f"{label} raised {type(err).__name__}: {err}") from err
+        raise CheckFailed(f"{label} raised {type(err).__name__}: {err}") from None
 
 
 def expect_tensor(label: str, got: Any) -> Tensor:
@@ -102,3 +116,22 @@ def passed(message: str) -> None:
 
 def all_passed(exercise: str) -> None:
     print(f"All checks passed for {exercise}.")
+
+
+def _show_message_only(shell: Any, etype: type, value: BaseException, tb: Any, tb_offset: int | None = None) -> None:
+    """IPython handler for failed checks: the exception's one line, as the cell's error
+    (``showtraceback(exception_only=True)`` would add a line about ``%tb`` above it)."""
+    shell._showtraceback(etype, value, shell.InteractiveTB.get_exception_only(etype, value))
+
+
+def _install_message_only_display() -> None:
+    try:
+        from IPython import get_ipython
+    except ImportError:  # plain Python: normal tracebacks
+        return
+    shell = get_ipython()
+    if shell is not None:
+        shell.set_custom_exc((CheckFailed, ExerciseNotAttempted), _show_message_only)
+
+
+_install_message_only_display()

@@ -6,44 +6,58 @@ For each ``*.ipynb`` under the submissions folder (one row per notebook):
 2. find its assignment (notebook metadata written by ``boltzlab.exercises``, else the file
    name) and restore every graded test cell from ``solutions/`` by its nbgrader
    ``grade_id``, hidden tests included, so tampering with or deleting a test cell cannot
-   help; learner cells are kept as submitted;
-3. execute it in a fresh kernel, in a throw-away copy of its own working directory with
-   ``HOME`` pointing there, under ``BOLTZLAB_BUDGET=smoke``, with a wall-clock limit;
-   errors do not stop the run (each test cell is scored on its own); a notebook that hangs
-   is killed, kernel and children included, and keeps the points of the tests it passed
-   before it hung;
-4. a test cell earns its nbgrader ``points`` when it runs without error.
+   help (a deleted one is appended at the end); learner cells are kept as submitted;
+3. execute it in a fresh kernel inside a sandbox (:mod:`boltzlab.grading.sandbox`): a
+   private in-memory home and /tmp, a read-only copy of the installed package made once per
+   run, no network, no instructor environment, limits on memory, CPU time, processes,
+   file size and output, and a wall-clock limit; every process of the submission is killed
+   when it ends. Errors do not stop the run (each test cell is scored on its own); a
+   notebook stopped at a limit keeps the points of the tests it passed before;
+4. a test cell earns its nbgrader ``points`` when the kernel's ``execute_reply`` for it
+   says ``ok`` (:mod:`boltzlab.grading.runner`: the grader reads the kernel's messages
+   itself; the kernel has no file to write results into).
+
+The grader's code is imported once, before the first submission, from the instructor's
+installation; submissions only ever see their own read-only copy of the package.
 
 The CSV has one row per submission: ``submission, assignment, status``, points per
 exercise (cells grouped by ``metadata.boltzlab.exercise``, default the ``grade_id``),
 ``total`` and ``max_total``. ``--feedback DIR`` also writes a Markdown report per
 submission with, per test, the points and what the check said.
 
+Without bubblewrap the command stops with a message saying how to install it; ``--unsafe``
+grades without the sandbox (resource limits only), for notebooks you trust.
+
 Usage::
 
     python -m boltzlab.grading grade SUBMISSIONS_DIR --out scores.csv [--timeout 120]
-        [--solutions solutions] [--feedback feedback/]
+        [--solutions solutions] [--feedback feedback/] [--memory-gb 6] [--unsafe]
 """
 
 from __future__ import annotations
 
 import argparse
+import compileall
 import csv
-import json
 import os
-import signal
-import subprocess
+import shutil
 import sys
 import tempfile
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import nbformat
 
+import boltzlab
+from boltzlab.grading import runner, sandbox
+from boltzlab.grading.sandbox import Limits
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
-TOKEN_VAR = "BOLTZLAB_GRADING_TOKEN"
+# Run first in every kernel. torch aborts when imported from a deleted working directory,
+# so importing it first keeps a notebook that empties its directory from killing its own
+# kernel; the guards make the package functions an exercise asks for refuse to serve it.
+SETUP_CODE = "import numpy, torch, matplotlib\nfrom boltzlab.grading import write_yourself\nwrite_yourself.install_all()"
 
 
 @dataclass(frozen=True)
@@ -140,88 +154,43 @@ def prepare(nb: nbformat.NotebookNode, assignment: Assignment) -> nbformat.Noteb
     for gid, t in tests.items():  # deleted test cells still run, at the end
         if gid not in seen:
             cells.append(nbformat.v4.new_code_cell(t.source, metadata={"nbgrader": {"grade": True, "grade_id": gid}}))
-    # torch aborts when imported from a deleted working directory; importing it first
-    # keeps a notebook that empties its directory from killing its own kernel.
-    setup = nbformat.v4.new_code_cell("import numpy, torch, matplotlib\nimport boltzlab.grading.feedback")
+    setup = nbformat.v4.new_code_cell(SETUP_CODE)
     out = nbformat.v4.new_notebook(cells=[setup, *cells])
     out.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     return out
 
 
-def _kill_tree(proc: subprocess.Popen, token: str) -> None:
-    """Kill the runner's process group and every process that carries the grading token
-    (the kernel runs in a session of its own, and a hostile notebook may fork)."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    needle = f"{TOKEN_VAR}={token}".encode()
-    for entry in Path("/proc").glob("[0-9]*"):
-        try:
-            if needle in (entry / "environ").read_bytes():
-                os.kill(int(entry.name), signal.SIGKILL)
-        except (OSError, ValueError):
-            continue
-    proc.wait()
-
-
-def run_notebook(nb: nbformat.NotebookNode, timeout: float) -> tuple[list[dict], str]:
-    """Execute ``nb`` in a fresh directory; returns (per-test records, status)."""
-    token = uuid.uuid4().hex
-    # The notebook's directory and the grader's own files (results, kernel connection
-    # file) live in separate temporary trees, so a notebook that empties its working
-    # directory and its parent neither kills its kernel nor erases its results.
-    with tempfile.TemporaryDirectory(prefix="boltzlab-grade-") as tmp, \
-            tempfile.TemporaryDirectory(prefix="boltzlab-grader-") as private:
-        work = Path(tmp) / "work"
-        work.mkdir()
-        nb_path = work / "submission.ipynb"
-        nbformat.write(nb, nb_path)
-        results_path = Path(private) / "results.jsonl"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("JPY_")}
-        env.update({TOKEN_VAR: token, "BOLTZLAB_BUDGET": "smoke", "MPLBACKEND": "Agg",
-                    "JUPYTER_RUNTIME_DIR": str(Path(private) / "runtime"),
-                    "IPYTHONDIR": str(Path(private) / "ipython"), "MPLCONFIGDIR": str(Path(private) / "mpl")})
-        cmd = [sys.executable, "-m", "boltzlab.grading.grader", "_execute", str(nb_path), str(results_path)]
-        proc = subprocess.Popen(cmd, cwd=work, env=env, start_new_session=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        status = "ok"
-        try:
-            out, _ = proc.communicate(timeout=timeout)
-            if proc.returncode != 0:
-                tail = out.decode(errors="replace").strip().splitlines()[-1:] if out else []
-                status = f"runner failed ({proc.returncode}): {' '.join(tail)}"[:300]
-        except subprocess.TimeoutExpired:
-            status = f"timeout after {timeout:g} s"
-        finally:
-            _kill_tree(proc, token)
-        records = []
-        if results_path.exists():
-            for line in results_path.read_text().splitlines():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue
-        return records, status
-
-
-def score(assignment: Assignment, records: list[dict], status: str) -> list[TestResult]:
-    by_id = {}
-    for r in records:
-        by_id.setdefault(r.get("grade_id"), r)  # first execution counts
+def score(assignment: Assignment, prepared: nbformat.NotebookNode, run: runner.NotebookRun) -> list[TestResult]:
+    """Points per test from the kernel's replies to the test cells of ``prepared``."""
+    first_cell: dict[str, int] = {}
+    for index, cell in enumerate(prepared.cells):
+        gid = cell.metadata.get("nbgrader", {}).get("grade_id")
+        if gid is not None:
+            first_cell.setdefault(gid, index)  # a duplicated test cell: its first run counts
     results = []
     for t in assignment.tests:
-        r = by_id.get(t.grade_id)
-        if r is None:
-            results.append(TestResult(t.grade_id, 0.0, t.points, f"not run ({status})"))
-        elif r.get("ok"):
-            results.append(TestResult(t.grade_id, t.points, t.points, (r.get("stdout") or "passed").strip()))
+        outcome = run.outcomes.get(first_cell.get(t.grade_id, -1))
+        if outcome is None:
+            results.append(TestResult(t.grade_id, 0.0, t.points, f"not run ({run.status})"))
+        elif outcome.status == "ok":
+            results.append(TestResult(t.grade_id, t.points, t.points, outcome.text.strip() or "passed"))
         else:
-            results.append(TestResult(t.grade_id, 0.0, t.points, r.get("error", "failed")))
+            results.append(TestResult(t.grade_id, 0.0, t.points, outcome.error or f"failed ({outcome.status})"))
     return results
 
 
-def grade_one(path: Path, root: Path, assignments: dict[str, Assignment], timeout: float) -> tuple[SubmissionResult, Assignment | None]:
+@dataclass(frozen=True)
+class RunSettings:
+    """How every submission of one grading run is executed."""
+
+    package_root: Path  # folder holding the run's read-only copy of ``boltzlab``
+    timeout: float = 120.0
+    limits: Limits = field(default_factory=Limits)
+    unsafe: bool = False
+
+
+def grade_one(path: Path, root: Path, assignments: dict[str, Assignment],
+              settings: RunSettings) -> tuple[SubmissionResult, Assignment | None]:
     rel = str(path.relative_to(root))
     try:
         nb = nbformat.read(path, as_version=4)
@@ -231,22 +200,48 @@ def grade_one(path: Path, root: Path, assignments: dict[str, Assignment], timeou
     assignment = identify(nb, path, assignments)
     if assignment is None:
         return SubmissionResult(rel, "", "no matching assignment in solutions/"), None
-    records, status = run_notebook(prepare(nb, assignment), timeout)
-    return SubmissionResult(rel, assignment.name, status, score(assignment, records, status)), assignment
+    prepared = prepare(nb, assignment)
+    run = runner.run_notebook(prepared, settings.package_root, settings.timeout, settings.limits, settings.unsafe)
+    status = run.status if not run.survivors else f"{run.status}; processes left running: {run.survivors}"
+    return SubmissionResult(rel, assignment.name, status, score(assignment, prepared, run)), assignment
+
+
+def copy_package(dest: Path) -> Path:
+    """A byte-compiled copy of the installed ``boltzlab`` under ``dest`` (which is returned);
+    sandboxes bind it read-only, so no submission can change what a later one imports."""
+    source = Path(boltzlab.__file__).resolve().parent
+    shutil.copytree(source, dest / "boltzlab", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    compileall.compile_dir(dest / "boltzlab", quiet=1)
+    for folder in (dest, *(p for p in dest.rglob("*") if p.is_dir())):
+        folder.chmod(0o755)  # readable by the sandbox's nobody user; writable by no one inside
+    return dest
 
 
 def grade_folder(submissions: Path, solutions: Path, out_csv: Path, timeout: float = 120.0,
-                 feedback_dir: Path | None = None, progress: bool = True) -> list[SubmissionResult]:
-    """Grade every notebook under ``submissions``; write ``out_csv`` (and feedback reports)."""
+                 feedback_dir: Path | None = None, progress: bool = True, limits: Limits | None = None,
+                 unsafe: bool = False) -> list[SubmissionResult]:
+    """Grade every notebook under ``submissions``; write ``out_csv`` (and feedback reports).
+
+    Raises :class:`~boltzlab.grading.sandbox.SandboxUnavailable` when submissions cannot be
+    sandboxed here, unless ``unsafe``.
+    """
     from tqdm.auto import tqdm
 
     if not submissions.is_dir():
         raise FileNotFoundError(f"submissions folder {submissions} does not exist")
+    if timeout <= 0:
+        raise ValueError(f"timeout must be positive, got {timeout}")
     assignments = load_assignments(solutions)
     if not assignments:
         raise FileNotFoundError(f"no solution notebooks with graded cells in {solutions}")
+    problem = None if unsafe else sandbox.sandbox_problem()
+    if problem is not None:
+        raise sandbox.SandboxUnavailable(f"cannot grade safely: {problem}")
     paths = sorted(p for p in submissions.rglob("*.ipynb") if ".ipynb_checkpoints" not in p.parts)
-    graded = [grade_one(p, submissions, assignments, timeout) for p in tqdm(paths, desc="grading", disable=not progress)]
+    with tempfile.TemporaryDirectory(prefix="boltzlab-package-") as tmp:
+        settings = RunSettings(copy_package(Path(tmp)), timeout, limits or Limits(), unsafe)
+        graded = [grade_one(p, submissions, assignments, settings)
+                  for p in tqdm(paths, desc="grading", disable=not progress)]
     exercises = list(dict.fromkeys(e for a in assignments.values() for e in a.exercises))
     out_csv.parent.mkdir(parents=True, exist_ok=True)
     with out_csv.open("w", newline="") as fh:
@@ -282,40 +277,8 @@ def write_feedback(graded: list[tuple[SubmissionResult, Assignment | None]], fee
         (feedback_dir / name).write_text("\n".join(lines) + "\n")
 
 
-# ---------------------------------------------------------------------------------------
-# The runner: executed in a subprocess by run_notebook.
-# ---------------------------------------------------------------------------------------
-
-
-def _execute(nb_path: Path, results_path: Path) -> None:
-    from nbclient import NotebookClient
-
-    nb = nbformat.read(nb_path, as_version=4)
-    os.environ["HOME"] = str(nb_path.parent)
-
-    def record(cell, cell_index, execute_reply, **_):
-        gid = cell.metadata.get("nbgrader", {}).get("grade_id")
-        if not gid:
-            return
-        errors = [o for o in cell.outputs if o.get("output_type") == "error"]
-        stdout = "".join(o.get("text", "") for o in cell.outputs if o.get("output_type") == "stream")
-        rec = {"grade_id": gid, "ok": not errors, "stdout": stdout[-4000:]}
-        if errors:
-            rec["error"] = f"{errors[0].get('ename')}: {errors[0].get('evalue')}"[:2000]
-        with results_path.open("a") as fh:
-            fh.write(json.dumps(rec) + "\n")
-
-    client = NotebookClient(nb, timeout=None, kernel_name="python3", allow_errors=True,
-                            resources={"metadata": {"path": str(nb_path.parent)}},
-                            on_cell_executed=record)
-    client.execute()
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "_execute":
-        _execute(Path(argv[1]), Path(argv[2]))
-        return 0
     parser = argparse.ArgumentParser(prog="python -m boltzlab.grading", description="Grade submitted exercise notebooks.")
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("grade", help="grade a folder of submissions into a CSV")
@@ -324,10 +287,24 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--solutions", type=Path, default=REPO_ROOT / "solutions")
     g.add_argument("--timeout", type=float, default=120.0, help="wall-clock seconds per notebook")
     g.add_argument("--feedback", type=Path, default=None, help="folder for one Markdown report per submission")
+    g.add_argument("--memory-gb", type=float, default=Limits.memory_bytes / 2**30,
+                   help="address-space limit per notebook, GiB")
+    g.add_argument("--unsafe", action="store_true",
+                   help="grade without the sandbox (only resource limits): for notebooks you trust")
     g.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    if args.memory_gb <= 0:
+        parser.error(f"--memory-gb must be positive, got {args.memory_gb}")
+    if args.timeout <= 0:
+        parser.error(f"--timeout must be positive, got {args.timeout}")
+    limits = Limits(memory_bytes=int(args.memory_gb * 2**30))
     t0 = time.perf_counter()
-    results = grade_folder(args.submissions, args.solutions, args.out, args.timeout, args.feedback, not args.no_progress)
+    try:
+        results = grade_folder(args.submissions, args.solutions, args.out, args.timeout, args.feedback,
+                               not args.no_progress, limits, args.unsafe)
+    except (sandbox.SandboxUnavailable, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     bad = sum(r.status != "ok" for r in results)
     print(f"graded {len(results)} submission(s) in {time.perf_counter() - t0:.1f} s "
           f"({bad} with problems); scores in {args.out}")
