@@ -359,6 +359,18 @@ _REGISTRY: dict[str, dict[str, Any]] = {
 }
 
 
+def describe(chapter_sizes: Any, width: int = 100) -> str:
+    """The current budget and ``chapter_sizes`` (a sizes dataclass) as short lines of
+    ``name=value`` pairs, for a chapter's set-up cell (a notebook wraps a long printed line
+    mid-word)."""
+    import dataclasses
+    import textwrap
+
+    pairs = ", ".join(f"{f.name}={getattr(chapter_sizes, f.name)}" for f in dataclasses.fields(chapter_sizes))
+    return f"budget: {budget()}\n" + textwrap.fill(pairs, width=width, break_long_words=False,
+                                                   break_on_hyphens=False, initial_indent="  ", subsequent_indent="  ")
+
+
 def sizes(chapter: str, budget_name: str | None = None) -> Any:
     """The sizes dataclass of ``chapter`` (e.g. ``"00"``) under ``budget_name`` or the current budget."""
     if chapter not in _REGISTRY:

@@ -73,3 +73,12 @@ def test_every_chapter_sets_threads_through_config():
         text = path.read_text()
         assert "set_torch_threads()" in text, f"{path.name} does not call config.set_torch_threads()"
         assert "torch.set_num_threads(" not in text, f"{path.name} sets its own thread count"
+
+
+def test_describe_prints_every_size_on_short_lines(monkeypatch):
+    monkeypatch.setenv("BOLTZLAB_BUDGET", "laptop")
+    text = config.describe(config.sizes("05"))
+    lines = text.splitlines()
+    assert lines[0] == "budget: laptop" and all(len(line) <= 100 for line in lines)
+    for f in dataclasses.fields(config.Chapter05Sizes):
+        assert f"{f.name}={getattr(config.sizes('05'), f.name)}" in text
