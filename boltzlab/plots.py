@@ -189,14 +189,19 @@ def _plot_range(reference: Tensor | None, others: Sequence[Tensor], pad: float =
     return lo, hi
 
 
+def _percent(fraction: float) -> str:
+    return "<0.1%" if 0 < fraction < 0.0005 else f"{100 * fraction:.1f}%"
+
+
 def _sampler_label(name: str, scores: str, hist: metrics.Histogram, n_dropped: int) -> str:
+    """Name on the first line, numbers on the next ones (a legend must fit a narrow panel)."""
     notes = [scores]
     outside = hist.below + hist.above
     if outside > 0:
-        notes.append(f"{100 * outside:.1f}% outside the range: hatched edge bars")
+        notes.append(f"{_percent(outside)} outside the range (edge bars)")
     if n_dropped:
         notes.append(f"{n_dropped} non-finite dropped")
-    return f"{name} ({'; '.join(notes)})"
+    return "\n".join([name, *notes])
 
 
 def _outside_bars(ax: Axes, hist: metrics.Histogram, slot: int, color: str) -> None:
@@ -212,7 +217,7 @@ def _outside_bars(ax: Axes, hist: metrics.Histogram, slot: int, color: str) -> N
         if fraction > 0:
             ax.bar(x, fraction / width, width=width, align="edge", color=color, alpha=0.35, hatch="//",
                    edgecolor=color, linewidth=1.0)
-            ax.annotate(f"{100 * fraction:.0f}%", (x + width / 2, fraction / width), ha="center", va="bottom",
+            ax.annotate(_percent(fraction), (x + width / 2, fraction / width), ha="center", va="bottom",
                         fontsize="small", color=color)
 
 

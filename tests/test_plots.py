@@ -114,7 +114,7 @@ def test_energy_histogram_without_reference_and_on_given_axes():
     n_figs = len(plt.get_fignums())
     out = P.energy_histogram({"a": torch.randn(100, generator=gen(6))}, ax=ax)
     assert out is ax and len(plt.get_fignums()) == n_figs
-    assert legend_texts(ax) == ["a (n = 100)"]
+    assert legend_texts(ax) == ["a\nn = 100"]
     with pytest.raises(ValueError, match="nothing to plot"):
         P.energy_histogram({})
 
