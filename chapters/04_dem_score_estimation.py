@@ -7,7 +7,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -37,19 +37,22 @@ import ipywidgets
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
+from IPython.display import display
 from tqdm.auto import tqdm
 
-from boltzlab.config import budget, sizes
+from boltzlab.config import describe, set_torch_threads, sizes
 from boltzlab.energies import GaussianMixture, lj13, lj55
 from boltzlab.estimators import ESTIMATORS, estimator_error, gmm_noised_score, mc_score, score_quality_by_dimension
+from boltzlab.plots import panel_grid
+from boltzlab.tables import table
 from boltzlab.reference import load_reference
 from boltzlab.widgets import slider_figure
 
 SEED = 0
 torch.manual_seed(SEED)
-torch.set_num_threads(1)
+set_torch_threads()  # one thread: see boltzlab.config.DEFAULT_TORCH_THREADS
 S = sizes("04")
-print(f"budget: {budget()}  ->  {S}")
+print(describe(S))
 
 # %% [markdown]
 # ## Theory
@@ -119,7 +122,7 @@ def sweep_k(sigma: float) -> dict:
 SIGMA_MID = 1.0
 by_k = sweep_k(SIGMA_MID)
 ks = np.array(S.k_values)
-fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+fig, axes = panel_grid(2)
 for key, errs in by_k.items():
     axes[0].loglog(ks, [e.mse for e in errs], "o-", label=LABELS[key])
     axes[1].loglog(ks, [max(e.bias2 - e.variance / S.n_repeats, 1e-12) for e in errs], "o-", label=LABELS[key])
@@ -128,7 +131,7 @@ axes[0].set(xlabel="K (energy evaluations per point)", ylabel="MSE", title=f"MSE
 axes[1].set(xlabel="K", ylabel="bias² (noise-corrected)", title="bias² vs K")
 for ax in axes:
     ax.legend()
-plt.tight_layout()
+plt.show()
 
 # %%
 lse_mse = [e.mse for e in by_k[("lse", False)]]
@@ -211,9 +214,10 @@ for d in tqdm(S.dims, desc="dimensions"):
     row = {"d": d, **score_quality_by_dimension(d, S.dim_points, S.dim_k, sigma=1.0,
                                                 generator=torch.Generator().manual_seed(d))}
     dim_rows.append(row)
-    print(f"d = {d:5d}: ESS {row['ess']:7.1f} / {S.dim_k}; cosine LSE {row['cos_lse']:.3f}, Jensen "
-          f"{row['cos_jensen']:.3f}; |S|/|score| LSE {row['ratio_lse']:.2f}, Jensen {row['ratio_jensen']:.2f}")
-fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+display(table([{"d": r["d"], f"ESS (of {S.dim_k})": r["ess"], "cosine LSE": r["cos_lse"], "cosine Jensen": r["cos_jensen"],
+                "|S| / |score| LSE": r["ratio_lse"], "|S| / |score| Jensen": r["ratio_jensen"]} for r in dim_rows],
+              float_format=".3f", formats={f"ESS (of {S.dim_k})": ".1f"}))
+fig, axes = panel_grid(2)
 dims = [r["d"] for r in dim_rows]
 for est in ("lse", "jensen"):
     axes[0].semilogx(dims, [r[f"cos_{est}"] for r in dim_rows], "o-", label=est)
@@ -222,7 +226,7 @@ axes[0].set(xlabel="dimension d", ylabel="cosine similarity", title=f"K = {S.dim
 axes[1].set(xlabel="dimension d", ylabel="|estimate| / |exact score|")
 for ax in axes:
     ax.legend()
-plt.tight_layout()
+plt.show()
 assert max(S.dims) >= 1000
 assert dim_rows[-1]["cos_lse"] < dim_rows[0]["cos_lse"] - 0.1  # the LSE direction degrades with d
 assert dim_rows[-1]["ess"] < 2.0  # weight degeneracy: one copy carries the estimate

@@ -7,7 +7,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -42,10 +42,11 @@ import math
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
+from IPython.display import display
 
 from boltzlab import flows
 from boltzlab import importance as imp
-from boltzlab.config import budget, sizes
+from boltzlab.config import budget, describe, set_torch_threads, sizes
 from boltzlab.diffusion import (
     GeometricNoiseSchedule,
     denoising_score_matching_loss,
@@ -55,18 +56,18 @@ from boltzlab.diffusion import (
 from boltzlab.energies import DoubleWell2D, GaussianMixture, ManyWell, dw4
 from boltzlab.metrics import energy_w2, mode_coverage
 from boltzlab.models import EGNN
-from boltzlab.plots import density_2d, energy_histogram, samples_2d
+from boltzlab.plots import density_2d, energy_histogram, panel_grid, samples_2d
+from boltzlab.tables import table
 from boltzlab.reference import load_reference
 from boltzlab.training import run_training
 from boltzlab.widgets import log_z_spread_widget
 
 SEED = 0
 torch.manual_seed(SEED)
-# the networks are small: one thread is faster than several (no synchronisation)
-torch.set_num_threads(1)
+set_torch_threads()  # one thread: see boltzlab.config.DEFAULT_TORCH_THREADS
 S = sizes("06")
 SMOKE = budget() == "smoke"  # smoke runs are too short to train well: they check that everything runs
-print(f"budget: {budget()}  sizes: {S}")
+print(describe(S))
 
 # %% [markdown]
 # ## Theory
@@ -196,7 +197,7 @@ if not SMOKE:
 # where the flow puts too little mass, between and around the modes.
 
 # %%
-fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
+fig, axes = panel_grid(2)
 GMM_WINDOW = ((-50.0, 50.0), (-50.0, 50.0))
 density_2d(gmm, *GMM_WINDOW, grid=150, ax=axes[0], colorbar=False)
 heavy = lw_gmm > torch.quantile(lw_gmm, 0.99)
@@ -283,7 +284,7 @@ print(f"under-filled double well: ESS/n exact {ess_under_exact:.3f}, on {S.n_eva
 pools = {"GMM-40 ML flow": lw_gmm, "many-well (32-D)": lw_mw, "double well, shallow well under-filled": lw_under}
 small = {name: imp.subsample_estimates(lw, 16, S.small_draws, generator=torch.Generator().manual_seed(SEED + 5))
          for name, lw in pools.items()}
-fig, axes = plt.subplots(1, 3, figsize=(16, 3.8))
+fig, axes = panel_grid(3)
 overestimates = {}
 for ax, (name, est) in zip(axes, small.items()):
     pool_fraction = imp.normalized_ess(pools[name])
@@ -377,8 +378,8 @@ def summarise(batches: dict[str, list[imp.FreeEnergyEstimate]], exact: float) ->
         v = torch.tensor([e.delta_f for e in ests], dtype=torch.float64)
         rows[name] = {"mean error": float(v.mean()) - exact, "spread": float(v.std()),
                       "reported SE": sum(e.standard_error for e in ests) / len(ests)}
-        print(f"{name:28s} mean error {rows[name]['mean error']:+.4f}   spread over batches "
-              f"{rows[name]['spread']:.4f}   mean reported SE {rows[name]['reported SE']:.4f}")
+    display(table([{"estimator": name, "mean error": r["mean error"], "spread over batches": r["spread"],
+                    "mean reported SE": r["reported SE"]} for name, r in rows.items()], float_format=".4f"))
     return rows
 
 
@@ -437,8 +438,8 @@ for name, lw in (("ML flow", lw_gmm), ("collapsed flow", lw_col)):
         "median ESS/n": float(torch.tensor([r.ess / N_EXPERIMENT for r in runs]).median()),
         "min ESS/n": min(r.ess / N_EXPERIMENT for r in runs),
     }
-    print(f"{name:15s}: " + ", ".join(f"{k} {v:.3f}" for k, v in experiments[name].items())
-          + f"  ({n_experiments} experiments of {N_EXPERIMENT} samples)")
+display(table([{"proposal": name, **row} for name, row in experiments.items()], float_format=".3f",
+              caption=f"{n_experiments} experiments of {N_EXPERIMENT} samples each"))
 boot_col = report("collapsed flow, all samples", lw_col, LOG_Z_GMM)
 with torch.no_grad():
     du0 = -lw_col

@@ -7,7 +7,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -43,9 +43,10 @@ import ipywidgets
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
+from IPython.display import display
 from scipy.special import gammaincinv
 
-from boltzlab.config import budget, sizes
+from boltzlab.config import budget, describe, set_torch_threads, sizes
 from boltzlab.diffusion import (
     GeometricNoiseSchedule,
     probability_flow_sample,
@@ -70,14 +71,15 @@ from boltzlab.finetune import (
 from boltzlab.importance import kish_ess, pf_ode_log_prob, sampler_log_weights
 from boltzlab.metrics import energy_w2, grid_2d
 from boltzlab.models import ScoreMLP
-from boltzlab.plots import reward_kl_tradeoff
+from boltzlab.plots import panel_grid, reward_kl_tradeoff
+from boltzlab.tables import table
 from boltzlab.widgets import slider_figure
 
 SEED = 0
 torch.manual_seed(SEED)
-torch.set_num_threads(1)
+set_torch_threads()  # one thread: see boltzlab.config.DEFAULT_TORCH_THREADS
 S = sizes("07")
-print(f"budget: {budget()}  ->  {S}")
+print(describe(S))
 CHAPTER_START = time.perf_counter()
 
 # %% [markdown]
@@ -218,11 +220,11 @@ def show_density(ax, log_q, title):
     ax.set(title=title, xlabel="$x_1$", ylabel="$x_2$")
 
 
-fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+fig, axes = panel_grid(3)
 show_density(axes[0], log_p_hot, f"exact p at kT0 = {KT0:g}")
 show_density(axes[1], log_q0, f"pretrained q0 (KL to exact {kl_pre_hot:.3f})")
 show_density(axes[2], log_p_cold, f"target: exact p at kT = {KT:g}")
-plt.tight_layout()
+plt.show()
 
 # %% [markdown]
 # ### 2. The exact optimum and the best possible trade-off
@@ -258,7 +260,7 @@ x_t = torch.tensor([[0.3, 0.5]])
 t_demo = torch.tensor([0.6])
 completions = rollout(pretrained, schedule, x_t, t_demo, 40, n_rollouts=64, moment_matched=True, generator=g)
 r_demo = reward(completions[0])[None]
-fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+fig, axes = panel_grid(3)
 demo_rows = []
 for ax, alpha in zip(axes, (4.0, 1.0, 0.25)):
     w, v = soft_optimal_weights(r_demo, alpha)
@@ -268,7 +270,7 @@ for ax, alpha in zip(axes, (4.0, 1.0, 0.25)):
     ax.plot(*x_t[0], "r+", markersize=14, label="$x_t$")
     ax.set(title=f"alpha = {alpha:g}: V = {float(v):.2f}, ESS {ess:.1f}/64", xlabel="$x_1$", ylabel="$x_2$")
     ax.legend(loc="upper right")
-plt.tight_layout()
+plt.show()
 print(f"sigma_t at t = 0.6: {float(schedule.std(t_demo)):.3f}; rewards of the completions: mean "
       f"{float(r_demo.mean()):.2f}, max {float(r_demo.max()):.2f}")
 for alpha, v, ess in demo_rows:
@@ -453,7 +455,7 @@ def ess_fraction(model):
 
 
 bon_best = min(bon_grid, key=lambda b: abs(b["reward"] - reward_target))
-table = [
+comparison = [
     dict(measure("pretrained q0", log_q0, x_pre), ess=ess_fraction(pretrained), tune=0, per_sample=S.sde_steps),
     dict(round_rows[-1], name="iterative distillation", ess=ess_fraction(final_distilled),
          tune=config.score_evaluations(2), per_sample=S.sde_steps),
@@ -465,16 +467,15 @@ table = [
     {"name": "exact p_kT", "kl_target": 0.0, "kl_pretrained": grid_kl(log_p_cold, log_q0),
      "reward": reward_target, "p_deep": P_DEEP_COLD, "ess": 1.0, "tune": 0, "per_sample": 0},
 ]
-print(f"{'':30s} {'KL(q||p_kT)':>11s} {'ESS/n':>6s} {'E-W2':>6s} {'P(deep)':>7s} {'E[r]':>6s} {'KL(q||q0)':>9s} "
-      f"{'tuning passes':>13s} {'passes/sample':>13s}")
-for row in table:
-    print(f"{row['name']:30s} {row['kl_target']:11.4f} {row['ess']:6.3f} {row.get('energy_w2', float('nan')):6.3f} "
-          f"{row['p_deep']:7.3f} {row['reward']:6.3f} {row['kl_pretrained']:9.3f} {row['tune']:13.2e} "
-          f"{row['per_sample']:13d}")
-print(f"fine-tuning passes, distillation / RWR: {table[1]['tune'] / table[2]['tune']:.1f}")
-assert table[1]["tune"] > table[2]["tune"]
-assert table[1]["ess"] > table[0]["ess"] and table[2]["ess"] > table[0]["ess"]
-assert table[1]["energy_w2"] < table[0]["energy_w2"] / 3
+display(table([{"model": row["name"], "KL(q||p_kT)": row["kl_target"], "ESS/n": row["ess"],
+                "E-W2": row.get("energy_w2", float("nan")), "P(deep)": row["p_deep"], "E[r]": row["reward"],
+                "KL(q||q0)": row["kl_pretrained"], "tuning passes": float(row["tune"]),
+                "passes/sample": row["per_sample"]} for row in comparison],
+              float_format=".3f", formats={"KL(q||p_kT)": ".4f", "tuning passes": ".2e"}))
+print(f"fine-tuning passes, distillation / RWR: {comparison[1]['tune'] / comparison[2]['tune']:.1f}")
+assert comparison[1]["tune"] > comparison[2]["tune"]
+assert comparison[1]["ess"] > comparison[0]["ess"] and comparison[2]["ess"] > comparison[0]["ess"]
+assert comparison[1]["energy_w2"] < comparison[0]["energy_w2"] / 3
 
 # %% [markdown]
 # ### 8. Reward against naturalness
@@ -569,14 +570,14 @@ def rounds_needed(d: int, ess_min: float = 0.5) -> int:
     return k
 
 
-print(f"{'d':>4s} {'N match':>14s} {'E-W2(BoN,p_kT)':>14s} {'std ratio':>9s} {'ESS one-shot':>12s} "
-      f"{'ESS rnd 1 of ' + str(S.n_rounds):>13s} {'K for ESS>=0.5':>14s}")
 gauss_rows = []
 for d in (2, 8, 32, 128):
     n_match, w2, std_ratio = gaussian_bon(d)
     one_shot, per_round = ess_gaussian(d, KT0, c_total), ess_gaussian(d, KT0, c_total / S.n_rounds)
     gauss_rows.append((d, n_match, w2, std_ratio, one_shot, per_round, rounds_needed(d)))
-    print(f"{d:4d} {n_match:14d} {w2:14.3f} {std_ratio:9.3f} {one_shot:12.2e} {per_round:13.2e} {gauss_rows[-1][6]:14d}")
+display(table(gauss_rows, columns=["d", "N match", "E-W2(BoN, p_kT)", "std ratio", "ESS one-shot",
+                                   f"ESS round 1 of {S.n_rounds}", "K for ESS >= 0.5"],
+              float_format=".3f", formats={"ESS one-shot": ".2e", f"ESS round 1 of {S.n_rounds}": ".2e"}))
 x_check = math.sqrt(KT0) * torch.randn(S.gauss_samples, 8, generator=g, dtype=torch.float64)
 mc_ess = kish_ess(-c_total * 0.5 * x_check.pow(2).sum(-1)) / S.gauss_samples
 print(f"Monte Carlo check, d = 8: ESS/n {mc_ess:.4f} vs closed form {ess_gaussian(8, KT0, c_total):.4f}")
@@ -615,9 +616,10 @@ def draw_tilt_vs_bon(fig, tilt: float, n: int) -> dict:
     return out
 
 
-widget = slider_figure(draw_tilt_vs_bon, figsize=(10, 4),
+widget = slider_figure(draw_tilt_vs_bon, figsize=(9.3, 4),
                        tilt=ipywidgets.FloatSlider(value=1.0, min=0.0, max=2.0, step=0.05),
-                       n=ipywidgets.IntSlider(value=4, min=1, max=32))
+                       # N spans decades: powers of two, so each step doubles it
+                       n=ipywidgets.SelectionSlider(options=[1, 2, 4, 8, 16, 32], value=4, description="n"))
 widget
 
 # %%

@@ -82,3 +82,19 @@ def test_table_rejects_bad_rows():
         table([{"a": 1}, [2]])
     with pytest.raises(ValueError, match="unknown columns"):
         table([{"a": 1}], formats={"b": ".2f"})
+
+
+def test_benchmark_table_gives_ratios_against_the_baseline():
+    from boltzlab.kernels.benchmark import BenchCase, Measurement, benchmark_table, format_table
+
+    case = BenchCase(13, 4, 8)
+    results = [Measurement("vmap_grad", 1, "ok", seconds=2.0, peak_bytes=4e9),
+               Measurement("torch_eager", 1, "ok", seconds=0.5, peak_bytes=1e9),
+               Measurement("torch_compiled", 1, "compile failed")]
+    t = benchmark_table(case, results, "vmap_grad", peak_flops=1e12)
+    rows = {row[0]: dict(zip(t.columns, row)) for row in t.cells}
+    eager = next(r for name, r in rows.items() if "eager" in name)
+    assert eager["speed-up"] == "4.0x" and eager["mem ratio"] == "4.0x"
+    assert any(r["time/call"] == "compile failed" for r in rows.values())
+    assert t.caption.startswith("LJ-13: B=4, K=8")
+    assert format_table(case, results, "vmap_grad", 1e12) == str(t)
