@@ -36,6 +36,7 @@ import math
 import matplotlib.pyplot as plt
 import torch
 from IPython.display import display
+from tqdm.auto import tqdm
 
 from boltzlab import metrics, plots
 from boltzlab.config import describe, set_torch_threads, sizes
@@ -309,7 +310,7 @@ display(table([{"": k.replace("_", " "), **{name: provenance[name][k] for name i
 # gives $\mathbb E[x\cdot\nabla E(x)] = d_{\text{eff}}\,kT$. The reference sets satisfy it:
 
 # %%
-for name, energy in systems.items():
+for name, energy in tqdm(systems.items(), desc="virial check"):
     x = refs[name].double()
     v = (x * -energy.forces(x)).sum(-1)
     mean, se_v = float(v.mean()), float(v.std()) / math.sqrt(v.numel())
@@ -318,7 +319,7 @@ for name, energy in systems.items():
 
 # %%
 fig, axes = plots.panel_grid(2 * len(systems), ncols=2)  # one row per system
-for k, (name, energy) in enumerate(systems.items()):
+for k, (name, energy) in enumerate(tqdm(systems.items(), desc="histograms")):
     x = refs[name]
     half = x.shape[0] // 2
     plots.energy_histogram({"second half": energy.energy(x[half:])}, reference=energy.energy(x[:half]),

@@ -263,8 +263,7 @@ annealed_dw = dw_flow()
 dw_ladder = torch.logspace(math.log10(4.0), 0.0, 5)
 dw_stages = flows.train_annealed(annealed_dw, dw, dw_ladder, S.anneal_first_steps, S.anneal_stage_steps,
                                  pool_size=S.pool_size, batch_size=S.batch_size, lr=3e-3, seed=SEED)
-print("rung kT   :", [round(s.kT, 2) for s in dw_stages])
-print("ESS / pool:", [round(s.ess_fraction, 3) for s in dw_stages])
+display(flows.ladder_table(dw_stages))
 annealed = reweighting_report(annealed_dw, "annealed  ")
 kl_annealed, _ = flows.kl_on_grid(annealed_dw, dw, LOG_Z_DW, *KL_WINDOW, grid=2 * S.grid)
 print(f"exact ΔF/kT = {DF_EXACT:.4f}; weighted error {annealed['ΔF weighted'] - DF_EXACT:+.4f} "
@@ -312,7 +311,7 @@ gmm_results = {}
 gmm_flows = {"reverse KL": gmm_flow()}
 flows.train(gmm_flows["reverse KL"], S.gmm_steps, batch_size=S.batch_size, lr=3e-3, energy=gmm, seed=SEED)
 gmm_results["reverse KL"] = gmm_report(gmm_flows["reverse KL"])
-print({k: v for k, v in gmm_results["reverse KL"].items() if k != "samples"})
+display(table([{k: v for k, v in gmm_results["reverse KL"].items() if k != "samples"}], float_format=".4g"))
 
 # %% [markdown]
 # ### 5. Cure 1: maximum likelihood mixed into the loss
@@ -326,7 +325,7 @@ gmm_flows["ML + KL"] = gmm_flow()
 flows.train(gmm_flows["ML + KL"], S.gmm_steps, batch_size=S.batch_size, lr=3e-3, data=gmm_data, energy=gmm,
             ml_weight=0.9, seed=SEED)
 gmm_results["ML + KL"] = gmm_report(gmm_flows["ML + KL"])
-print({k: v for k, v in gmm_results["ML + KL"].items() if k != "samples"})
+display(table([{k: v for k, v in gmm_results["ML + KL"].items() if k != "samples"}], float_format=".4g"))
 
 # %% [markdown]
 # ### 6. Cure 2: temperature annealing as a curriculum
@@ -342,8 +341,7 @@ gmm_stages = flows.train_annealed(gmm_flows["annealing"], gmm, gmm_ladder, S.ann
                                   S.anneal_stage_steps, pool_size=S.pool_size, batch_size=S.batch_size,
                                   lr=3e-3, seed=SEED)
 gmm_results["annealing"] = gmm_report(gmm_flows["annealing"])
-print("rung kT   :", [round(s.kT, 2) for s in gmm_stages])
-print("ESS / pool:", [round(s.ess_fraction, 3) for s in gmm_stages])
+display(flows.ladder_table(gmm_stages))
 display(table([{k: v for k, v in gmm_results["annealing"].items() if k != "samples"}], float_format=".4g"))
 
 # %%

@@ -44,8 +44,8 @@ from boltzlab.config import describe, set_torch_threads, sizes
 from boltzlab.energies import GaussianMixture, lj13, lj55
 from boltzlab.estimators import ESTIMATORS, estimator_error, gmm_noised_score, mc_score, score_quality_by_dimension
 from boltzlab.plots import panel_grid
-from boltzlab.tables import table
 from boltzlab.reference import load_reference
+from boltzlab.tables import table
 from boltzlab.widgets import slider_figure
 
 SEED = 0

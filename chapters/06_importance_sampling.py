@@ -57,8 +57,8 @@ from boltzlab.energies import DoubleWell2D, GaussianMixture, ManyWell, dw4
 from boltzlab.metrics import energy_w2, mode_coverage
 from boltzlab.models import EGNN
 from boltzlab.plots import density_2d, energy_histogram, panel_grid, samples_2d
-from boltzlab.tables import table
 from boltzlab.reference import load_reference
+from boltzlab.tables import table
 from boltzlab.training import run_training
 from boltzlab.widgets import log_z_spread_widget
 
@@ -226,8 +226,7 @@ block_stages = flows.train_annealed(block_flow, block, torch.logspace(math.log10
                                     S.block_stage_steps, pool_size=S.pool_size, batch_size=S.batch_size, lr=3e-3,
                                     seed=SEED)
 block_flow.double()
-print("rung kT   :", [round(s.kT, 2) for s in block_stages])
-print("ESS / pool:", [round(s.ess_fraction, 3) for s in block_stages])
+display(flows.ladder_table(block_stages))
 
 x_block, lw_block = flow_log_weights(block_flow, block, S.n_eval, seed=SEED + 2)
 with torch.no_grad():

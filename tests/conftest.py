@@ -13,6 +13,10 @@ def pytest_terminal_summary(terminalreporter):
     import os
     from pathlib import Path
 
+    ran_tour = any("test_browser.py" in getattr(report, "nodeid", "")
+                   for reports in terminalreporter.stats.values() for report in reports)
+    if not ran_tour:
+        return
     folder = Path(os.environ.get("BOLTZLAB_TOUR_DIR", Path(__file__).resolve().parents[1] / "artifacts" / "browser"))
     shots = sorted(folder.glob("*.png")) if folder.is_dir() else []
     if shots:
