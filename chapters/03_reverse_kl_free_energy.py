@@ -228,12 +228,12 @@ def reweighting_report(flow: flows.Flow, label: str) -> dict[str, float]:
     out = {"shallow share": float(right.double().mean()), "ESS": kish_ess(log_w),
            "log Z error": log_z_estimate(log_w)[0] - LOG_Z_DW, "ΔF raw": delta_f(torch.zeros_like(log_w), right),
            "ΔF weighted": delta_f(log_w, right), "± SE": se}
-    print(f"{label}: " + ", ".join(f"{k} = {v:.4g}" for k, v in out.items()))
+    display(table([{"flow": label, **out}], float_format=".4g"))
     return out
 
 
 plain = reweighting_report(rkl_flow, "reverse KL")
-print(f"exact     : shallow share = {1 - P_DEEP:.4g}, ΔF = {DF_EXACT:.4f}")
+print(f"exact: shallow share = {1 - P_DEEP:.4g}, ΔF = {DF_EXACT:.4f}")
 
 # %% [markdown]
 # The weights correct the flow's share of the shallow well, as far as it proposes samples

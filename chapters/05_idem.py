@@ -51,6 +51,7 @@ import ipywidgets  # noqa: F401  (the widget below is an ipywidgets.Box)
 import matplotlib.pyplot as plt
 import torch
 from IPython.display import display
+from tqdm.auto import tqdm
 
 from boltzlab import metrics
 from boltzlab.config import budget, describe, set_torch_threads, sizes
@@ -126,7 +127,7 @@ FORMS = {"force form (ch. 04)": {"estimator": "lse"},
          "blend (shipped)": {"estimator": "blended", "local_scale": dw_config.local_scale}}
 EST_SIGMAS = (0.1, 0.3, 1.0, 3.0)
 target_mse = {form: [] for form in FORMS}
-for sigma in EST_SIGMAS:
+for sigma in tqdm(EST_SIGMAS, desc="noise levels"):
     x_t = x0_est + sigma * dw.remove_com(torch.randn(x0_est.shape, generator=g_est, dtype=torch.float64))
     reference_score = mc_score(dw, x_t, sigma, S.estimator_ref_k, generator=g_est, estimator="blended",
                                local_scale=dw_config.local_scale)
@@ -443,7 +444,7 @@ for name, rec in records.items():
 
 # %%
 fresh = {}
-for name, rec in records.items():
+for name, rec in tqdm(records.items(), desc="fresh samples"):
     if rec is None:
         continue
     config, energy = rec["config"], get_target(name)
@@ -711,7 +712,8 @@ def energy_shift_report(name: str) -> dict[str, float]:
             "median_finer": float(energy.energy(finer).median())}
 
 
-shift_reports = {name: energy_shift_report(name) for name in ("dw4", "lj13") if name in evaluated}
+shift_reports = {name: energy_shift_report(name) for name in tqdm(("dw4", "lj13"), desc="energy shifts")
+                 if name in evaluated}
 for name, r in shift_reports.items():
     print(f"{name}: energy quantiles 10/50/90% samples {[round(v, 2) for v in r['q_samples']]}, "
           f"reference {[round(v, 2) for v in r['q_reference']]}")

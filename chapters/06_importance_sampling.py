@@ -171,8 +171,8 @@ def flow_log_weights(flow: flows.Flow, energy, n: int, seed: int) -> tuple[torch
 def report(label: str, log_w: torch.Tensor, log_z_exact: float, seed: int = SEED) -> imp.LogZBootstrap:
     boot = imp.log_z_bootstrap(log_w, n_boot=S.n_boot, generator=torch.Generator().manual_seed(seed))
     print(f"{label}: log Ẑ = {boot.estimate:.4f} ± {boot.standard_error:.4f} (bootstrap), 95 % interval "
-          f"[{boot.low:.4f}, {boot.high:.4f}]; exact {log_z_exact:.4f}, error {boot.estimate - log_z_exact:+.4f} "
-          f"= {(boot.estimate - log_z_exact) / boot.standard_error:+.1f} SE; ESS {boot.ess:.0f} of {boot.n_samples} "
+          f"[{boot.low:.4f}, {boot.high:.4f}];\n  exact {log_z_exact:.4f}, error {boot.estimate - log_z_exact:+.4f} "
+          f"= {(boot.estimate - log_z_exact) / boot.standard_error:+.1f} SE;\n  ESS {boot.ess:.0f} of {boot.n_samples} "
           f"({boot.ess / boot.n_samples:.3f})")
     return boot
 
@@ -277,7 +277,7 @@ lw_under = imp.sampler_log_weights(dw, x_under, log_q_under)
 ess_under_exact = 1 / ((P_LEFT + DELTA * P_RIGHT) * (P_LEFT + P_RIGHT / DELTA))
 no_shallow_16 = (P_LEFT / (P_LEFT + DELTA * P_RIGHT)) ** 16
 print(f"under-filled double well: ESS/n exact {ess_under_exact:.3f}, on {S.n_eval} samples "
-      f"{imp.normalized_ess(lw_under):.3f}; a 16-sample experiment sees no shallow-well sample with "
+      f"{imp.normalized_ess(lw_under):.3f};\n  a 16-sample experiment sees no shallow-well sample with "
       f"probability {no_shallow_16:.3f}, and then reports ESS/n = 1")
 
 pools = {"GMM-40 ML flow": lw_gmm, "many-well (32-D)": lw_mw, "double well, shallow well under-filled": lw_under}
@@ -292,7 +292,7 @@ for ax, (name, est) in zip(axes, small.items()):
     ax.axvline(pool_fraction, color="k", ls="--", label=f"ESS / n on {S.n_eval} samples: {pool_fraction:.3f}")
     ax.set(xlabel="ESS / 16 of one 16-sample experiment", ylabel="experiments", title=name)
     ax.legend(fontsize="small")
-    print(f"{name}: ESS/n on the pool {pool_fraction:.3f}; 16-sample experiments: median "
+    print(f"{name}: ESS/n on the pool {pool_fraction:.3f};\n  16-sample experiments: median "
           f"{float(est.ess_fraction.median()):.3f}, {100 * overestimates[name]:.0f}% above the pool value, "
           f"5-95% range [{float(est.ess_fraction.quantile(0.05)):.2f}, {float(est.ess_fraction.quantile(0.95)):.2f}]")
 plt.show()
@@ -334,8 +334,8 @@ left, right = x_dw[:, 0] < 0, x_dw[:, 0] >= 0
 df_raw = imp.state_free_energy_difference(torch.zeros_like(lw_dw), left, right)
 df_weighted = imp.state_free_energy_difference(lw_dw, left, right)
 print(f"exact ΔF = {DF_DW:.4f} kT")
-print(f"flow samples, unweighted: {df_raw}   (error {df_raw.delta_f - DF_DW:+.4f})")
-print(f"reweighted              : {df_weighted}   (error {df_weighted.delta_f - DF_DW:+.4f} "
+print(f"flow samples, unweighted: {df_raw}\n  (error {df_raw.delta_f - DF_DW:+.4f})")
+print(f"reweighted: {df_weighted}\n  (error {df_weighted.delta_f - DF_DW:+.4f} "
       f"= {(df_weighted.delta_f - DF_DW) / df_weighted.standard_error:+.1f} SE); ESS {imp.kish_ess(lw_dw):.0f}")
 boot_dw = report("double well", lw_dw, dw.log_z())
 
@@ -421,7 +421,7 @@ flow_collapsed = gmm_flow(x_left)
 x_col, lw_col = flow_log_weights(flow_collapsed, gmm, S.n_eval, seed=SEED + 8)
 covered = mode_coverage(x_col, gmm.means, gmm.std)[0]
 predicted = math.log(float(left_modes.double().mean()))
-print(f"the collapsed flow covers {covered} of 40 modes; weights that only see those modes add up to "
+print(f"the collapsed flow covers {covered} of 40 modes;\nweights that only see those modes add up to "
       f"log Z + log({int(left_modes.sum())}/40) = {predicted:.4f}")
 
 N_EXPERIMENT = 1000
@@ -563,7 +563,7 @@ log_q_diff = imp.pf_ode_log_prob(score_net, schedule, x_diff, S.ode_steps, diver
                                  n_probes=S.n_probes, project=target.remove_com, generator=g_score, progress=True)
 lw_diff = imp.sampler_log_weights(target, x_diff, log_q_diff)
 print(f"{S.n_diffusion} probability-flow samples, {S.ode_steps} Heun steps, Hutchinson with {S.n_probes} Rademacher "
-      f"probe(s) per divergence evaluation, d_eff = {target.effective_dim}")
+      f"probe(s)\n  per divergence evaluation, d_eff = {target.effective_dim}")
 
 # %% [markdown]
 # How much noise do the probes add? On `S.n_exact_check` of the samples we also compute the
