@@ -33,6 +33,8 @@
 #   extrapolation buy.
 
 # %%
+import itertools
+
 import ipywidgets
 import matplotlib.pyplot as plt
 import numpy as np
@@ -111,11 +113,12 @@ def noised_points(n: int, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
 
 def sweep_k(sigma: float) -> dict:
     x_t, exact = noised_points(S.n_points, sigma)
-    out = {}
-    for est, rich in METHODS:
+    out = {key: [] for key in METHODS}
+    # methods outer, K inner: the generator's draws come in the same order as a nested loop
+    for (est, rich), k in tqdm(list(itertools.product(METHODS, S.k_values)), desc=f"K sweep at sigma = {sigma}"):
         # Richardson spends 2K evaluations on R = 2 S_2K - mean(S_K): compare at equal cost 2K
-        out[(est, rich)] = [estimator_error(gmm, x_t, sigma, exact, k // 2 if rich else k, S.n_repeats,
-                                            estimator=est, richardson=rich, generator=g) for k in S.k_values]
+        out[(est, rich)].append(estimator_error(gmm, x_t, sigma, exact, k // 2 if rich else k, S.n_repeats,
+                                                estimator=est, richardson=rich, generator=g))
     return out
 
 
@@ -151,7 +154,7 @@ assert lse_mse[-1] < jen[-1].mse / 5
 # %%
 K_MID = S.k_values[-2]
 by_sigma = {key: [] for key in METHODS}
-for sigma in S.sigmas:
+for sigma in tqdm(S.sigmas, desc="noise levels"):
     x_t, exact = noised_points(S.n_points, sigma)
     for est, rich in METHODS:
         by_sigma[(est, rich)].append(estimator_error(gmm, x_t, sigma, exact, K_MID // 2 if rich else K_MID,
@@ -248,7 +251,7 @@ rows = []
 for target in (lj13(), lj55()):
     x = load_reference(target.name, S.lj_points)
     e_ref = target.energy(x)
-    for sigma in (0.01, 0.1, 0.5):
+    for sigma in tqdm((0.01, 0.1, 0.5), desc=target.name):
         lse = mc_score(target, x, sigma, S.lj_k, generator=torch.Generator().manual_seed(SEED))
         naive = mc_score(target, x, sigma, S.lj_k, generator=torch.Generator().manual_seed(SEED), estimator="naive")
         frac_bad = float((~torch.isfinite(naive)).any(-1).float().mean())
