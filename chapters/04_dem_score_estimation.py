@@ -162,7 +162,7 @@ for sigma in tqdm(S.sigmas, desc="noise levels"):
 fig, ax = plt.subplots(figsize=(6, 4))
 for key, errs in by_sigma.items():
     ax.loglog(S.sigmas, [e.relative_mse for e in errs], "o-", label=LABELS[key])
-ax.set(xlabel="sigma_t", ylabel="MSE / E|score|²", title=f"relative MSE vs noise level, K = {K_MID}")
+ax.set(xlabel=r"noise level $\sigma_t$", ylabel="MSE / E|score|²", title=f"relative MSE vs noise level, K = {K_MID}")
 ax.legend()
 plt.tight_layout()
 rel = [e.relative_mse for e in by_sigma[("lse", False)]]
@@ -279,7 +279,7 @@ print(f"per-particle |S|: median {float(norms.median()):.1f}, max {float(norms.m
 fig, ax = plt.subplots(figsize=(6, 3.5))
 ax.hist(np.log10(norms.numpy() + 1e-12), bins=40)
 ax.axvline(2.0, color="r", label="clip |v_i| = 100")
-ax.set(xlabel="log10 per-particle |S_K|", ylabel="count", title="LJ-13 targets, sigma = 0.3")
+ax.set(xlabel=r"$\log_{10}$ per-particle $|S_K|$", ylabel="count", title="LJ-13 targets, sigma = 0.3")
 ax.legend()
 plt.tight_layout()
 assert float(clipped.reshape(-1, 13, 3).norm(dim=-1).max()) <= 100.0 + 1e-3

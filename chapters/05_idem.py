@@ -142,8 +142,8 @@ display(table([{"target form": form, **{f"sigma {s:g}": v for s, v in zip(EST_SI
 fig, ax = plt.subplots(figsize=(6, 3.8))
 for form, values in target_mse.items():
     ax.loglog(EST_SIGMAS, values, "o-", label=form)
-ax.axvline(dw_config.local_scale, color="k", linestyle=":", label="l (local_scale)")
-ax.set(xlabel="noise level sigma_t", ylabel="MSE of the regression target", title=f"DW-4, K = {dw_config.n_mc}")
+ax.axvline(dw_config.local_scale, color="k", linestyle=":", label="local scale $l$")
+ax.set(xlabel=r"noise level $\sigma_t$", ylabel="MSE of the regression target", title=f"DW-4, K = {dw_config.n_mc}")
 ax.legend(fontsize="small")
 plt.tight_layout()
 mse_at = {form: dict(zip(EST_SIGMAS, values)) for form, values in target_mse.items()}

@@ -155,8 +155,15 @@ def _stray_reprs(saved: nbformat.NotebookNode) -> list[tuple[int, str]]:
     ]
 
 
-def _slow_cells(saved: nbformat.NotebookNode, threshold_s: float = 5.0) -> list[tuple[int, float]]:
-    """(cell, seconds) of cells that ran longer than ``threshold_s`` (JupyterLab's recorded timing)."""
+def _shows_progress(cell) -> bool:
+    """Whether a cell's outputs include a tqdm progress bar (a widget whose text is the bar)."""
+    return any("application/vnd.jupyter.widget-view+json" in o.get("data", {})
+               and "|" in str(o.get("data", {}).get("text/plain", "")) for o in cell.get("outputs", []))
+
+
+def _slow_cells(saved: nbformat.NotebookNode, threshold_s: float = 5.0) -> list[tuple[int, float, bool]]:
+    """(cell, seconds, shows progress) of cells that ran longer than ``threshold_s`` (JupyterLab's
+    recorded timing). Reported, not asserted: smoke timings on a shared CI machine vary too much."""
     from datetime import datetime
 
     slow = []
@@ -167,7 +174,7 @@ def _slow_cells(saved: nbformat.NotebookNode, threshold_s: float = 5.0) -> list[
             seconds = (datetime.fromisoformat(end.replace("Z", "+00:00"))
                        - datetime.fromisoformat(start.replace("Z", "+00:00"))).total_seconds()
             if seconds > threshold_s:
-                slow.append((k, round(seconds, 1)))
+                slow.append((k, round(seconds, 1), _shows_progress(c)))
     return slow
 
 
