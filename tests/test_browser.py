@@ -8,7 +8,8 @@ once, and what the learner sees checked:
   and naturalHeight against the size on screen): blurry upscaled widget figures and
   figures shrunk below readable text both fail;
 - every widget's image changes when one of its controls moves, and the widget's controls
-  and image fit in the window together.
+  and image fit in the window together;
+- every rendered table fits the column (no sideways scrolling).
 
 One screenshot per chapter (scrolled to its first widget) and a JSON report of the
 measurements go to ``artifacts/browser/`` (``BOLTZLAB_TOUR_DIR`` overrides it); the
@@ -183,6 +184,12 @@ IMAGE_SIZES_JS = """() => Array.from(document.querySelectorAll('.jp-OutputArea-o
     natural: [img.naturalWidth, img.naturalHeight], shown: [img.clientWidth, img.clientHeight],
 }))"""
 
+TABLE_WIDTHS_JS = """() => Array.from(document.querySelectorAll('.jp-OutputArea-output table')).map(t => ({
+    width: Math.round(t.getBoundingClientRect().width),
+    column: Math.round(t.closest('.jp-OutputArea-output').clientWidth),
+    caption: (t.caption ? t.caption.textContent : '').slice(0, 60),
+}))"""
+
 COLUMN_WIDTH_JS = """() => { const o = document.querySelector('.jp-CodeCell .jp-OutputArea-output')
     || document.querySelector('.jp-CodeCell .jp-InputArea-editor'); return o ? o.clientWidth : null }"""
 
@@ -334,6 +341,9 @@ def test_learners_tour(lab, browser, chapter: Path):
         page.screenshot(path=str(shot))
         report["screenshot"] = str(shot)
 
+        tables = page.evaluate(TABLE_WIDTHS_JS)
+        report["tables"] = len(tables)
+        report["tables_wider_than_column"] = [t for t in tables if t["width"] > t["column"] + 1]
         images = _scale_factors(page)
         report["images"] = images
         scales = [s for img in images for s in img["scale"] if s is not None]
@@ -360,6 +370,7 @@ def test_learners_tour(lab, browser, chapter: Path):
                     or not all(1 / MAX_SCALE <= s <= MAX_SCALE for s in img["scale"])]
     assert not badly_scaled, f"images shown more than {MAX_SCALE}x off their own size: {badly_scaled}"
     assert not stuck, f"controls whose move did not change the widget's image: {stuck}"
+    assert not report["tables_wider_than_column"], f"tables wider than the column: {report['tables_wider_than_column']}"
     assert all(f["in_view"] for f in fits), f"widget controls and image not in the window together: {fits}"
 
 
