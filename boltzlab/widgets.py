@@ -521,7 +521,7 @@ class FlowStageView:
 
 def flow_stage_views(flow: Any, window: Window, grid: int = 120, mixture: GaussianMixture | None = None,
                      n_samples: int = 10_000, mass_window: Window | None = None, mass_grid: int | None = None,
-                     generator: torch.Generator | None = None) -> list[FlowStageView]:
+                     generator: torch.Generator | None = None, progress: bool = False) -> list[FlowStageView]:
     r"""One :class:`FlowStageView` per stage of :func:`boltzlab.flows.coupling_stages` of a 2-D ``flow``.
 
     Stage k is the flow made of the first k coupling layers and the final scaling, itself a
@@ -529,8 +529,10 @@ def flow_stage_views(flow: Any, window: Window, grid: int = 120, mixture: Gaussi
     integral ``Σ q ΔxΔy`` over ``mass_window`` (default ``window``; choose one wide enough for
     stage 0's Gaussian) on a ``mass_grid`` grid, and, given a Gaussian ``mixture``, the share of
     ``n_samples`` samples of the stage within a mode's 99.9% radius and the modes they cover
-    (:func:`boltzlab.metrics.mode_coverage`).
+    (:func:`boltzlab.metrics.mode_coverage`). ``progress`` shows a bar over the stages.
     """
+    from tqdm.auto import tqdm
+
     from boltzlab.flows import Flow, coupling_stages, log_prob_on_grid
     from boltzlab.metrics import mode_coverage
 
@@ -543,7 +545,8 @@ def flow_stage_views(flow: Any, window: Window, grid: int = 120, mixture: Gaussi
     mass_window = window if mass_window is None else mass_window
     layers = list(flow.layers)
     views = []
-    for k, stage in enumerate(coupling_stages(flow)):
+    stages = coupling_stages(flow)
+    for k, stage in enumerate(tqdm(stages, desc="coupling stages", disable=not progress)):
         mask = getattr(layers[k - 1], "mask", None) if k > 0 else None
         moved = () if mask is None else tuple(int(i) for i in torch.nonzero(mask == 0).flatten())
         xs, ys, log_q = log_prob_on_grid(stage, *window, grid=grid)

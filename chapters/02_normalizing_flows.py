@@ -39,6 +39,7 @@ import math
 import matplotlib.pyplot as plt
 import torch
 from IPython.display import display
+from tqdm.auto import tqdm
 
 from boltzlab import flows
 from boltzlab.config import budget, describe, set_torch_threads, sizes
@@ -253,7 +254,7 @@ plt.show()
 
 # %%
 masses = {}
-for kind in ("RealNVP", "spline"):
+for kind in tqdm(("RealNVP", "spline"), desc="densities on the grid"):
     xs, ys, log_q = flows.log_prob_on_grid(trained["double well", kind][0], (-8, 8), (-12, 12), grid=4 * S.grid)
     masses[kind] = float(log_q.exp().sum() * (xs[1] - xs[0]) * (ys[1] - ys[0]))
 print("∫ q on [-8, 8] x [-12, 12]:", {k: round(v, 5) for k, v in masses.items()})
@@ -322,14 +323,13 @@ if not SMOKE:
 # the mass window is wide enough for stage 0's Gaussian (std about 23)
 stage_views = flow_stage_views(trained["GMM-40", "spline"][0], GMM_WINDOW, grid=S.widget_grid, mixture=gmm,
                                n_samples=S.n_eval, mass_window=((-120.0, 120.0), (-120.0, 120.0)),
-                               mass_grid=2 * S.grid, generator=torch.Generator().manual_seed(SEED))
+                               mass_grid=2 * S.grid, generator=torch.Generator().manual_seed(SEED), progress=True)
 stage_mass = [v.mass for v in stage_views]
 stage_share = [v.share_near_mode for v in stage_views]
 stage_modes = [v.modes_covered for v in stage_views]
-print("coupling layers      :", [v.layers for v in stage_views])
-print("share near a mode    :", [round(v, 3) for v in stage_share])
-print("modes covered (of 40):", stage_modes)
-print("∫ q                  :", [round(m, 4) for m in stage_mass])
+display(table([{"coupling layers": v.layers, "share near a mode": v.share_near_mode,
+                "modes covered (of 40)": v.modes_covered, "∫ q": v.mass} for v in stage_views],
+              float_format=".3f", formats={"∫ q": ".4f"}))
 
 fig, axes = panel_grid(len(stage_views), panel_size=(3.1, 2.9))
 for ax, view in zip(axes, stage_views):
