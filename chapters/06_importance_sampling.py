@@ -43,6 +43,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from IPython.display import display
+from tqdm.auto import tqdm
 
 from boltzlab import flows
 from boltzlab import importance as imp
@@ -361,7 +362,7 @@ def delta_u(flow: flows.Flow, x: torch.Tensor) -> torch.Tensor:
 def fep_bar_batches(flow: flows.Flow, seed: int) -> dict[str, list[imp.FreeEnergyEstimate]]:
     g = torch.Generator().manual_seed(seed)
     out = {"FEP forward (flow samples)": [], "FEP reverse (samples of p)": [], "BAR (both)": []}
-    for _ in range(S.n_repeats):
+    for _ in tqdm(range(S.n_repeats), desc="batches"):
         with torch.no_grad():
             x_q = flow.sample(S.repeat_size, generator=g)[0]
         du0, du1 = delta_u(flow, x_q), delta_u(flow, gmm.sample(S.repeat_size, generator=g, dtype=torch.float64))
@@ -572,14 +573,14 @@ print(f"{S.n_diffusion} probability-flow samples, {S.ode_steps} Heun steps, Hutc
 # %%
 subset = x_diff[: S.n_exact_check]
 log_q_exact = imp.pf_ode_log_prob(score_net, schedule, subset, S.ode_steps, divergence="exact",
-                                  project=target.remove_com)
+                                  project=target.remove_com, progress=True)
 log_q_fine = imp.pf_ode_log_prob(score_net, schedule, subset, 2 * S.ode_steps, divergence="exact",
-                                 project=target.remove_com)
+                                 project=target.remove_com, progress=True)
 hutch_error = log_q_diff[: S.n_exact_check] - log_q_exact
 step_error = log_q_fine - log_q_exact
 print(f"Hutchinson - exact log q on {S.n_exact_check} samples: mean {float(hutch_error.mean()):+.4f}, "
       f"sd {float(hutch_error.std()):.4f} nats (this noise enters every log-weight)")
-print(f"exact divergence, {2 * S.ode_steps} - {S.ode_steps} steps: mean |difference| {float(step_error.abs().mean()):.4f} nats")
+print(f"exact divergence, {2 * S.ode_steps} - {S.ode_steps} steps:\n  mean |difference| {float(step_error.abs().mean()):.4f} nats")
 # unbiased: the mean difference is within the noise of the probes
 assert abs(float(hutch_error.mean())) < 4 * float(hutch_error.std()) / math.sqrt(S.n_exact_check) + 0.05
 
