@@ -192,8 +192,9 @@ def grid_mean(log_q, values):
     return float((torch.softmax(log_q, 0) * values).sum())
 
 
-def sde_samples(model, n):
-    return reverse_sde_sample(model, schedule, sample_prior(schedule, n, 2, generator=g), S.sde_steps, generator=g)
+def sde_samples(model, n, progress=False):
+    return reverse_sde_sample(model, schedule, sample_prior(schedule, n, 2, generator=g), S.sde_steps, generator=g,
+                              progress=progress)
 
 
 log_q0 = grid_log_q(pretrained)
@@ -321,9 +322,11 @@ for k, snapshot in enumerate(distilled.snapshots):
                   reward_own=grid_mean(-energy_cells / kT_k, r_cells))
     round_rows.append(row)
     round_models.append((model, log_q))
-    print(f"round {k + 1}: own target kT {kT_k:.3f}: KL(q || own) {row['kl_own']:.4f}, KL(q || p_kT) {row['kl_target']:.4f}; "
-          f"P(deep) {row['p_deep']:.3f}, samples {row['p_deep_samples']:.3f} (own {row['p_deep_own']:.3f}); mean reward {row['reward']:.3f} "
-          f"(own {row['reward_own']:.3f}); KL(q || q0) {row['kl_pretrained']:.3f}")
+display(table([{"round": k + 1, "own target kT": row["kT_own"], "KL(q || own)": row["kl_own"],
+                "KL(q || p_kT)": row["kl_target"], "P(deep)": row["p_deep"], "P(deep), samples": row["p_deep_samples"],
+                "P(deep), own": row["p_deep_own"], "mean reward": row["reward"], "mean reward, own": row["reward_own"],
+                "KL(q || q0)": row["kl_pretrained"]} for k, row in enumerate(round_rows)],
+              float_format=".3f", formats={"KL(q || own)": ".4f", "KL(q || p_kT)": ".4f"}))
 ess_per_collection = distilled.history["weight_ess"][:: config.steps_per_collection]
 print("mean Kish ESS of the roll-out weights per collection (out of M = "
       f"{config.n_rollouts}):", [round(e, 2) for e in ess_per_collection])
@@ -379,9 +382,10 @@ for n in (1, 2, 3, 4, 6, 8, 16, 32, 64):
     bon_grid.append({"n": n, "kl_pretrained": grid_kl(lb, log_q0), "formula": best_of_n_kl(n),
                      "kl_target": grid_kl(lb, log_p_cold), "reward": grid_mean(lb, r_cells),
                      "p_deep": grid_mean(lb, deep.double())})
-    b = bon_grid[-1]
-    print(f"N = {n:2d}: KL(BoN || q0) {b['kl_pretrained']:.4f} (log N - (N-1)/N = {b['formula']:.4f}), "
-          f"KL(BoN || p_kT) {b['kl_target']:.3f}, mean reward {b['reward']:.3f}, P(deep) {b['p_deep']:.3f}")
+display(table([{"N": b["n"], "KL(BoN || q0)": b["kl_pretrained"], "log N - (N-1)/N": b["formula"],
+                "KL(BoN || p_kT)": b["kl_target"], "mean reward": b["reward"], "P(deep)": b["p_deep"]} for b in bon_grid],
+              float_format=".3f", formats={"KL(BoN || q0)": ".4f", "log N - (N-1)/N": ".4f"},
+              caption="best-of-N on the grid (exact)"))
 worst_formula_gap = max(abs(b["kl_pretrained"] - b["formula"]) for b in bon_grid if b["n"] <= 16)
 print(f"largest |KL - formula| for N <= 16: {worst_formula_gap:.4f}; at N = 64: "
       f"{abs(bon_grid[-1]['kl_pretrained'] - bon_grid[-1]['formula']):.4f} (the grid's rewards are discrete)")
@@ -394,7 +398,7 @@ assert bon_grid[-1]["reward"] > reward_target  # large N overshoots the optimum'
 assert bon_grid[-1]["kl_target"] > 0.5  # ... and is far from p_kT: too cold, peaked at the minimum
 
 n_max = max(S.bon_ns)
-candidates = sde_samples(pretrained, S.n_eval * n_max).reshape(S.n_eval, n_max, 2)
+candidates = sde_samples(pretrained, S.n_eval * n_max, progress=True).reshape(S.n_eval, n_max, 2)
 cand_rewards = reward(candidates.reshape(-1, 2)).reshape(S.n_eval, n_max)
 bon_sampled = {}
 for n in S.bon_ns:
@@ -402,8 +406,9 @@ for n in S.bon_ns:
     e_bon = dw.energy(x_bon)
     bon_sampled[n] = {"energy_w2": energy_w2(e_bon, dw.energy(ref_cold)),
                       "p_deep": float((x_bon[:, 0] < 0).float().mean()), "energy_std": float(e_bon.std())}
-    print(f"sampled best-of-{n}: energy W2 to p_kT {bon_sampled[n]['energy_w2']:.3f}, P(deep) {bon_sampled[n]['p_deep']:.3f}, "
-          f"std of E {bon_sampled[n]['energy_std']:.3f} (exact p_kT: {float(dw.energy(ref_cold).std()):.3f})")
+display(table([{"N": n, "energy W2 to p_kT": r["energy_w2"], "P(deep)": r["p_deep"], "std of E": r["energy_std"]}
+               for n, r in bon_sampled.items()], float_format=".3f",
+              caption=f"sampled best-of-N (exact p_kT: std of E {float(dw.energy(ref_cold).std()):.3f})"))
 grid_p_deep = {b["n"]: b["p_deep"] for b in bon_grid}
 assert all(abs(bon_sampled[n]["p_deep"] - grid_p_deep[n]) < 0.05 for n in S.bon_ns if n in grid_p_deep)
 

@@ -37,6 +37,7 @@ from pathlib import Path
 import ipywidgets
 import torch
 from IPython.display import display
+from tqdm.auto import tqdm
 
 import boltzlab.kernels as kernels
 from boltzlab.config import budget, describe, set_torch_threads, sizes
@@ -254,7 +255,7 @@ if budget() != "smoke":
 live_tables = {}
 for n, batch, k in ((13, S.lj13_batch, S.lj13_k), (55, S.lj55_batch, S.lj55_k)):
     case = BenchCase(n, batch, k, seed=SEED)
-    results = [measure(case, impl, threads=1, repeats=S.repeats, warmup=1) for impl in rows]
+    results = [measure(case, impl, threads=1, repeats=S.repeats, warmup=1) for impl in tqdm(rows, desc=case.name)]
     live_tables[case.name] = results
     display(benchmark_table(case, results, rows[0], peak_flops))
 assert all(r.status == "ok" and r.seconds > 0 for results in live_tables.values() for r in results)
