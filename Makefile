@@ -14,7 +14,7 @@ STAMP  := $(VENV)/.installed
 help:
 	@echo "make lab        set up, then open JupyterLab on chapter 00"
 	@echo "make test       set up, then run the whole test suite (unit + notebooks, smoke budget)"
-	@echo "make sync       pair chapters/*.py and solutions/*.py with their .ipynb (jupytext --sync)"
+	@echo "make sync       pair chapters/*.py and solutions/*.py with their .ipynb (jupytext --sync), stamp metadata"
 	@echo "make exercises  regenerate exercises/ from solutions/"
 	@echo "make release    write the student release (no solutions) to release/"
 	@echo "make grade SUBMISSIONS=dir [OUT=scores.csv] [FEEDBACK=feedback]   grade submitted notebooks (sandboxed)"
@@ -61,8 +61,11 @@ test: setup browser-deps sandbox-deps
 test-fast: setup
 	$(BIN)/python -m pytest -n $(JOBS) --dist loadfile -m "not slow" tests
 
+# After pairing, stamp the kernel's language_info into the notebooks (what JupyterLab adds on
+# opening), so that opening one does not mark it modified; jupytext keeps it on later syncs.
 sync: setup
 	$(BIN)/jupytext --sync chapters/[0-9A]*.py solutions/*.py
+	$(BIN)/python -m boltzlab.notebooks stamp chapters/[0-9A]*.ipynb solutions/*.ipynb
 
 exercises: setup
 	$(BIN)/python -m boltzlab.exercises build

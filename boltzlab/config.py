@@ -49,6 +49,42 @@ def budget() -> str:
 
 
 # --------------------------------------------------------------------------------------
+# Threads: every chapter calls set_torch_threads() in its set-up cell.
+# --------------------------------------------------------------------------------------
+
+THREADS_ENV_VAR = "BOLTZLAB_THREADS"
+DEFAULT_TORCH_THREADS = 1
+"""One thread: the chapters' work is many small tensor operations, where on laptop CPUs more
+threads cost more in synchronisation than they gain (measured 10-20x faster with one thread
+for compiled kernels with reductions, see the toolchain notes), and CI runs two notebooks
+at once on two cores."""
+
+
+def torch_threads() -> int:
+    """The torch thread count for notebooks: ``BOLTZLAB_THREADS`` if set, else one."""
+    value = os.environ.get(THREADS_ENV_VAR, "").strip()
+    if not value:
+        return DEFAULT_TORCH_THREADS
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"{THREADS_ENV_VAR} must be a positive integer, got {value!r}")
+    return n
+
+
+def set_torch_threads() -> int:
+    """Set torch's intra-op thread count to :func:`torch_threads` and return it (the one place
+    where the chapters choose it)."""
+    import torch
+
+    n = torch_threads()
+    torch.set_num_threads(n)
+    return n
+
+
+# --------------------------------------------------------------------------------------
 # Per-chapter sizes. Add a dataclass and a triple to _REGISTRY for each chapter.
 # --------------------------------------------------------------------------------------
 
@@ -321,6 +357,18 @@ _REGISTRY: dict[str, dict[str, Any]] = {
         "full": AppendixSizes(512, 1_000, 128, 100, 3, True),
     },
 }
+
+
+def describe(chapter_sizes: Any, width: int = 100) -> str:
+    """The current budget and ``chapter_sizes`` (a sizes dataclass) as short lines of
+    ``name=value`` pairs, for a chapter's set-up cell (a notebook wraps a long printed line
+    mid-word)."""
+    import dataclasses
+    import textwrap
+
+    pairs = ", ".join(f"{f.name}={getattr(chapter_sizes, f.name)}" for f in dataclasses.fields(chapter_sizes))
+    return f"budget: {budget()}\n" + textwrap.fill(pairs, width=width, break_long_words=False,
+                                                   break_on_hyphens=False, initial_indent="  ", subsequent_indent="  ")
 
 
 def sizes(chapter: str, budget_name: str | None = None) -> Any:

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import nbformat
 
+from boltzlab.notebooks import stamp
+
 BEGIN_SOLUTION = "### BEGIN SOLUTION"
 END_SOLUTION = "### END SOLUTION"
 BEGIN_HIDDEN = "### BEGIN HIDDEN TESTS"
@@ -107,6 +109,7 @@ def build_exercise(solution: nbformat.NotebookNode, name: str) -> tuple[nbformat
             cell.execution_count = None
     nb.metadata.pop("jupytext", None)
     nb.metadata["boltzlab"] = {"assignment": name, "generated_from": f"solutions/{name}.ipynb"}
+    stamp(nb)  # the metadata JupyterLab adds on opening, so opening it does not dirty it
     return nb, secret
 
 

@@ -51,6 +51,7 @@ from boltzlab.validation import check_points
 from boltzlab.training import Evaluation, TrainingHistory, run_training
 
 __all__ = [
+    "ladder_table",
     "FlowInputError",
     "Bijection",
     "ElementwiseAffine",
@@ -554,6 +555,16 @@ class AnnealingStage:
     ess_fraction: float
     history: TrainingHistory
     samples: Tensor
+
+
+def ladder_table(stages: Sequence[AnnealingStage]):
+    """The rungs of :func:`train_annealed` as a :class:`boltzlab.tables.Table`: kT and the pool's
+    ESS fraction per rung (the first rung, fitted by reverse KL, has no pool)."""
+    from boltzlab.tables import table
+
+    return table([{"rung": k, "kT": s.kT, "ESS / pool": None if math.isnan(s.ess_fraction) else s.ess_fraction}
+                  for k, s in enumerate(stages)], float_format=".3f", formats={"kT": ".2f"},
+                 caption="annealing ladder (rung 0: reverse KL, no pool)")
 
 
 def train_annealed(

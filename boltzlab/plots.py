@@ -18,7 +18,15 @@ are computed by :mod:`boltzlab.metrics`, so a plot and a table never disagree.
                                baseline at the same budget and target lines (chapter 05)
 :func:`reward_kl_tradeoff`     reward against KL to the pretrained model, with the exact
                                optimum (chapter 07)
+:func:`panel_grid`             a figure of several panels that wraps into rows to fit the
+                               notebook column (text stays readable, never shrunk)
+:func:`axis_label`             the human label of a metric's key (``energy_w2`` -> energy W2)
 =============================  =============================================================
+
+Figures are sized for JupyterLab's notebook column: the inline backend draws at
+``FIGURE_DPI`` and shows an image at its own pixel size unless it is wider than the column
+(``COLUMN_PX``, measured in a 1400x1000 window), where it is shrunk and its text with it.
+So no figure here is wider than ``COLUMN_WIDTH_IN`` inches; multi-panel figures wrap.
 """
 
 from __future__ import annotations
@@ -36,6 +44,9 @@ from boltzlab import metrics
 from boltzlab.energies import Energy
 
 __all__ = [
+    "panel_grid",
+    "axis_label",
+    "smallest_text_px",
     "energy_histogram",
     "distance_histogram_plot",
     "boltzmann_density_grid",
@@ -46,6 +57,79 @@ __all__ = [
 ]
 
 REFERENCE_STYLE = dict(color="0.6", alpha=0.5, fill=True, linewidth=0)
+
+FIGURE_DPI = 100  # matplotlib's default dpi, which the inline backend uses
+COLUMN_PX = 968  # width of a JupyterLab 4 output area in a 1400 px window, file browser open (measured)
+COLUMN_WIDTH_IN = 9.4  # widest figure that fits the column at FIGURE_DPI, with room for the tight bbox
+
+AXIS_LABELS: dict[str, str] = {
+    "energy_w2": "energy W2",
+    "x_w2": "x-W2",
+    "distance_w2": "distance W2",
+    "distance_tvd": "distance TVD",
+    "modes_covered": "modes covered",
+    "energy_evaluations": "energy evaluations",
+    "outer": "outer iteration",
+    "loss": "loss",
+    "ess_fraction": "ESS / n",
+    "log_z": "log Z",
+}
+"""Human labels of the metric keys that records and configs use (see :func:`axis_label`)."""
+
+
+def axis_label(key: str) -> str:
+    """The label to print for a metric's ``key``: from :data:`AXIS_LABELS`, else the key with
+    spaces for underscores (so no raw key like ``energy_w2`` reaches an axis)."""
+    return AXIS_LABELS.get(key, key.replace("_", " "))
+
+
+def panel_grid(
+    n_panels: int,
+    panel_size: tuple[float, float] = (4.6, 3.4),
+    ncols: int | None = None,
+    max_width: float = COLUMN_WIDTH_IN,
+    **subplot_kw: object,
+) -> tuple[plt.Figure, list[Axes]]:
+    """A figure of ``n_panels`` axes in rows that fit the notebook column.
+
+    Columns: ``ncols`` if given, else as many ``panel_size``-wide panels as fit in
+    ``max_width`` inches; panels narrow (never below the column) so that ``ncols`` of them
+    fit. Rows wrap; unused cells are removed. ``subplot_kw`` go to ``plt.subplots``
+    (``sharex``, ``sharey``, ...). Returns ``(fig, axes)`` with ``axes`` a flat list in
+    row-major order. Uses constrained layout, so labels stay inside the figure.
+    """
+    if isinstance(n_panels, bool) or not isinstance(n_panels, int) or n_panels < 1:
+        raise ValueError(f"n_panels must be a positive int, got {n_panels!r}")
+    width, height = (float(v) for v in panel_size)
+    if not (width > 0 and height > 0 and max_width > 0):
+        raise ValueError(f"panel_size and max_width must be positive, got {panel_size}, {max_width}")
+    if ncols is None:
+        ncols = max(1, min(n_panels, int(max_width // width)))
+    elif isinstance(ncols, bool) or not isinstance(ncols, int) or ncols < 1:
+        raise ValueError(f"ncols must be a positive int, got {ncols!r}")
+    ncols = min(ncols, n_panels)
+    if ncols * width > max_width:  # shrink the panels, keep the aspect ratio
+        height *= max_width / (ncols * width)
+        width = max_width / ncols
+    nrows = math.ceil(n_panels / ncols)
+    fig, grid = plt.subplots(nrows, ncols, figsize=(ncols * width, nrows * height), squeeze=False,
+                             layout="constrained", **subplot_kw)
+    axes = list(grid.ravel())
+    for ax in axes[n_panels:]:
+        ax.remove()
+    return fig, axes[:n_panels]
+
+
+def smallest_text_px(fig: plt.Figure, column_px: float = COLUMN_PX) -> float:
+    """The height in screen pixels of the smallest visible text in ``fig`` as the notebook
+    shows it: font size at ``fig.dpi``, times the shrink factor when the figure is wider than
+    ``column_px``. The course aims for at least 10 px."""
+    sizes = [t.get_fontsize() for t in fig.findobj(lambda a: hasattr(a, "get_fontsize") and hasattr(a, "get_text"))
+             if t.get_visible() and t.get_text().strip()]
+    if not sizes:
+        raise ValueError("smallest_text_px: the figure has no visible text")
+    width_px = fig.get_figwidth() * fig.dpi
+    return min(sizes) * fig.dpi / 72.0 * min(1.0, column_px / width_px)
 
 
 def _axes(ax: Axes | None, figsize: tuple[float, float] = (6.0, 4.0)) -> Axes:
@@ -76,29 +160,71 @@ def _finite_part(values: Tensor, name: str) -> tuple[Tensor, int]:
     return kept, int((~finite).sum())
 
 
-def _plot_range(reference: Tensor | None, others: Sequence[Tensor], pad: float = 0.05) -> tuple[float, float]:
-    # the reference decides the window: a diverged sampler's huge values must not squash
-    # the plot (they are reported as a fraction outside instead)
-    pool = reference if reference is not None else torch.cat(list(others))
-    lo, hi = (float(q) for q in torch.quantile(pool, pool.new_tensor([0.001, 0.999])))
+MAX_STRETCH = 10.0
+"""How much wider than the reference's own window a histogram's range may grow to show a sampler."""
+
+
+def _central_range(values: Tensor, pad: float = 0.05) -> tuple[float, float]:
+    lo, hi = (float(q) for q in torch.quantile(values, values.new_tensor([0.001, 0.999])))
     if not hi > lo:
         lo, hi = lo - 0.5, hi + 0.5
     width = hi - lo
     return lo - pad * width, hi + pad * width
 
 
+def _plot_range(reference: Tensor | None, others: Sequence[Tensor], pad: float = 0.05) -> tuple[float, float]:
+    """The central 99.8% of the reference (or of everything), padded, widened to cover the
+    samplers' central 99.8% too unless that makes it more than ``MAX_STRETCH`` times wider:
+    a diverged sampler's huge values must not squash the reference into one bin (the
+    fraction outside is then drawn as edge bars, see :func:`_outside_bars`)."""
+    if reference is None:
+        return _central_range(torch.cat(list(others)), pad)
+    lo, hi = _central_range(reference, pad)
+    if not others:
+        return lo, hi
+    wide = [_central_range(v, pad) for v in others]
+    union = min(lo, *(a for a, _ in wide)), max(hi, *(b for _, b in wide))
+    if union[1] - union[0] <= MAX_STRETCH * (hi - lo):
+        return union
+    return lo, hi
+
+
+def _percent(fraction: float) -> str:
+    return "<0.1%" if 0 < fraction < 0.0005 else f"{100 * fraction:.1f}%"
+
+
 def _sampler_label(name: str, scores: str, hist: metrics.Histogram, n_dropped: int) -> str:
+    """Name on the first line, numbers on the next ones (a legend must fit a narrow panel)."""
     notes = [scores]
     outside = hist.below + hist.above
     if outside > 0:
-        notes.append(f"{100 * outside:.1f}% outside plot")
+        notes.append(f"{_percent(outside)} outside the range (edge bars)")
     if n_dropped:
         notes.append(f"{n_dropped} non-finite dropped")
-    return f"{name} ({'; '.join(notes)})"
+    return "\n".join([name, *notes])
 
 
-def _stairs(ax: Axes, hist: metrics.Histogram, label: str, **style: object) -> None:
-    ax.stairs(hist.density.numpy(), hist.edges.numpy(), label=label, **style)
+def _outside_bars(ax: Axes, hist: metrics.Histogram, slot: int, color: str) -> None:
+    """Draw the mass below and above the histogram's range as hatched bars just beyond its
+    edges, with area equal to that fraction (the same density units as the bins), so a
+    sampler whose values all fall outside still shows. ``slot`` offsets the bars of
+    several samplers so they do not overlap."""
+    edges = hist.edges.numpy()
+    step = float(edges[1] - edges[0])
+    width = 3 * step
+    offset = step + slot * (width + step)
+    for fraction, x in ((hist.below, edges[0] - offset - width), (hist.above, edges[-1] + offset)):
+        if fraction > 0:
+            ax.bar(x, fraction / width, width=width, align="edge", color=color, alpha=0.35, hatch="//",
+                   edgecolor=color, linewidth=1.0)
+            ax.annotate(_percent(fraction), (x + width / 2, fraction / width), ha="center", va="bottom",
+                        fontsize="small", color=color)
+
+
+def _stairs(ax: Axes, hist: metrics.Histogram, label: str, **style: object) -> str:
+    """Draw ``hist`` as a step density; return the colour used (for its edge bars)."""
+    artist = ax.stairs(hist.density.numpy(), hist.edges.numpy(), label=label, **style)
+    return artist.get_edgecolor() if not style.get("fill") else artist.get_facecolor()
 
 
 def energy_histogram(
@@ -116,9 +242,11 @@ def energy_histogram(
     (``(m,)``) is drawn filled in grey. With a reference, each sampler's legend entry
     gives its energy W2 (:func:`boltzlab.metrics.energy_w2`, W2 not W2^2) against it.
     ``range`` defaults to the central 99.8% of the reference (or of all energies)
-    plus 5% on each side; the share of a sampler's energies outside it is printed in
-    the legend, and NaN/inf energies are dropped and counted there too.
-    Each histogram is a density over its in-range values (mass outside is not drawn).
+    plus 5% on each side, widened to the samplers' central 99.8% unless that is more than
+    ``MAX_STRETCH`` times wider. The share of a sampler's energies outside the range is
+    printed in the legend and drawn as hatched bars beyond the edges (area = that share);
+    NaN/inf energies are dropped and counted in the legend.
+    Each histogram is a density: its bins and edge bars together have area 1.
     """
     if not samples_energies and reference is None:
         raise ValueError("energy_histogram: nothing to plot (no sampler energies, no reference)")
@@ -129,10 +257,11 @@ def energy_histogram(
         range = _plot_range(ref, [v for v, _ in finite.values()])
     if ref is not None:
         _stairs(ax, metrics.histogram(ref, bins, range), reference_label, **REFERENCE_STYLE)
-    for name, (energies, n_dropped) in finite.items():
+    for slot, (name, (energies, n_dropped)) in enumerate(finite.items()):
         hist = metrics.histogram(energies, bins, range)
         scores = f"W2 = {metrics.energy_w2(energies, ref):.3g}" if ref is not None else f"n = {energies.numel()}"
-        _stairs(ax, hist, _sampler_label(name, scores, hist, n_dropped), linewidth=1.5)
+        color = _stairs(ax, hist, _sampler_label(name, scores, hist, n_dropped), linewidth=1.5)
+        _outside_bars(ax, hist, slot, color)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("density")
     ax.legend(fontsize="small")
@@ -156,7 +285,8 @@ def distance_histogram_plot(
     entry gives the distance W2 (:func:`boltzlab.metrics.distance_w2`) and the TVD
     between the two histograms drawn (:func:`boltzlab.metrics.histogram_tvd` on these
     ``bins`` and ``range``, mass outside the range included). ``range`` defaults to
-    the reference's central 99.8% of distances plus 5% on each side.
+    the reference's central 99.8% of distances plus 5% on each side, widened as in
+    :func:`energy_histogram`; mass outside it is drawn as hatched edge bars.
     """
     if not samples_x and reference is None:
         raise ValueError("distance_histogram_plot: nothing to plot (no samples, no reference)")
@@ -168,14 +298,15 @@ def distance_histogram_plot(
     h_ref = metrics.histogram(d_ref, bins, range) if d_ref is not None else None
     if h_ref is not None:
         _stairs(ax, h_ref, reference_label, **REFERENCE_STYLE)
-    for name, d in dists.items():
+    for slot, (name, d) in enumerate(dists.items()):
         hist = metrics.histogram(d, bins, range)
         if d_ref is not None and h_ref is not None:
             w2 = metrics.wasserstein_1d(d, d_ref, p=2.0)
             scores = f"W2 = {w2:.3g}, TVD = {metrics.histogram_tvd(hist, h_ref):.3g}"
         else:
             scores = f"n = {d.numel()} distances"
-        _stairs(ax, hist, _sampler_label(name, scores, hist, 0), linewidth=1.5)
+        color = _stairs(ax, hist, _sampler_label(name, scores, hist, 0), linewidth=1.5)
+        _outside_bars(ax, hist, slot, color)
     ax.set_xlabel("interatomic distance")
     ax.set_ylabel("density")
     ax.legend(fontsize="small")
@@ -351,6 +482,26 @@ def training_curve(
     return ax
 
 
+def _scale_axis(ax: Axes, axis: str, values: np.ndarray, log: bool) -> None:
+    """Log scale on ``axis`` ("x" or "y") when asked and the positive ``values`` span at least a
+    decade; otherwise a linear axis with a few plain ticks, also around a single value (less than
+    a decade on a log axis labels its minor ticks, which overlap in a narrow panel)."""
+    from matplotlib.ticker import MaxNLocator
+
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return
+    lo, hi = float(values.min()), float(values.max())
+    if log and lo > 0 and hi >= 10 * lo:
+        (ax.set_xscale if axis == "x" else ax.set_yscale)("log")
+        return
+    if hi == lo:  # one value: a window of +-50% around it (or +-1 around zero)
+        half = 0.5 * abs(lo) or 1.0
+        (ax.set_xlim if axis == "x" else ax.set_ylim)(lo - half, hi + half)
+    (ax.xaxis if axis == "x" else ax.yaxis).set_major_locator(MaxNLocator(nbins=4))
+    ax.ticklabel_format(axis=axis, style="sci", scilimits=(-3, 4), useMathText=True)
+
+
 def evaluation_curves(
     evaluations: Sequence[Mapping[str, float]],
     metric_names: Sequence[str],
@@ -361,6 +512,7 @@ def evaluation_curves(
     label: str = "iDEM",
     baseline_label: str = "MCMC, same budget",
     logx: bool = True,
+    logy: Sequence[str] = (),
 ) -> list[Axes]:
     """Metrics of a sampler's evaluations during training against the work spent on it.
 
@@ -369,7 +521,10 @@ def evaluation_curves(
     one panel per metric draws the metric against ``x_key``. ``baseline`` (a record with
     ``x_key`` and the same metrics, e.g. MCMC given the sampler's final budget) is drawn as
     a star at its own ``x_key``; ``targets`` (metric -> threshold) as dotted horizontal
-    lines. Returns the axes, one per metric.
+    lines. Axis labels are :func:`axis_label` of the keys. The x axis is logarithmic when
+    ``logx`` and the evaluations span at least two positive values (one point on a log axis
+    has no decade to tick); so is the y axis of each metric named in ``logy``.
+    Returns the axes, one per metric.
     """
     if not evaluations:
         raise ValueError("evaluation_curves: no evaluations to plot")
@@ -383,8 +538,7 @@ def evaluation_curves(
     if baseline is not None and x_key not in baseline:
         raise ValueError(f"evaluation_curves: the baseline has no {x_key!r}")
     if axes is None:
-        _, new_axes = plt.subplots(1, len(metric_names), figsize=(4.2 * len(metric_names), 3.4), squeeze=False)
-        axes = list(new_axes[0])
+        axes = panel_grid(len(metric_names))[1]
     elif len(axes) != len(metric_names):
         raise ValueError(f"evaluation_curves: {len(axes)} axes given for {len(metric_names)} metrics")
     xs = np.array([float(r[x_key]) for r in evaluations])
@@ -394,10 +548,15 @@ def evaluation_curves(
             ax.plot([float(baseline[x_key])], [float(baseline[name])], "*", markersize=12, label=baseline_label)
         if targets is not None and name in targets:
             ax.axhline(float(targets[name]), color="k", linestyle=":", linewidth=1, label=f"target {targets[name]:g}")
-        if logx and bool(np.all(xs > 0)):
-            ax.set_xscale("log")
-        ax.set_xlabel(x_key.replace("_", " "))
-        ax.set_ylabel(name)
+        ys = np.array([float(r[name]) for r in evaluations])
+        if baseline is not None and name in baseline:
+            xs_all, ys = np.append(xs, float(baseline[x_key])), np.append(ys, float(baseline[name]))
+        else:
+            xs_all = xs
+        _scale_axis(ax, "x", xs_all, logx)
+        _scale_axis(ax, "y", ys, name in logy)
+        ax.set_xlabel(axis_label(x_key))
+        ax.set_ylabel(axis_label(name))
         ax.legend(fontsize="small")
     return list(axes)
 

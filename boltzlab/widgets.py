@@ -11,6 +11,13 @@ Figures are created with ``matplotlib.figure.Figure`` (not ``pyplot``) so that
 redraws neither pile up open figures nor get displayed a second time by the inline
 backend, and the output is an image, never printed text (notebook tests compare text).
 
+Sizes are in screen pixels: the PNG is drawn at ``dpi`` (100, the inline backend's) and the
+image widget is pinned to the PNG's own pixel size, so the browser shows it 1:1 (left to
+itself it stretches a small PNG across the column: blurry, and taller than the window).
+A widget's figure is at most :data:`MAX_WIDGET_PX` wide and tall, so that its controls
+and the whole figure fit in a 1400x1000 JupyterLab window together. Sliders are
+:data:`SLIDER_WIDTH` wide, so that a step is a few pixels, not one.
+
 Widgets here:
 
 - :func:`temperature_widget`: p_T(x) ∝ exp(-E(x)/kT) of a 2-D energy for a kT slider,
@@ -42,7 +49,7 @@ from torch import Tensor
 
 from boltzlab.energies import DoubleWell2D, Energy, GaussianMixture
 from boltzlab.importance import SubsampleEstimates, normalized_ess, subsample_estimates
-from boltzlab.plots import boltzmann_density_grid
+from boltzlab.plots import COLUMN_PX, FIGURE_DPI, boltzmann_density_grid
 
 __all__ = [
     "figure_to_png",
@@ -56,7 +63,13 @@ __all__ = [
 ]
 
 
-def figure_to_png(fig: Figure, dpi: int = 80) -> bytes:
+MAX_WIDGET_PX = (COLUMN_PX - 28, 640)  # (width, height): the column less a margin; a 1000 px window less
+# JupyterLab's bars and the controls' row
+SLIDER_WIDTH = "440px"
+SLIDERS = (ipywidgets.IntSlider, ipywidgets.FloatSlider, ipywidgets.FloatLogSlider, ipywidgets.SelectionSlider)
+
+
+def figure_to_png(fig: Figure, dpi: int = FIGURE_DPI) -> bytes:
     """Render a matplotlib figure to PNG bytes (Agg), without pyplot."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi)
@@ -74,11 +87,21 @@ class SliderFigure(ipywidgets.VBox):
         self,
         update_fn: Callable[..., Any],
         controls: Mapping[str, ipywidgets.ValueWidget],
-        figsize: tuple[float, float] = (6.0, 4.5),
-        dpi: int = 80,
+        figsize: tuple[float, float] = (6.4, 4.6),
+        dpi: int = FIGURE_DPI,
     ) -> None:
-        image = ipywidgets.Image(format="png")
-        super().__init__(children=[ipywidgets.HBox(list(controls.values())), image])
+        width_px, height_px = round(figsize[0] * dpi), round(figsize[1] * dpi)
+        if width_px > MAX_WIDGET_PX[0] or height_px > MAX_WIDGET_PX[1]:
+            raise ValueError(f"figsize {figsize} at {dpi} dpi is {width_px}x{height_px} px; a widget's figure must fit "
+                             f"{MAX_WIDGET_PX[0]}x{MAX_WIDGET_PX[1]} px to sit in the column with its controls in view")
+        # pinned to the PNG's pixel size: the browser then shows it 1:1 instead of stretching it
+        image = ipywidgets.Image(format="png", layout=ipywidgets.Layout(
+            width=f"{width_px}px", height=f"{height_px}px", object_fit="contain"))
+        for control in controls.values():
+            if isinstance(control, SLIDERS) and control.layout.width is None:
+                control.layout.width = SLIDER_WIDTH
+        super().__init__(children=[ipywidgets.HBox(list(controls.values()), layout=ipywidgets.Layout(
+            flex_flow="row wrap")), image])
         self.update_fn = update_fn
         self.controls = dict(controls)
         self.image = image
@@ -96,7 +119,7 @@ class SliderFigure(ipywidgets.VBox):
 
     def refresh(self) -> None:
         """Redraw: call ``update_fn`` on a fresh figure and show it as a PNG."""
-        fig = Figure(figsize=self.figsize, layout="constrained")
+        fig = Figure(figsize=self.figsize, dpi=self.dpi, layout="constrained")
         self.state = self.update_fn(fig, **self.values)
         self.image.value = figure_to_png(fig, self.dpi)
 
@@ -112,8 +135,8 @@ class SliderFigure(ipywidgets.VBox):
 
 def slider_figure(
     update_fn: Callable[..., Any],
-    figsize: tuple[float, float] = (6.0, 4.5),
-    dpi: int = 80,
+    figsize: tuple[float, float] = (6.4, 4.6),
+    dpi: int = FIGURE_DPI,
     **controls: ipywidgets.ValueWidget,
 ) -> SliderFigure:
     """A widget that redraws ``update_fn(fig, **values)`` whenever a control changes.
@@ -128,6 +151,7 @@ def slider_figure(
         slider_figure(draw, kT=ipywidgets.FloatSlider(value=1.0, min=0.1, max=5.0))
 
     Each keyword is a control whose ``value`` is passed to ``update_fn`` under that name.
+    ``figsize`` is in inches at ``dpi``: at most :data:`MAX_WIDGET_PX` pixels.
     """
     if not controls:
         raise ValueError("slider_figure needs at least one control (e.g. kT=ipywidgets.FloatSlider(...))")
@@ -251,7 +275,7 @@ def temperature_widget(
         description="kT", continuous_update=False, readout_format=".3g",
     )
     energy_menu = ipywidgets.Dropdown(options=list(energies), value=next(iter(energies)), description="energy")
-    return slider_figure(update, figsize=(6.0, 4.5), energy=energy_menu, kT=kT_slider)
+    return slider_figure(update, figsize=(6.4, 4.8), energy=energy_menu, kT=kT_slider)
 
 
 # ----------------------------------------------------------------------------------------
@@ -355,7 +379,7 @@ def log_z_spread_widget(log_weights: Mapping[str, Tensor], log_z_exact: float | 
 
     slider = ipywidgets.SelectionSlider(options=options, value=start, description="n samples",
                                         continuous_update=False)
-    return slider_figure(update, figsize=(11.0, 4.0), n=slider)
+    return slider_figure(update, figsize=(9.3, 4.0), n=slider)
 
 
 __all__ += ["LogZSpreadView", "draw_log_z_spread", "log_z_spread_view", "log_z_spread_widget"]
@@ -457,7 +481,7 @@ def reverse_sde_widget(trajectory: Tensor, times: Tensor, schedule: Any, mixture
         return view
 
     slider = ipywidgets.SelectionSlider(options=options, value=0, description="t", continuous_update=False)
-    return slider_figure(update, figsize=(6.0, 4.8), t=slider)
+    return slider_figure(update, figsize=(6.4, 5.0), t=slider)
 
 
 __all__ += ["DenoisingView", "denoising_view", "draw_denoising_view", "reverse_sde_widget"]
@@ -497,7 +521,7 @@ class FlowStageView:
 
 def flow_stage_views(flow: Any, window: Window, grid: int = 120, mixture: GaussianMixture | None = None,
                      n_samples: int = 10_000, mass_window: Window | None = None, mass_grid: int | None = None,
-                     generator: torch.Generator | None = None) -> list[FlowStageView]:
+                     generator: torch.Generator | None = None, progress: bool = False) -> list[FlowStageView]:
     r"""One :class:`FlowStageView` per stage of :func:`boltzlab.flows.coupling_stages` of a 2-D ``flow``.
 
     Stage k is the flow made of the first k coupling layers and the final scaling, itself a
@@ -505,8 +529,10 @@ def flow_stage_views(flow: Any, window: Window, grid: int = 120, mixture: Gaussi
     integral ``Σ q ΔxΔy`` over ``mass_window`` (default ``window``; choose one wide enough for
     stage 0's Gaussian) on a ``mass_grid`` grid, and, given a Gaussian ``mixture``, the share of
     ``n_samples`` samples of the stage within a mode's 99.9% radius and the modes they cover
-    (:func:`boltzlab.metrics.mode_coverage`).
+    (:func:`boltzlab.metrics.mode_coverage`). ``progress`` shows a bar over the stages.
     """
+    from tqdm.auto import tqdm
+
     from boltzlab.flows import Flow, coupling_stages, log_prob_on_grid
     from boltzlab.metrics import mode_coverage
 
@@ -519,7 +545,8 @@ def flow_stage_views(flow: Any, window: Window, grid: int = 120, mixture: Gaussi
     mass_window = window if mass_window is None else mass_window
     layers = list(flow.layers)
     views = []
-    for k, stage in enumerate(coupling_stages(flow)):
+    stages = coupling_stages(flow)
+    for k, stage in enumerate(tqdm(stages, desc="coupling stages", disable=not progress)):
         mask = getattr(layers[k - 1], "mask", None) if k > 0 else None
         moved = () if mask is None else tuple(int(i) for i in torch.nonzero(mask == 0).flatten())
         xs, ys, log_q = log_prob_on_grid(stage, *window, grid=grid)
@@ -561,7 +588,7 @@ def flow_layers_widget(views: Sequence[FlowStageView], value: int | None = None)
         return views[layers]
 
     slider = ipywidgets.IntSlider(value=value, min=0, max=last, description="layers", continuous_update=False)
-    return slider_figure(update, figsize=(6.0, 5.0), layers=slider)
+    return slider_figure(update, figsize=(6.4, 5.2), layers=slider)
 
 
 @dataclass(frozen=True)
@@ -632,7 +659,7 @@ def annealing_widget(energy: Energy, stages: Sequence[Any], window: Window, grid
 
     slider = ipywidgets.IntSlider(value=len(stages) - 1, min=0, max=len(stages) - 1, description="rung",
                                   continuous_update=False)
-    return slider_figure(update, figsize=(6.0, 5.5), rung=slider)
+    return slider_figure(update, figsize=(6.4, 5.6), rung=slider)
 
 
 __all__ += ["FlowStageView", "flow_stage_views", "draw_flow_stage", "flow_layers_widget",

@@ -7,7 +7,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -35,18 +35,22 @@ import math
 
 import matplotlib.pyplot as plt
 import torch
+from IPython.display import display
+from tqdm.auto import tqdm
 
 from boltzlab import metrics, plots
-from boltzlab.config import budget, sizes
+from boltzlab.config import describe, set_torch_threads, sizes
 from boltzlab.energies import DoubleWell2D, GaussianMixture, dw4, lj13, lj55
 from boltzlab.mcmc import integrated_autocorrelation_time, rhat, run_mcmc, run_parallel_tempering
 from boltzlab.reference import load_reference, reference_provenance
+from boltzlab.tables import table
 from boltzlab.widgets import temperature_widget
 
 SEED = 0
 torch.manual_seed(SEED)
+set_torch_threads()
 S = sizes("00")
-print(f"budget: {budget()}  ->  {S}")
+print(describe(S))
 
 # %% [markdown]
 # ## Theory
@@ -100,14 +104,14 @@ temperature_widget()
 # %%
 dw = DoubleWell2D()
 gmm = GaussianMixture()
-fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+fig, axes = plots.panel_grid(3, panel_size=(4.7, 3.6))
 for ax, kT in zip(axes[:2], (1.0, 5.0)):
     plots.density_2d(dw, (-3, 3), (-4, 4), kT=kT, grid=S.landscape_grid, ax=ax)
     p_deep = dw.at_temperature(kT).well_probabilities()[0]
-    ax.set_title(f"double well, kT = {kT:g}: P(deep well) = {p_deep:.3f}")
+    ax.set_title(f"double well, kT = {kT:g}\nP(deep well) = {p_deep:.3f}")
 plots.density_2d(gmm, (-45, 45), (-45, 45), grid=S.landscape_grid, ax=axes[2])
 axes[2].set_title("GMM-40, kT = 1")
-plt.tight_layout()
+plt.show()
 
 # %% [markdown]
 # The deep-well probability is computed *exactly* by quadrature (the double well is
@@ -144,29 +148,29 @@ pt = run_parallel_tempering(dw, x0, S.tunnelling_steps + burn, kT_max=10.0, n_te
 
 
 def tunnelling_summary(name, result, replicas):
+    """One row of the table: crossings, and the mean time between them per step and per evaluation."""
     crossings = int(metrics.count_transitions(result.samples[..., 0], -1.0, 1.0).sum())
     chain_steps = result.samples.shape[0] * result.samples.shape[1]
-    per_step = chain_steps / crossings if crossings else float("inf")
-    evals = chain_steps * replicas
-    per_eval = evals / crossings if crossings else float("inf")
-    bound = "" if crossings else f" (none seen: > {chain_steps:,} steps)"
-    print(f"{name:>22}: {crossings:6d} crossings in {chain_steps:,} chain-steps; "
-          f"mean time between crossings {per_step:,.0f} steps = {per_eval:,.0f} energy evaluations{bound}")
-    return crossings, per_step, per_eval
+    none_seen = f"none seen: > {chain_steps:,}"
+    return {"sampler": name, "crossings": crossings, "chain-steps": chain_steps,
+            "steps between crossings": chain_steps / crossings if crossings else none_seen,
+            "energy evaluations between crossings": chain_steps * replicas / crossings if crossings else none_seen}
 
 
-c_rwm, t_rwm, e_rwm = tunnelling_summary("Metropolis (kT = 1)", rwm, 1)
-c_pt, t_pt, e_pt = tunnelling_summary(f"PT, {S.pt_temperatures} replicas", pt, S.pt_temperatures)
+tunnelling = [tunnelling_summary("Metropolis (kT = 1)", rwm, 1),
+              tunnelling_summary(f"PT, {S.pt_temperatures} replicas", pt, S.pt_temperatures)]
+display(table(tunnelling, float_format=",.0f", caption="barrier crossings of the double well, core to core"))
+c_rwm, c_pt = (row["crossings"] for row in tunnelling)
 print(f"PT swap acceptance between neighbours: {[round(float(a), 2) for a in pt.swap_acceptance]}")
 assert c_pt > 10 * max(c_rwm, 1), "parallel tempering should cross the barrier far more often"
 
 # %%
-fig, axes = plt.subplots(1, 2, figsize=(14, 3.5), sharey=True)
+fig, axes = plots.panel_grid(2, panel_size=(4.7, 3.4), sharey=True)
 plots.trace_plot(rwm.samples[:, :4, 0], ax=axes[0], ylabel="$x_1$")
-axes[0].set_title("Metropolis at kT = 1: chains stay in their well")
+axes[0].set_title("Metropolis at kT = 1:\nchains stay in their well")
 plots.trace_plot(pt.samples[:, :4, 0], ax=axes[1], ylabel="$x_1$")
-axes[1].set_title("parallel tempering, kT = 1 replica: swaps carry it across")
-plt.tight_layout()
+axes[1].set_title("parallel tempering, kT = 1 replica:\nswaps carry it across")
+plt.show()
 
 # %% [markdown]
 # The slow crossings also show in the diagnostics of the energy (the two wells have different
@@ -176,10 +180,12 @@ plt.tight_layout()
 
 # %%
 diagnostics = {}
+rows = []
 for name, res in [("Metropolis", rwm), ("PT", pt)]:
     diagnostics[name] = integrated_autocorrelation_time(res.energies)
-    print(f"{name:>10}: energy IAT {diagnostics[name]:.1f} steps, energy R-hat {rhat(res.energies):.3f}, "
-          f"R-hat of x1 {rhat(res.samples[..., 0]):.3f}, acceptance {float(res.acceptance.float().mean()):.2f}")
+    rows.append({"sampler": name, "energy IAT (steps)": diagnostics[name], "energy R-hat": rhat(res.energies),
+                 "R-hat of x1": rhat(res.samples[..., 0]), "acceptance": float(res.acceptance.float().mean())})
+display(table(rows, float_format=".3f", formats={"energy IAT (steps)": ".1f"}))
 assert diagnostics["Metropolis"] > 5 * diagnostics["PT"]
 
 # %% [markdown]
@@ -206,8 +212,7 @@ w2 = {
     "Metropolis": metrics.energy_w2(dw.energy(mcmc_kept), dw.energy(ref)),
     "kT = 1.5 (wrong)": metrics.energy_w2(dw.energy(too_hot), dw.energy(ref)),
 }
-for k, v in w2.items():
-    print(f"energy W2, {k:>18}: {v:.3f}")
+display(table([{"samples": k, "energy W2": v} for k, v in w2.items()], float_format=".3f"))
 ax = plots.energy_histogram({"exact (independent)": dw.energy(exact_again), "kT = 1.5": dw.energy(too_hot)},
                             reference=dw.energy(ref), bins=60)
 ax.set_title("double well: energy histograms against exact samples")
@@ -236,8 +241,9 @@ for name, (mu, s) in proposals.items():
     log_w = -dw.energy(xq) / dw.kT - q.log_prob(xq)
     est, err = metrics.log_z_estimate(log_w)
     is_results[name] = (est, err, metrics.kish_ess(log_w), xq.shape[0])
-    print(f"{name:>40}: log Z = {est:.3f} ± {err:.3f} (exact {log_z_exact:.3f}), "
-          f"ESS {metrics.kish_ess(log_w):.0f} of {xq.shape[0]}")
+display(table([{"proposal": name, "log Z": f"{est:.3f} ± {err:.3f}", "exact log Z": log_z_exact, "Kish ESS": ess,
+                "samples": n_q} for name, (est, err, ess, n_q) in is_results.items()],
+              formats={"exact log Z": ".3f", "Kish ESS": ".0f"}))
 est, err, _, _ = is_results["broad N(0, 2^2 I)"]
 assert abs(est - log_z_exact) < 5 * err + 0.02
 est_bad, err_bad, ess_bad, n_bad = is_results["shallow well only N((1.7, 0), 0.5^2 I)"]
@@ -256,13 +262,13 @@ g = torch.Generator().manual_seed(SEED + 3)
 x_gmm = gmm.sample(S.metric_samples, g, dtype=torch.float64)
 start = gmm.means[:4].double().repeat(S.tunnelling_chains // 4, 1)
 mala = run_mcmc(gmm, start, S.tunnelling_steps // 4, kernel="mala", step_size=0.5,
-                burn_in=S.tunnelling_steps // 20, generator=g, progress=False)
+                burn_in=S.tunnelling_steps // 20, generator=g, progress=True)
 covered_exact, _ = metrics.mode_coverage(x_gmm, gmm.means, gmm.std)
 covered_mala, _ = metrics.mode_coverage(mala.samples.reshape(-1, 2), gmm.means, gmm.std)
 rhat_mala = rhat(mala.energies)
 print(f"modes covered: exact samples {covered_exact}/40, MALA from 4 modes {covered_mala}/40")
-print(f"MALA energy R-hat {rhat_mala:.3f}: every mode has the same energy distribution, so the "
-      "energy cannot tell which modes are missing")
+print(f"MALA energy R-hat {rhat_mala:.3f}: every mode has the same energy distribution,\n"
+      "so the energy cannot tell which modes are missing")
 ax = plots.density_2d(gmm, (-45, 45), (-45, 45), grid=S.landscape_grid)
 plots.samples_2d(mala.samples.reshape(-1, 2), ax=ax, color="red", label="MALA")
 ax.legend(loc="upper right")
@@ -290,14 +296,13 @@ systems = {"dw4": dw4(), "lj13": lj13(), "lj55": lj55()}
 refs = {}
 keys = ("sampler", "n_samples", "n_chains", "seed", "n_steps", "burn_in", "thin", "step_size_mean",
         "acceptance_mean", "rhat_energy", "integrated_autocorrelation_time", "wall_time_s")
+provenance = {}
 for name, energy in systems.items():
-    prov = reference_provenance(name)
+    prov = provenance[name] = reference_provenance(name)
     refs[name] = load_reference(name, n=S.reference_samples, generator=torch.Generator().manual_seed(SEED))
-    print(f"--- {name}: {refs[name].shape[0]} of {prov['n_samples']} samples loaded")
-    for k in keys:
-        v = prov[k]
-        print(f"    {k:>32}: {v:.4g}" if isinstance(v, float) else f"    {k:>32}: {v}")
     assert prov["rhat_energy"] < 1.01 and prov["n_samples"] >= 10_000
+display(table([{"": k.replace("_", " "), **{name: provenance[name][k] for name in systems}} for k in keys],
+              caption=f"how the reference sets were made ({S.reference_samples} samples of each loaded here)"))
 
 # %% [markdown]
 # **A physics check: the virial identity.** For $p \propto e^{-E/kT}$ on the
@@ -305,7 +310,7 @@ for name, energy in systems.items():
 # gives $\mathbb E[x\cdot\nabla E(x)] = d_{\text{eff}}\,kT$. The reference sets satisfy it:
 
 # %%
-for name, energy in systems.items():
+for name, energy in tqdm(systems.items(), desc="virial check"):
     x = refs[name].double()
     v = (x * -energy.forces(x)).sum(-1)
     mean, se_v = float(v.mean()), float(v.std()) / math.sqrt(v.numel())
@@ -313,17 +318,16 @@ for name, energy in systems.items():
     assert abs(mean - energy.effective_dim * energy.kT) < 5 * se_v
 
 # %%
-fig, axes = plt.subplots(2, 3, figsize=(16, 7))
-for k, (name, energy) in enumerate(systems.items()):
+fig, axes = plots.panel_grid(2 * len(systems), ncols=2)  # one row per system
+for k, (name, energy) in enumerate(tqdm(systems.items(), desc="histograms")):
     x = refs[name]
     half = x.shape[0] // 2
     plots.energy_histogram({"second half": energy.energy(x[half:])}, reference=energy.energy(x[:half]),
-                           bins=60, ax=axes[0, k], reference_label="first half")
-    axes[0, k].set_title(f"{name}: energies")
+                           bins=60, ax=axes[2 * k], reference_label="first half")
+    axes[2 * k].set_title(f"{name}: energies")
     plots.distance_histogram_plot({"second half": x[half:]}, energy.n_particles, energy.spatial_dim,
-                                  reference=x[:half], bins=60, ax=axes[1, k], reference_label="first half")
-    axes[1, k].set_title(f"{name}: interatomic distances")
-plt.tight_layout()
+                                  reference=x[:half], bins=60, ax=axes[2 * k + 1], reference_label="first half")
+    axes[2 * k + 1].set_title(f"{name}: interatomic distances")
 
 # %% [markdown]
 # **x-W2 and why it is not enough.** The W2 distance between configurations (optimal
@@ -342,8 +346,9 @@ xw2_same = metrics.x_w2(a, b, max_samples=1000, generator=gw)
 xw2_bad = metrics.x_w2(a, jittered, max_samples=1000, generator=gw)
 ew2_same = metrics.energy_w2(lj13().energy(a), lj13().energy(b))
 ew2_bad = metrics.energy_w2(lj13().energy(a), lj13().energy(jittered))
-print(f"x-W2:      half vs half {xw2_same:.3f}   half vs jittered {xw2_bad:.3f}   (ratio {xw2_bad / xw2_same:.2f})")
-print(f"energy W2: half vs half {ew2_same:.3f}   half vs jittered {ew2_bad:.3f}   (ratio {ew2_bad / ew2_same:.1f})")
+display(table([{"metric": "x-W2", "half vs half": xw2_same, "half vs jittered": xw2_bad, "ratio": xw2_bad / xw2_same},
+               {"metric": "energy W2", "half vs half": ew2_same, "half vs jittered": ew2_bad,
+                "ratio": ew2_bad / ew2_same}], float_format=".3f"))
 assert xw2_bad / xw2_same < 1.2 and ew2_bad / ew2_same > 5
 
 # %% [markdown]

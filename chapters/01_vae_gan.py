@@ -7,7 +7,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -40,12 +40,15 @@ import math
 import ipywidgets
 import matplotlib.pyplot as plt
 import torch
+from IPython.display import display
+from tqdm.auto import tqdm
 
-from boltzlab.config import budget, sizes
+from boltzlab.config import budget, describe, set_torch_threads, sizes
 from boltzlab.energies import DoubleWell2D, GaussianMixture
 from boltzlab.metrics import energy_w2, mode_coverage
 from boltzlab.models import VAE, Critic, Discriminator, Generator
-from boltzlab.plots import density_2d, samples_2d, training_curve
+from boltzlab.plots import density_2d, panel_grid, samples_2d, training_curve
+from boltzlab.tables import table
 from boltzlab.training import (
     double_well_exact_samples,
     TrainingHistory,
@@ -59,12 +62,11 @@ from boltzlab.widgets import slider_figure
 
 SEED = 0
 torch.manual_seed(SEED)
-# the networks here are tiny: one thread is faster than several (no synchronisation)
-torch.set_num_threads(1)
+set_torch_threads()  # one thread: see boltzlab.config.DEFAULT_TORCH_THREADS
 S = sizes("01")
 SMOKE = budget() == "smoke"  # smoke runs are too short to train: they check that everything runs
 H = (S.hidden, S.hidden)
-print(f"budget: {budget()}  sizes: {S}")
+print(describe(S))
 
 # %% [markdown]
 # ## Theory
@@ -206,17 +208,20 @@ with torch.no_grad():
     }
 e_test = dw.energy(x_dw_test)
 dw_table = {}
-print(f"{'':6s} {'P(deep well)':>16s} {'P(shallow well)':>16s} {'std(x2)':>8s} {'energy W2':>10s} {'max energy':>11s}")
+dw_rows = []
 for name, x in dw_samples.items():
     p, se = deep_well_mass(x)
     e = dw.energy(x)
     w2 = energy_w2(e, e_test) if name != "exact" else 0.0
     dw_table[name] = (p, se, w2)
-    print(f"{name:6s} {p:9.4f} ± {se:.4f} {1 - p:16.4f} {float(x[:, 1].std()):8.3f} {w2:10.3f} {float(e.max()):11.1f}")
-print(f"{'exact':6s} {P_DEEP:9.4f}          {1 - P_DEEP:16.4f} {math.sqrt(dw.kT):8.3f}   (quadrature; x2 ~ N(0, kT))")
+    dw_rows.append({"samples": name, "P(deep well)": f"{p:.4f} ± {se:.4f}", "P(shallow well)": 1 - p,
+                    "std(x2)": float(x[:, 1].std()), "energy W2": w2, "max energy": float(e.max())})
+dw_rows.append({"samples": "exact (quadrature; x2 ~ N(0, kT))", "P(deep well)": f"{P_DEEP:.4f}",
+                "P(shallow well)": 1 - P_DEEP, "std(x2)": math.sqrt(dw.kT)})
+display(table(dw_rows, float_format=".3f", formats={"P(shallow well)": ".4f", "max energy": ".1f"}))
 
 # %%
-fig, axes = plt.subplots(1, 5, figsize=(20, 3.6))
+fig, axes = panel_grid(5)
 for ax, (name, x) in zip(axes, dw_samples.items()):
     density_2d(dw, (-3, 3), (-4, 4), grid=120, ax=ax, colorbar=False)
     samples_2d(x, ax=ax, max_points=2000)
@@ -279,12 +284,11 @@ with torch.no_grad():
         "WGAN": wgan_gmm.sample(S.n_eval, g_eval),
     }
 gmm_table = {name: gmm_quality(x) for name, x in gmm_samples.items()}
-print(f"{'':20s} {'modes covered':>14s} {'off-mode fraction':>18s}")
-for name, q in gmm_table.items():
-    print(f"{name:20s} {q['modes covered']:>10d} /40 {q['off-mode']:18.4f}")
+display(table([{"samples": name, "modes covered (of 40)": q["modes covered"], "off-mode fraction": q["off-mode"]}
+               for name, q in gmm_table.items()], float_format=".4f"))
 
 # %%
-fig, axes = plt.subplots(1, 4, figsize=(18, 4.2))
+fig, axes = panel_grid(4)
 for ax, name in zip(axes, ("exact", "VAE", "GAN", "WGAN")):
     density_2d(gmm, (-45, 45), (-45, 45), grid=150, ax=ax, colorbar=False)
     samples_2d(gmm_samples[name], ax=ax, max_points=3000, size=2)
@@ -294,7 +298,7 @@ for ax, name in zip(axes, ("exact", "VAE", "GAN", "WGAN")):
     ax.set_title(f"{name}: {q['modes covered']}/40 modes, {100 * q['off-mode']:.1f}% off-mode")
 plt.show()
 
-fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 3.5))
+fig, (ax1, ax2) = panel_grid(2)
 for name, hist in (("VAE", hist_vae_gmm), ("GAN", hist_gan_gmm), ("WGAN", hist_wgan_gmm)):
     ax1.plot(hist.eval_steps, hist.evaluations["modes covered"], marker="o", label=name)
     ax2.plot(hist.eval_steps, hist.evaluations["off-mode"], marker="o", label=name)
@@ -359,13 +363,12 @@ with torch.no_grad():
             deep=deep_well_mass(model.sample(S.n_eval, g_eval))[0],
         )
 print(f"E_p[log p(x)] (exact) = {best_log_p:.3f}")
-print(f"{'':24s} {'KL per latent dim (nats)':>26s} {'active units':>13s} {'ELBO':>8s} {'P(deep)':>8s}")
-for name, c in collapse.items():
-    kl = ", ".join(f"{v:.4f}" for v in c["usage"].kl_per_dim.tolist())
-    print(f"{name:24s} {kl:>26s} {c['usage'].active_units:>9d} / 2 {c['elbo']:8.3f} {c['deep']:8.3f}")
+display(table([{"decoder": name, "KL per latent dim (nats)": ", ".join(f"{v:.4f}" for v in c["usage"].kl_per_dim.tolist()),
+                "active units (of 2)": c["usage"].active_units, "ELBO": c["elbo"], "P(deep)": c["deep"]}
+               for name, c in collapse.items()], float_format=".3f"))
 
 # %%
-fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+fig, axes = panel_grid(2)
 for ax, (name, model) in zip(axes, (("Gaussian decoder", vae_dw), ("autoregressive decoder", vae_ar))):
     with torch.no_grad():
         mu, _ = model.encode(x_dw_test)
@@ -406,7 +409,7 @@ if not SMOKE:
 # %%
 BETAS = (0.1, 0.3, 1.0, 2.0, 4.0)
 sweep = {}
-for beta in BETAS:
+for beta in tqdm(BETAS, desc="beta-VAEs"):
     model = VAE.gaussian(2, 2, H, data=x_gmm, seed=SEED)
     train_vae(model, x_gmm, S.beta_steps, batch_size=S.batch_size, beta=beta, seed=SEED, progress=False)
     with torch.no_grad():
@@ -420,13 +423,12 @@ for beta in BETAS:
         samples=x_model,
         **gmm_quality(x_model),
     )
-print(f"{'beta':>5s} {'E_q log p(x|z)':>15s} {'KL':>7s} {'ELBO':>8s} {'active':>7s} {'modes':>6s} {'off-mode':>9s}")
-for beta, r in sweep.items():
-    print(f"{beta:5.1f} {r['reconstruction']:15.3f} {r['kl']:7.3f} {r['elbo']:8.3f} {r['active']:7d} "
-          f"{r['modes covered']:6d} {r['off-mode']:9.3f}")
+display(table([{"beta": beta, "E_q log p(x|z)": r["reconstruction"], "KL": r["kl"], "ELBO": r["elbo"],
+                "active units": r["active"], "modes covered": r["modes covered"], "off-mode fraction": r["off-mode"]}
+               for beta, r in sweep.items()], float_format=".3f", formats={"beta": ".1f"}))
 
 # %%
-fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 3.5))
+fig, (ax1, ax2) = panel_grid(2)
 ax1.plot(BETAS, [sweep[b]["reconstruction"] for b in BETAS], marker="o", label="reconstruction $E_q \\log p(x|z)$")
 ax1.plot(BETAS, [-sweep[b]["kl"] for b in BETAS], marker="o", label="$-$KL$(q(z|x) \\| p(z))$")
 ax1.plot(BETAS, [sweep[b]["elbo"] for b in BETAS], marker="o", label="ELBO")
@@ -485,7 +487,7 @@ assert beta_widget.state is sweep[1.0]
 # progress.
 
 # %%
-fig, axes = plt.subplots(1, 3, figsize=(16, 3.2))
+fig, axes = panel_grid(3)
 training_curve({"-ELBO": [-v for v in hist_vae_gmm["elbo"]]}, ax=axes[0], smooth=50, ylabel="nats")
 training_curve({"D loss": hist_gan_gmm["d_loss"], "G loss": hist_gan_gmm["g_loss"]}, ax=axes[1], smooth=50)
 training_curve({"W1 estimate": hist_wgan_gmm["w1"]}, ax=axes[2], smooth=50, ylabel="critic W1")

@@ -7,7 +7,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -38,22 +38,24 @@ import math
 
 import matplotlib.pyplot as plt
 import torch
+from IPython.display import display
+from tqdm.auto import tqdm
 
 from boltzlab import flows
-from boltzlab.config import budget, sizes
+from boltzlab.config import budget, describe, set_torch_threads, sizes
 from boltzlab.energies import DoubleWell2D, GaussianMixture
 from boltzlab.metrics import mode_coverage
-from boltzlab.plots import density_2d, training_curve
+from boltzlab.plots import density_2d, panel_grid, training_curve
+from boltzlab.tables import table
 from boltzlab.training import double_well_exact_samples
 from boltzlab.widgets import flow_layers_widget, flow_stage_views
 
 SEED = 0
 torch.manual_seed(SEED)
-# the networks are small: one thread is faster than several (no synchronisation)
-torch.set_num_threads(1)
+set_torch_threads()  # one thread: see boltzlab.config.DEFAULT_TORCH_THREADS
 S = sizes("02")
 SMOKE = budget() == "smoke"  # smoke runs are too short to train well: they check that everything runs
-print(f"budget: {budget()}  sizes: {S}")
+print(describe(S))
 
 # %% [markdown]
 # ## Theory
@@ -218,20 +220,17 @@ def evaluate(name: str, flow: flows.Flow) -> dict[str, float | int]:
     return out
 
 
-def table(results: dict[str, dict[str, float | int]]) -> None:
-    keys = list(next(iter(results.values())))
-    print(f"{'':10s}" + "".join(f"{k:>16s}" for k in keys))
-    for model, row in results.items():
-        print(f"{model:10s}" + "".join(f"{row[k]:16d}" if isinstance(row[k], int) else f"{row[k]:16.4f}" for k in keys))
+def results_table(results: dict[str, dict[str, float | int]]):
+    return table([{"flow": model, **row} for model, row in results.items()], float_format=".4f")
 
 
 trained = {("double well", kind): fit(kind, "double well", S.dw_steps) for kind in ("RealNVP", "spline")}
 dw_results = {kind: evaluate("double well", trained["double well", kind][0]) for kind in ("RealNVP", "spline")}
-table(dw_results)
+display(results_table(dw_results))
 print(f"exact: P(deep well) = {P_DEEP:.4f}")
 
 # %%
-fig, axes = plt.subplots(1, 4, figsize=(17, 3.6))
+fig, axes = panel_grid(4)
 training_curve({kind: trained["double well", kind][1] for kind in ("RealNVP", "spline")}, ax=axes[0],
                smooth=50, ylabel="minibatch NLL")
 axes[0].axhline(-float(exact_log_p("double well", data["double well"][1]).mean()), color="k", ls="--", lw=0.8)
@@ -255,7 +254,7 @@ plt.show()
 
 # %%
 masses = {}
-for kind in ("RealNVP", "spline"):
+for kind in tqdm(("RealNVP", "spline"), desc="densities on the grid"):
     xs, ys, log_q = flows.log_prob_on_grid(trained["double well", kind][0], (-8, 8), (-12, 12), grid=4 * S.grid)
     masses[kind] = float(log_q.exp().sum() * (xs[1] - xs[0]) * (ys[1] - ys[0]))
 print("∫ q on [-8, 8] x [-12, 12]:", {k: round(v, 5) for k, v in masses.items()})
@@ -281,11 +280,11 @@ if not SMOKE:
 for kind, build in (("RealNVP", {}), ("spline", {"bins": 16, "layers": 6})):
     trained["GMM-40", kind] = fit(kind, "GMM-40", S.gmm_steps, **build)
 gmm_results = {kind: evaluate("GMM-40", trained["GMM-40", kind][0]) for kind in ("RealNVP", "spline")}
-table(gmm_results)
+display(results_table(gmm_results))
 
 # %%
 GMM_WINDOW = ((-50.0, 50.0), (-50.0, 50.0))
-fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
+fig, axes = panel_grid(3)
 density_2d(gmm, *GMM_WINDOW, grid=S.grid, ax=axes[0], colorbar=False)
 axes[0].set_title("exact p(x)")
 for ax, kind in zip(axes[1:], ("RealNVP", "spline")):
@@ -324,16 +323,15 @@ if not SMOKE:
 # the mass window is wide enough for stage 0's Gaussian (std about 23)
 stage_views = flow_stage_views(trained["GMM-40", "spline"][0], GMM_WINDOW, grid=S.widget_grid, mixture=gmm,
                                n_samples=S.n_eval, mass_window=((-120.0, 120.0), (-120.0, 120.0)),
-                               mass_grid=2 * S.grid, generator=torch.Generator().manual_seed(SEED))
+                               mass_grid=2 * S.grid, generator=torch.Generator().manual_seed(SEED), progress=True)
 stage_mass = [v.mass for v in stage_views]
 stage_share = [v.share_near_mode for v in stage_views]
 stage_modes = [v.modes_covered for v in stage_views]
-print("coupling layers      :", [v.layers for v in stage_views])
-print("share near a mode    :", [round(v, 3) for v in stage_share])
-print("modes covered (of 40):", stage_modes)
-print("∫ q                  :", [round(m, 4) for m in stage_mass])
+display(table([{"coupling layers": v.layers, "share near a mode": v.share_near_mode,
+                "modes covered (of 40)": v.modes_covered, "∫ q": v.mass} for v in stage_views],
+              float_format=".3f", formats={"∫ q": ".4f"}))
 
-fig, axes = plt.subplots(1, len(stage_views), figsize=(3 * len(stage_views), 3))
+fig, axes = panel_grid(len(stage_views), panel_size=(3.1, 2.9))
 for ax, view in zip(axes, stage_views):
     ax.imshow(view.density.numpy(), origin="lower", extent=(*GMM_WINDOW[0], *GMM_WINDOW[1]), aspect="auto")
     ax.set_title(f"{view.layers} layers: {100 * view.share_near_mode:.0f}% near a mode", fontsize="small")

@@ -7,7 +7,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -37,21 +37,22 @@ import math
 
 import matplotlib.pyplot as plt
 import torch
+from IPython.display import display
 
 from boltzlab import flows
-from boltzlab.config import budget, sizes
+from boltzlab.config import budget, describe, set_torch_threads, sizes
 from boltzlab.energies import DoubleWell2D, GaussianMixture
 from boltzlab.metrics import kish_ess, log_z_estimate, mode_coverage, self_normalized_weights
-from boltzlab.plots import density_2d, samples_2d, training_curve
+from boltzlab.plots import density_2d, panel_grid, samples_2d, training_curve
+from boltzlab.tables import table
 from boltzlab.widgets import annealing_widget
 
 SEED = 0
 torch.manual_seed(SEED)
-# the networks are small: one thread is faster than several (no synchronisation)
-torch.set_num_threads(1)
+set_torch_threads()  # one thread: see boltzlab.config.DEFAULT_TORCH_THREADS
 S = sizes("03")
 SMOKE = budget() == "smoke"  # smoke runs are too short to train well: they check that everything runs
-print(f"budget: {budget()}  sizes: {S}")
+print(describe(S))
 
 # %% [markdown]
 # ## Theory
@@ -137,14 +138,14 @@ history = flows.train(rkl_flow, S.dw_steps, batch_size=S.batch_size, lr=3e-3, en
                       evaluate=measure_gap, eval_every=S.eval_every)
 steps = [0] + history.eval_steps
 ev = {k: [before[k]] + history.evaluations[k] for k in before}
-print(f"{'step':>6s} {'loss (MC)':>12s} {'loss + log Z':>17s} {'KL grid':>9s} {'∫ q':>7s} {'largest term':>13s}")
-for i, step in enumerate(steps):
-    if i % max(1, len(steps) // 8) == 0 or i == len(steps) - 1:
-        print(f"{step:6d} {ev['loss'][i]:12.4f} {ev['loss'][i] + LOG_Z_DW:8.4f} ± {ev['se'][i]:.4f} "
-              f"{ev['kl_grid'][i]:9.4f} {ev['mass'][i]:7.4f} {ev['largest term'][i]:13.1f}")
+display(table([{"step": step, "loss (MC)": ev["loss"][i],
+                "loss + log Z": f"{ev['loss'][i] + LOG_Z_DW:.4f} ± {ev['se'][i]:.4f}", "KL grid": ev["kl_grid"][i],
+                "∫ q": ev["mass"][i], "largest term": ev["largest term"][i]}
+               for i, step in enumerate(steps) if i % max(1, len(steps) // 8) == 0 or i == len(steps) - 1],
+              float_format=".4f", formats={"largest term": ".1f"}))
 
 # %%
-fig, axes = plt.subplots(1, 3, figsize=(17, 3.8))
+fig, axes = panel_grid(3)
 training_curve(history["reverse_kl"], ax=axes[0], smooth=50, ylabel="minibatch loss")
 axes[0].axhline(-LOG_Z_DW, color="k", ls="--", lw=0.8, label="-log Z (exact)")
 axes[0].set_ylim(-LOG_Z_DW - 0.2, -LOG_Z_DW + 2.0)
@@ -227,12 +228,12 @@ def reweighting_report(flow: flows.Flow, label: str) -> dict[str, float]:
     out = {"shallow share": float(right.double().mean()), "ESS": kish_ess(log_w),
            "log Z error": log_z_estimate(log_w)[0] - LOG_Z_DW, "ΔF raw": delta_f(torch.zeros_like(log_w), right),
            "ΔF weighted": delta_f(log_w, right), "± SE": se}
-    print(f"{label}: " + ", ".join(f"{k} = {v:.4g}" for k, v in out.items()))
+    display(table([{"flow": label, **out}], float_format=".4g"))
     return out
 
 
 plain = reweighting_report(rkl_flow, "reverse KL")
-print(f"exact     : shallow share = {1 - P_DEEP:.4g}, ΔF = {DF_EXACT:.4f}")
+print(f"exact: shallow share = {1 - P_DEEP:.4g}, ΔF = {DF_EXACT:.4f}")
 
 # %% [markdown]
 # The weights correct the flow's share of the shallow well, as far as it proposes samples
@@ -262,8 +263,7 @@ annealed_dw = dw_flow()
 dw_ladder = torch.logspace(math.log10(4.0), 0.0, 5)
 dw_stages = flows.train_annealed(annealed_dw, dw, dw_ladder, S.anneal_first_steps, S.anneal_stage_steps,
                                  pool_size=S.pool_size, batch_size=S.batch_size, lr=3e-3, seed=SEED)
-print("rung kT   :", [round(s.kT, 2) for s in dw_stages])
-print("ESS / pool:", [round(s.ess_fraction, 3) for s in dw_stages])
+display(flows.ladder_table(dw_stages))
 annealed = reweighting_report(annealed_dw, "annealed  ")
 kl_annealed, _ = flows.kl_on_grid(annealed_dw, dw, LOG_Z_DW, *KL_WINDOW, grid=2 * S.grid)
 print(f"exact ΔF/kT = {DF_EXACT:.4f}; weighted error {annealed['ΔF weighted'] - DF_EXACT:+.4f} "
@@ -311,7 +311,7 @@ gmm_results = {}
 gmm_flows = {"reverse KL": gmm_flow()}
 flows.train(gmm_flows["reverse KL"], S.gmm_steps, batch_size=S.batch_size, lr=3e-3, energy=gmm, seed=SEED)
 gmm_results["reverse KL"] = gmm_report(gmm_flows["reverse KL"])
-print({k: v for k, v in gmm_results["reverse KL"].items() if k != "samples"})
+display(table([{k: v for k, v in gmm_results["reverse KL"].items() if k != "samples"}], float_format=".4g"))
 
 # %% [markdown]
 # ### 5. Cure 1: maximum likelihood mixed into the loss
@@ -325,7 +325,7 @@ gmm_flows["ML + KL"] = gmm_flow()
 flows.train(gmm_flows["ML + KL"], S.gmm_steps, batch_size=S.batch_size, lr=3e-3, data=gmm_data, energy=gmm,
             ml_weight=0.9, seed=SEED)
 gmm_results["ML + KL"] = gmm_report(gmm_flows["ML + KL"])
-print({k: v for k, v in gmm_results["ML + KL"].items() if k != "samples"})
+display(table([{k: v for k, v in gmm_results["ML + KL"].items() if k != "samples"}], float_format=".4g"))
 
 # %% [markdown]
 # ### 6. Cure 2: temperature annealing as a curriculum
@@ -341,15 +341,14 @@ gmm_stages = flows.train_annealed(gmm_flows["annealing"], gmm, gmm_ladder, S.ann
                                   S.anneal_stage_steps, pool_size=S.pool_size, batch_size=S.batch_size,
                                   lr=3e-3, seed=SEED)
 gmm_results["annealing"] = gmm_report(gmm_flows["annealing"])
-print("rung kT   :", [round(s.kT, 2) for s in gmm_stages])
-print("ESS / pool:", [round(s.ess_fraction, 3) for s in gmm_stages])
-print({k: v for k, v in gmm_results["annealing"].items() if k != "samples"})
+display(flows.ladder_table(gmm_stages))
+display(table([{k: v for k, v in gmm_results["annealing"].items() if k != "samples"}], float_format=".4g"))
 
 # %%
-print(f"{'':12s}{'modes covered':>15s}{'KL(q||p)':>10s}{'ESS / n':>9s}{'log Z est.':>12s}   (exact log Z = 0)")
-for name, row in gmm_results.items():
-    print(f"{name:12s}{row['modes covered']:15d}{row['KL(q||p)']:10.3f}{row['ESS / n']:9.3f}{row['log Z est.']:12.4f}")
-fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
+display(table([{"training": name, "modes covered": row["modes covered"], "KL(q||p)": row["KL(q||p)"],
+                "ESS / n": row["ESS / n"], "log Z est.": row["log Z est."]} for name, row in gmm_results.items()],
+              float_format=".3f", formats={"log Z est.": ".4f"}, caption="GMM-40 (exact log Z = 0)"))
+fig, axes = panel_grid(3)
 for ax, (name, row) in zip(axes, gmm_results.items()):
     density_2d(gmm, *GMM_WINDOW, grid=S.grid, ax=ax, colorbar=False)
     samples_2d(row["samples"], ax=ax, max_points=3000, color="orange", size=2)

@@ -7,7 +7,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -33,23 +33,28 @@
 #   extrapolation buy.
 
 # %%
+import itertools
+
 import ipywidgets
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
+from IPython.display import display
 from tqdm.auto import tqdm
 
-from boltzlab.config import budget, sizes
+from boltzlab.config import describe, set_torch_threads, sizes
 from boltzlab.energies import GaussianMixture, lj13, lj55
 from boltzlab.estimators import ESTIMATORS, estimator_error, gmm_noised_score, mc_score, score_quality_by_dimension
+from boltzlab.plots import panel_grid
 from boltzlab.reference import load_reference
+from boltzlab.tables import table
 from boltzlab.widgets import slider_figure
 
 SEED = 0
 torch.manual_seed(SEED)
-torch.set_num_threads(1)
+set_torch_threads()  # one thread: see boltzlab.config.DEFAULT_TORCH_THREADS
 S = sizes("04")
-print(f"budget: {budget()}  ->  {S}")
+print(describe(S))
 
 # %% [markdown]
 # ## Theory
@@ -108,18 +113,19 @@ def noised_points(n: int, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
 
 def sweep_k(sigma: float) -> dict:
     x_t, exact = noised_points(S.n_points, sigma)
-    out = {}
-    for est, rich in METHODS:
+    out = {key: [] for key in METHODS}
+    # methods outer, K inner: the generator's draws come in the same order as a nested loop
+    for (est, rich), k in tqdm(list(itertools.product(METHODS, S.k_values)), desc=f"K sweep at sigma = {sigma}"):
         # Richardson spends 2K evaluations on R = 2 S_2K - mean(S_K): compare at equal cost 2K
-        out[(est, rich)] = [estimator_error(gmm, x_t, sigma, exact, k // 2 if rich else k, S.n_repeats,
-                                            estimator=est, richardson=rich, generator=g) for k in S.k_values]
+        out[(est, rich)].append(estimator_error(gmm, x_t, sigma, exact, k // 2 if rich else k, S.n_repeats,
+                                                estimator=est, richardson=rich, generator=g))
     return out
 
 
 SIGMA_MID = 1.0
 by_k = sweep_k(SIGMA_MID)
 ks = np.array(S.k_values)
-fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+fig, axes = panel_grid(2)
 for key, errs in by_k.items():
     axes[0].loglog(ks, [e.mse for e in errs], "o-", label=LABELS[key])
     axes[1].loglog(ks, [max(e.bias2 - e.variance / S.n_repeats, 1e-12) for e in errs], "o-", label=LABELS[key])
@@ -128,7 +134,7 @@ axes[0].set(xlabel="K (energy evaluations per point)", ylabel="MSE", title=f"MSE
 axes[1].set(xlabel="K", ylabel="bias² (noise-corrected)", title="bias² vs K")
 for ax in axes:
     ax.legend()
-plt.tight_layout()
+plt.show()
 
 # %%
 lse_mse = [e.mse for e in by_k[("lse", False)]]
@@ -148,7 +154,7 @@ assert lse_mse[-1] < jen[-1].mse / 5
 # %%
 K_MID = S.k_values[-2]
 by_sigma = {key: [] for key in METHODS}
-for sigma in S.sigmas:
+for sigma in tqdm(S.sigmas, desc="noise levels"):
     x_t, exact = noised_points(S.n_points, sigma)
     for est, rich in METHODS:
         by_sigma[(est, rich)].append(estimator_error(gmm, x_t, sigma, exact, K_MID // 2 if rich else K_MID,
@@ -156,7 +162,7 @@ for sigma in S.sigmas:
 fig, ax = plt.subplots(figsize=(6, 4))
 for key, errs in by_sigma.items():
     ax.loglog(S.sigmas, [e.relative_mse for e in errs], "o-", label=LABELS[key])
-ax.set(xlabel="sigma_t", ylabel="MSE / E|score|²", title=f"relative MSE vs noise level, K = {K_MID}")
+ax.set(xlabel=r"noise level $\sigma_t$", ylabel="MSE / E|score|²", title=f"relative MSE vs noise level, K = {K_MID}")
 ax.legend()
 plt.tight_layout()
 rel = [e.relative_mse for e in by_sigma[("lse", False)]]
@@ -211,9 +217,10 @@ for d in tqdm(S.dims, desc="dimensions"):
     row = {"d": d, **score_quality_by_dimension(d, S.dim_points, S.dim_k, sigma=1.0,
                                                 generator=torch.Generator().manual_seed(d))}
     dim_rows.append(row)
-    print(f"d = {d:5d}: ESS {row['ess']:7.1f} / {S.dim_k}; cosine LSE {row['cos_lse']:.3f}, Jensen "
-          f"{row['cos_jensen']:.3f}; |S|/|score| LSE {row['ratio_lse']:.2f}, Jensen {row['ratio_jensen']:.2f}")
-fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+display(table([{"d": r["d"], f"ESS (of {S.dim_k})": r["ess"], "cosine LSE": r["cos_lse"], "cosine Jensen": r["cos_jensen"],
+                "|S| / |score| LSE": r["ratio_lse"], "|S| / |score| Jensen": r["ratio_jensen"]} for r in dim_rows],
+              float_format=".3f", formats={f"ESS (of {S.dim_k})": ".1f"}))
+fig, axes = panel_grid(2)
 dims = [r["d"] for r in dim_rows]
 for est in ("lse", "jensen"):
     axes[0].semilogx(dims, [r[f"cos_{est}"] for r in dim_rows], "o-", label=est)
@@ -222,7 +229,7 @@ axes[0].set(xlabel="dimension d", ylabel="cosine similarity", title=f"K = {S.dim
 axes[1].set(xlabel="dimension d", ylabel="|estimate| / |exact score|")
 for ax in axes:
     ax.legend()
-plt.tight_layout()
+plt.show()
 assert max(S.dims) >= 1000
 assert dim_rows[-1]["cos_lse"] < dim_rows[0]["cos_lse"] - 0.1  # the LSE direction degrades with d
 assert dim_rows[-1]["ess"] < 2.0  # weight degeneracy: one copy carries the estimate
@@ -244,7 +251,7 @@ rows = []
 for target in (lj13(), lj55()):
     x = load_reference(target.name, S.lj_points)
     e_ref = target.energy(x)
-    for sigma in (0.01, 0.1, 0.5):
+    for sigma in tqdm((0.01, 0.1, 0.5), desc=target.name):
         lse = mc_score(target, x, sigma, S.lj_k, generator=torch.Generator().manual_seed(SEED))
         naive = mc_score(target, x, sigma, S.lj_k, generator=torch.Generator().manual_seed(SEED), estimator="naive")
         frac_bad = float((~torch.isfinite(naive)).any(-1).float().mean())
@@ -272,7 +279,7 @@ print(f"per-particle |S|: median {float(norms.median()):.1f}, max {float(norms.m
 fig, ax = plt.subplots(figsize=(6, 3.5))
 ax.hist(np.log10(norms.numpy() + 1e-12), bins=40)
 ax.axvline(2.0, color="r", label="clip |v_i| = 100")
-ax.set(xlabel="log10 per-particle |S_K|", ylabel="count", title="LJ-13 targets, sigma = 0.3")
+ax.set(xlabel=r"$\log_{10}$ per-particle $|S_K|$", ylabel="count", title="LJ-13 targets, sigma = 0.3")
 ax.legend()
 plt.tight_layout()
 assert float(clipped.reshape(-1, 13, 3).norm(dim=-1).max()) <= 100.0 + 1e-3

@@ -7,7 +7,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -51,9 +51,10 @@ import ipywidgets  # noqa: F401  (the widget below is an ipywidgets.Box)
 import matplotlib.pyplot as plt
 import torch
 from IPython.display import display
+from tqdm.auto import tqdm
 
 from boltzlab import metrics
-from boltzlab.config import budget, sizes
+from boltzlab.config import budget, describe, set_torch_threads, sizes
 from boltzlab.diffusion import reverse_sde_sample, sample_prior
 from boltzlab.energies import GaussianMixture, PairPotential, get_target, lj13, lj55
 from boltzlab.estimators import gmm_noised_score, mc_score
@@ -64,10 +65,12 @@ from boltzlab.plots import (
     distance_histogram_plot,
     energy_histogram,
     evaluation_curves,
+    panel_grid,
     samples_2d,
     training_curve,
 )
 from boltzlab.reference import load_reference
+from boltzlab.tables import table
 from boltzlab.training.idem import (
     CONFIGS,
     CheckpointError,
@@ -85,11 +88,10 @@ from boltzlab.widgets import DEFAULT_WINDOWS, reverse_sde_widget
 
 SEED = 0
 torch.manual_seed(SEED)
-# the networks are small: one thread is faster than several (no synchronisation)
-torch.set_num_threads(1)
+set_torch_threads()  # the networks are small: one thread is faster than several (no synchronisation)
 S = sizes("05")
 TARGET_NAMES = ("gmm40", "dw4", "lj13", "lj55")
-print(f"budget: {budget()}  sizes: {S}")
+print(describe(S))
 
 # %% [markdown]
 # ## Theory
@@ -125,7 +127,7 @@ FORMS = {"force form (ch. 04)": {"estimator": "lse"},
          "blend (shipped)": {"estimator": "blended", "local_scale": dw_config.local_scale}}
 EST_SIGMAS = (0.1, 0.3, 1.0, 3.0)
 target_mse = {form: [] for form in FORMS}
-for sigma in EST_SIGMAS:
+for sigma in tqdm(EST_SIGMAS, desc="noise levels"):
     x_t = x0_est + sigma * dw.remove_com(torch.randn(x0_est.shape, generator=g_est, dtype=torch.float64))
     reference_score = mc_score(dw, x_t, sigma, S.estimator_ref_k, generator=g_est, estimator="blended",
                                local_scale=dw_config.local_scale)
@@ -133,15 +135,15 @@ for sigma in EST_SIGMAS:
         estimates = torch.stack([mc_score(dw, x_t, sigma, dw_config.n_mc, generator=g_est, **kwargs)
                                  for _ in range(S.estimator_repeats)])
         target_mse[form].append(float((estimates - reference_score).pow(2).sum(-1).mean()))
-print(f"DW-4, K = {dw_config.n_mc} copies, l = {dw_config.local_scale}; mean squared error of one target "
-      f"against a K = {S.estimator_ref_k:,d} reference:")
-for form, values in target_mse.items():
-    print(f"  {form:20s} " + "  ".join(f"sigma {s:g}: {v:9.3g}" for s, v in zip(EST_SIGMAS, values)))
+display(table([{"target form": form, **{f"sigma {s:g}": v for s, v in zip(EST_SIGMAS, values)}}
+               for form, values in target_mse.items()], float_format=".3g",
+              caption=f"DW-4, K = {dw_config.n_mc} copies, l = {dw_config.local_scale}: mean squared error "
+                      f"of one target against a K = {S.estimator_ref_k:,d} reference"))
 fig, ax = plt.subplots(figsize=(6, 3.8))
 for form, values in target_mse.items():
     ax.loglog(EST_SIGMAS, values, "o-", label=form)
-ax.axvline(dw_config.local_scale, color="k", linestyle=":", label="l (local_scale)")
-ax.set(xlabel="noise level sigma_t", ylabel="MSE of the regression target", title=f"DW-4, K = {dw_config.n_mc}")
+ax.axvline(dw_config.local_scale, color="k", linestyle=":", label="local scale $l$")
+ax.set(xlabel=r"noise level $\sigma_t$", ylabel="MSE of the regression target", title=f"DW-4, K = {dw_config.n_mc}")
 ax.legend(fontsize="small")
 plt.tight_layout()
 mse_at = {form: dict(zip(EST_SIGMAS, values)) for form, values in target_mse.items()}
@@ -153,7 +155,7 @@ for sigma, f, b in zip(EST_SIGMAS, force_mse, blend_mse):
     assert b < (1.25 * f if sigma < dw_config.local_scale else f), (sigma, f, b)
 for sigma, u, b in zip(EST_SIGMAS, noise_mse, blend_mse):
     a_share = 1.0 / (1.0 + (sigma / dw_config.local_scale) ** 4)  # as in estimators.blended_score
-    print(f"sigma {sigma:g}: blend / noise form = {b / u:.2g} (force-form share a = {a_share:.2g}, "
+    print(f"sigma {sigma:g}: blend / noise form = {b / u:.2g} (force-form share a = {a_share:.2g},\n  "
           f"so a^2 x its MSE = {a_share**2 * mse_at['force form (ch. 04)'][sigma]:.3g} leaks into the blend)")
 
 # %% [markdown]
@@ -191,13 +193,11 @@ for sigma, u, b in zip(EST_SIGMAS, noise_mse, blend_mse):
 # the shipped configs:
 
 # %%
-print(f"{'target':7s} {'network':7s} {'sigma_1':>8s} {'K':>5s} {'batch':>6s} {'outer x inner':>14s} "
-      f"{'evals/step':>11s} {'total evals':>12s}")
-for name in TARGET_NAMES:
-    c = CONFIGS[name]
-    total = c.n_outer * c.inner_steps * c.energy_evaluations_per_step()
-    print(f"{name:7s} {c.network:7s} {c.schedule.prior_std:8.3g} {c.n_mc:5d} {c.batch_size:6d} "
-          f"{f'{c.n_outer} x {c.inner_steps}':>14s} {c.energy_evaluations_per_step():11,d} {total:12.3g}")
+table([{"target": name, "network": c.network, "sigma_1": c.schedule.prior_std, "K": c.n_mc, "batch": c.batch_size,
+        "outer x inner": f"{c.n_outer} x {c.inner_steps}", "evaluations per step": c.energy_evaluations_per_step(),
+        "total evaluations": float(c.n_outer * c.inner_steps * c.energy_evaluations_per_step())}
+       for name, c in ((name, CONFIGS[name]) for name in TARGET_NAMES)], float_format=".3g",
+      caption="the shipped iDEM configs")
 
 # %% [markdown]
 # ### The EGNN and the symmetries of particle systems
@@ -307,15 +307,16 @@ for energy in (lj13(), lj55()):
     # a structureless Gaussian blob with the reference's per-coordinate spread
     blob = energy.remove_com(half_b.std(0) * torch.randn(S.floor_samples, energy.dim, generator=g_floor))
     e_a, e_b, e_blob = energy.energy(half_a), energy.energy(half_b), energy.energy(blob)
-    row = {"target": energy.name, "xw2_floor": metrics.x_w2(half_a, half_b),
+    row = {"target": f"{energy.name} ({energy.dim} coordinates)", "xw2_floor": metrics.x_w2(half_a, half_b),
            "xw2_blob": metrics.x_w2(half_a, blob), "ew2_floor": metrics.energy_w2(e_a, e_b),
            "ew2_blob": metrics.energy_w2(e_a, e_blob)}
     floor_rows.append(row)
-    print(f"{energy.name} ({energy.dim} coordinates, {S.floor_samples} samples per set):")
-    print(f"  reference vs independent reference: x-W2 = {row['xw2_floor']:.2f}, energy W2 = {row['ew2_floor']:.3g}")
-    print(f"  reference vs Gaussian blob:        x-W2 = {row['xw2_blob']:.2f}, energy W2 = {row['ew2_blob']:.3g}")
-    print(f"  blob / floor: x-W2 {row['xw2_blob'] / row['xw2_floor']:.2f}x, "
-          f"energy W2 {row['ew2_blob'] / row['ew2_floor']:.1e}x")
+display(table([{"target": r["target"],
+                "x-W2 floor": r["xw2_floor"], "x-W2 blob": r["xw2_blob"], "x-W2 blob / floor": r["xw2_blob"] / r["xw2_floor"],
+                "energy W2 floor": r["ew2_floor"], "energy W2 blob": r["ew2_blob"],
+                "energy W2 blob / floor": r["ew2_blob"] / r["ew2_floor"]} for r in floor_rows], float_format=".3g",
+              caption=f"reference against an independent reference (floor) and against a Gaussian blob, "
+                      f"{S.floor_samples} samples per set"))
 for row in floor_rows:
     # the floor falls slowly as the sets grow (about n^(-1/d)), so the x-W2 ratio creeps up with
     # the budget (LJ-55: 1.3 at 1000 samples, 1.4 at 2000) but stays far below the energy's
@@ -349,11 +350,11 @@ demo_config = config_for("gmm40", n_outer=S.demo_outer, inner_steps=S.demo_inner
 demo = train_idem(demo_config, out_dir=None, progress=True)
 gmm = GaussianMixture()
 last = demo.evaluations[-1]
-print(f"{demo.outer} outer iterations x {demo_config.inner_steps} regression steps, "
+print(f"{demo.outer} outer iterations x {demo_config.inner_steps} regression steps,\n"
       f"{demo.energy_evaluations:.3g} energy evaluations, {demo.wall_time:.1f} s; "
       f"last evaluation: energy W2 {last['energy_w2']:.3g}, {last['modes_covered']:.0f}/40 modes, "
       f"x-W2 {last['x_w2']:.3g}")
-fig, axes = plt.subplots(1, 4, figsize=(19, 3.8))
+fig, axes = panel_grid(4)
 training_curve([h["loss"] for h in demo.history], ax=axes[0], xlabel="outer iteration",
                ylabel="mean regression loss", logy=True)
 evaluation_curves(demo.evaluations, ["energy_w2", "modes_covered"], axes=axes[1:3], logx=False)
@@ -368,9 +369,9 @@ def outside_window(x: torch.Tensor) -> float:
 
 density_2d(gmm, xlim, ylim, ax=axes[3], colorbar=False, grid=120)
 samples_2d(demo.buffer.data, ax=axes[3], max_points=2000)
-axes[3].set(xlim=xlim, ylim=ylim, title=f"the replay buffer ({len(demo.buffer)} states, "
-            f"{100 * outside_window(demo.buffer.data):.0f}% outside)")
-plt.tight_layout()
+axes[3].set(xlim=xlim, ylim=ylim, title=f"the replay buffer ({len(demo.buffer)} states,\n"
+            f"{100 * outside_window(demo.buffer.data):.0f}% outside the window)")
+plt.show()
 
 # %%
 # bookkeeping that the equal-budget comparison relies on
@@ -443,7 +444,7 @@ for name, rec in records.items():
 
 # %%
 fresh = {}
-for name, rec in records.items():
+for name, rec in tqdm(records.items(), desc="fresh samples"):
     if rec is None:
         continue
     config, energy = rec["config"], get_target(name)
@@ -504,25 +505,26 @@ for name, rec in records.items():
 
 # %%
 particle_names = [name for name in ("dw4", "lj13", "lj55") if name in evaluated]
-fig, axes = plt.subplots(1 + len(particle_names), 2, figsize=(13, 4.2 * (1 + len(particle_names))), squeeze=False)
+fig, flat_axes = panel_grid(2 * (1 + len(particle_names)), ncols=2, panel_size=(4.7, 3.9))
+axes = [flat_axes[2 * row: 2 * row + 2] for row in range(1 + len(particle_names))]
 if "gmm40" in evaluated:
-    density_2d(gmm, xlim, ylim, ax=axes[0, 0], grid=150)
-    samples_2d(evaluated["gmm40"]["samples"], ax=axes[0, 0])
-    axes[0, 0].set(xlim=xlim, ylim=ylim,
-                   title=f"GMM-40: iDEM samples, {evaluated['gmm40']['metrics']['modes_covered']:.0f}/40 modes, "
+    density_2d(gmm, xlim, ylim, ax=axes[0][0], grid=150)
+    samples_2d(evaluated["gmm40"]["samples"], ax=axes[0][0])
+    axes[0][0].set(xlim=xlim, ylim=ylim,
+                   title=f"GMM-40: iDEM samples,\n{evaluated['gmm40']['metrics']['modes_covered']:.0f}/40 modes, "
                          f"{100 * outside_window(evaluated['gmm40']['samples']):.0f}% outside")
-    density_2d(gmm, xlim, ylim, ax=axes[0, 1], grid=150)
-    samples_2d(evaluated["gmm40"]["reference"], ax=axes[0, 1])
-    axes[0, 1].set_title("GMM-40: exact samples")
+    density_2d(gmm, xlim, ylim, ax=axes[0][1], grid=150)
+    samples_2d(evaluated["gmm40"]["reference"], ax=axes[0][1])
+    axes[0][1].set_title("GMM-40: exact samples")
 for row, name in enumerate(particle_names, start=1):
     energy, ev = get_target(name), evaluated[name]
     energy_histogram({"iDEM": energy.energy(ev["samples"])}, reference=energy.energy(ev["reference"]),
-                     ax=axes[row, 0], bins=40)
-    axes[row, 0].set_title(f"{name}: energies")
+                     ax=axes[row][0], bins=40)
+    axes[row][0].set_title(f"{name}: energies")
     distance_histogram_plot({"iDEM": ev["samples"]}, energy.n_particles, energy.spatial_dim,
-                            reference=ev["reference"], ax=axes[row, 1], bins=40)
-    axes[row, 1].set_title(f"{name}: interatomic distances")
-plt.tight_layout()
+                            reference=ev["reference"], ax=axes[row][1], bins=40)
+    axes[row][1].set_title(f"{name}: interatomic distances")
+plt.show()
 
 # %% [markdown]
 # ### 4. iDEM against MCMC at the same energy budget, and against published numbers
@@ -561,8 +563,7 @@ def cell(value) -> str:
     return value if isinstance(value, str) else f"{value:.3g}"
 
 
-header = f"{'target':6s} {'method':40s} " + " ".join(f"{label:>10s}" for _, label in COLUMNS)
-print(header + f" {'x-W2 floor':>10s} {'energy evals':>13s} {'time':>9s}")
+results = []
 for name, ev in evaluated.items():
     rec, config = records[name], records[name]["config"]
     rows = [(f"iDEM (ours, {ev['samples'].shape[0]} samples)", ev["metrics"], rec["energy_evaluations"],
@@ -576,13 +577,15 @@ for name, ev in evaluated.items():
     rows.append((f"iDEM + {S.corrector_steps} MALA steps (corrector)", ev["corrected"],
                  rec["energy_evaluations"] + ev["corrector_evaluations"], ""))
     rows.append(("published iDEM (other evaluation sets)", PUBLISHED.get(name, {}), None, ""))
+    applicable = [key for key, _ in COLUMNS if key in ev["metrics"]]
     for label, values, evals, time_text in rows:
-        applicable = [key for key, _ in COLUMNS if key in ev["metrics"]]
-        cells = " ".join(f"{cell(values.get(key)) if key in applicable else '-':>10s}" for key, _ in COLUMNS)
-        floor = f"{ev['xw2_floor']:.3g}" if label.startswith("iDEM (ours") else ""
-        print(f"{name:6s} {label:40s} {cells} {floor:>10s} {cell(evals) if evals else '':>13s} {time_text:>9s}")
-print("W2 is reported as W2, not W2^2. n.r.: not reported. '-': does not apply to this target. Published: GMM-40 "
-      f"x-W2 {PUBLISHED['gmm40']['x_w2']} (iDEM), LJ-13 energy W2 {PUBLISHED['lj13']['energy_w2']} (re-runs of iDEM).")
+        results.append({"target": name, "method": label,
+                        **{header: cell(values.get(key)) if key in applicable else "-" for key, header in COLUMNS},
+                        "x-W2 floor": f"{ev['xw2_floor']:.3g}" if label.startswith("iDEM (ours") else "",
+                        "energy evals": cell(evals) if evals else "", "time": time_text})
+display(table(results, caption="W2 is reported as W2, not W2^2. n.r.: not reported. '-': does not apply to this "
+                               f"target. Published: GMM-40 x-W2 {PUBLISHED['gmm40']['x_w2']} (iDEM), LJ-13 energy W2 "
+                               f"{PUBLISHED['lj13']['energy_w2']} (re-runs of iDEM)."))
 
 # %% [markdown]
 # How the metrics developed during training, against the energy evaluations spent so far; the star
@@ -597,15 +600,14 @@ CURVES = {"gmm40": ["modes_covered", "x_w2"], "dw4": ["energy_w2", "distance_tvd
           "lj13": ["energy_w2", "distance_tvd"], "lj55": ["energy_w2", "distance_tvd"]}
 shown = [name for name in TARGET_NAMES if records[name] is not None and records[name]["evaluations"]]
 if shown:
-    fig, axes = plt.subplots(len(shown), 2, figsize=(11, 3.4 * len(shown)), squeeze=False)
-    for row, name in zip(axes, shown):
+    fig, flat_axes = panel_grid(2 * len(shown), ncols=2)
+    for k, name in enumerate(shown):
+        row = flat_axes[2 * k: 2 * k + 2]
         evaluation_curves(records[name]["evaluations"], CURVES[name], baseline=records[name]["mcmc"],
-                          targets={k: v for k, _, v in TARGETS[name]}, axes=list(row))
-        for ax, key in zip(row, CURVES[name]):
+                          targets={k: v for k, _, v in TARGETS[name]}, axes=row, logy=["energy_w2"])
+        for ax in row:
             ax.set_title(name)
-            if key == "energy_w2":
-                ax.set_yscale("log")
-    plt.tight_layout()
+    plt.show()
 
 # %% [markdown]
 # ### 5. Targets
@@ -635,7 +637,7 @@ for name, goals in TARGETS.items():
             text = f"MISSED, short by {threshold - value:.3g}"
         else:
             text = f"MISSED by {value - threshold:.3g} ({value / threshold:.2g} times the threshold)"
-        print(f"{name}: {key} = {value:.3g}, target {op} {threshold:g}: {text}; MCMC at the same budget "
+        print(f"{name}: {key} = {value:.3g}, target {op} {threshold:g}: {text};\n  MCMC at the same budget "
               f"{cell(mcmc.get(key))}; iDEM + corrector {evaluated[name]['corrected'][key]:.3g}")
 
 # %%
@@ -682,9 +684,9 @@ missed = [v for v in verdicts if not v[-1]]
 for name, key, op, threshold, value, _ in missed:
     rec = records[name]
     print(f"{name}: {key} {value:.3g} against {op} {threshold:g} after {rec['outer']}/{rec['config'].n_outer} "
-          f"outer iterations and {rec['energy_evaluations']:.3g} energy evaluations "
-          f"({rec['wall_time'] / 60:.0f} min of training); MCMC with the same evaluations: "
-          f"{cell((rec['mcmc'] or {key: 'pending'}).get(key))}; after {S.corrector_steps} MALA steps "
+          f"outer iterations\n  and {rec['energy_evaluations']:.3g} energy evaluations "
+          f"({rec['wall_time'] / 60:.0f} min of training);\n  MCMC with the same evaluations: "
+          f"{cell((rec['mcmc'] or {key: 'pending'}).get(key))};\n  after {S.corrector_steps} MALA steps "
           f"(+{evaluated[name]['corrector_evaluations']:.3g} evaluations): {evaluated[name]['corrected'][key]:.3g}.")
 if not missed:
     print("every target with a shipped checkpoint is met")
@@ -710,7 +712,8 @@ def energy_shift_report(name: str) -> dict[str, float]:
             "median_finer": float(energy.energy(finer).median())}
 
 
-shift_reports = {name: energy_shift_report(name) for name in ("dw4", "lj13") if name in evaluated}
+shift_reports = {name: energy_shift_report(name) for name in tqdm(("dw4", "lj13"), desc="energy shifts")
+                 if name in evaluated}
 for name, r in shift_reports.items():
     print(f"{name}: energy quantiles 10/50/90% samples {[round(v, 2) for v in r['q_samples']]}, "
           f"reference {[round(v, 2) for v in r['q_reference']]}")
@@ -754,7 +757,7 @@ schedule_w = widget_config.schedule
 exact_end = reverse_sde_sample(lambda x, t: gmm_noised_score(gmm, x, schedule_w.std(t)), schedule_w, x1,
                                S.widget_sde_steps, generator=torch.Generator().manual_seed(SEED + 1))
 covered_exact, _ = metrics.mode_coverage(exact_end, gmm.means, gmm.std)
-print(f"spread of the t = 1 frame {prior_spread:.3g}, sigma_1 = {schedule_w.prior_std:.3g}; modes covered at t = 0 "
+print(f"spread of the t = 1 frame {prior_spread:.3g}, sigma_1 = {schedule_w.prior_std:.3g};\nmodes covered at t = 0 "
       f"({S.widget_samples} samples): the network {covered_end}/40, the exact score {covered_exact}/40")
 assert abs(prior_spread / widget_config.schedule.prior_std - 1) < 0.15
 

@@ -7,7 +7,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -42,10 +42,12 @@ import math
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
+from IPython.display import display
+from tqdm.auto import tqdm
 
 from boltzlab import flows
 from boltzlab import importance as imp
-from boltzlab.config import budget, sizes
+from boltzlab.config import budget, describe, set_torch_threads, sizes
 from boltzlab.diffusion import (
     GeometricNoiseSchedule,
     denoising_score_matching_loss,
@@ -55,18 +57,18 @@ from boltzlab.diffusion import (
 from boltzlab.energies import DoubleWell2D, GaussianMixture, ManyWell, dw4
 from boltzlab.metrics import energy_w2, mode_coverage
 from boltzlab.models import EGNN
-from boltzlab.plots import density_2d, energy_histogram, samples_2d
+from boltzlab.plots import density_2d, energy_histogram, panel_grid, samples_2d
 from boltzlab.reference import load_reference
+from boltzlab.tables import table
 from boltzlab.training import run_training
 from boltzlab.widgets import log_z_spread_widget
 
 SEED = 0
 torch.manual_seed(SEED)
-# the networks are small: one thread is faster than several (no synchronisation)
-torch.set_num_threads(1)
+set_torch_threads()  # one thread: see boltzlab.config.DEFAULT_TORCH_THREADS
 S = sizes("06")
 SMOKE = budget() == "smoke"  # smoke runs are too short to train well: they check that everything runs
-print(f"budget: {budget()}  sizes: {S}")
+print(describe(S))
 
 # %% [markdown]
 # ## Theory
@@ -170,8 +172,8 @@ def flow_log_weights(flow: flows.Flow, energy, n: int, seed: int) -> tuple[torch
 def report(label: str, log_w: torch.Tensor, log_z_exact: float, seed: int = SEED) -> imp.LogZBootstrap:
     boot = imp.log_z_bootstrap(log_w, n_boot=S.n_boot, generator=torch.Generator().manual_seed(seed))
     print(f"{label}: log Ẑ = {boot.estimate:.4f} ± {boot.standard_error:.4f} (bootstrap), 95 % interval "
-          f"[{boot.low:.4f}, {boot.high:.4f}]; exact {log_z_exact:.4f}, error {boot.estimate - log_z_exact:+.4f} "
-          f"= {(boot.estimate - log_z_exact) / boot.standard_error:+.1f} SE; ESS {boot.ess:.0f} of {boot.n_samples} "
+          f"[{boot.low:.4f}, {boot.high:.4f}];\n  exact {log_z_exact:.4f}, error {boot.estimate - log_z_exact:+.4f} "
+          f"= {(boot.estimate - log_z_exact) / boot.standard_error:+.1f} SE;\n  ESS {boot.ess:.0f} of {boot.n_samples} "
           f"({boot.ess / boot.n_samples:.3f})")
     return boot
 
@@ -196,7 +198,7 @@ if not SMOKE:
 # where the flow puts too little mass, between and around the modes.
 
 # %%
-fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
+fig, axes = panel_grid(2)
 GMM_WINDOW = ((-50.0, 50.0), (-50.0, 50.0))
 density_2d(gmm, *GMM_WINDOW, grid=150, ax=axes[0], colorbar=False)
 heavy = lw_gmm > torch.quantile(lw_gmm, 0.99)
@@ -225,8 +227,7 @@ block_stages = flows.train_annealed(block_flow, block, torch.logspace(math.log10
                                     S.block_stage_steps, pool_size=S.pool_size, batch_size=S.batch_size, lr=3e-3,
                                     seed=SEED)
 block_flow.double()
-print("rung kT   :", [round(s.kT, 2) for s in block_stages])
-print("ESS / pool:", [round(s.ess_fraction, 3) for s in block_stages])
+display(flows.ladder_table(block_stages))
 
 x_block, lw_block = flow_log_weights(block_flow, block, S.n_eval, seed=SEED + 2)
 with torch.no_grad():
@@ -277,13 +278,13 @@ lw_under = imp.sampler_log_weights(dw, x_under, log_q_under)
 ess_under_exact = 1 / ((P_LEFT + DELTA * P_RIGHT) * (P_LEFT + P_RIGHT / DELTA))
 no_shallow_16 = (P_LEFT / (P_LEFT + DELTA * P_RIGHT)) ** 16
 print(f"under-filled double well: ESS/n exact {ess_under_exact:.3f}, on {S.n_eval} samples "
-      f"{imp.normalized_ess(lw_under):.3f}; a 16-sample experiment sees no shallow-well sample with "
+      f"{imp.normalized_ess(lw_under):.3f};\n  a 16-sample experiment sees no shallow-well sample with "
       f"probability {no_shallow_16:.3f}, and then reports ESS/n = 1")
 
 pools = {"GMM-40 ML flow": lw_gmm, "many-well (32-D)": lw_mw, "double well, shallow well under-filled": lw_under}
 small = {name: imp.subsample_estimates(lw, 16, S.small_draws, generator=torch.Generator().manual_seed(SEED + 5))
          for name, lw in pools.items()}
-fig, axes = plt.subplots(1, 3, figsize=(16, 3.8))
+fig, axes = panel_grid(3)
 overestimates = {}
 for ax, (name, est) in zip(axes, small.items()):
     pool_fraction = imp.normalized_ess(pools[name])
@@ -292,7 +293,7 @@ for ax, (name, est) in zip(axes, small.items()):
     ax.axvline(pool_fraction, color="k", ls="--", label=f"ESS / n on {S.n_eval} samples: {pool_fraction:.3f}")
     ax.set(xlabel="ESS / 16 of one 16-sample experiment", ylabel="experiments", title=name)
     ax.legend(fontsize="small")
-    print(f"{name}: ESS/n on the pool {pool_fraction:.3f}; 16-sample experiments: median "
+    print(f"{name}: ESS/n on the pool {pool_fraction:.3f};\n  16-sample experiments: median "
           f"{float(est.ess_fraction.median()):.3f}, {100 * overestimates[name]:.0f}% above the pool value, "
           f"5-95% range [{float(est.ess_fraction.quantile(0.05)):.2f}, {float(est.ess_fraction.quantile(0.95)):.2f}]")
 plt.show()
@@ -334,8 +335,8 @@ left, right = x_dw[:, 0] < 0, x_dw[:, 0] >= 0
 df_raw = imp.state_free_energy_difference(torch.zeros_like(lw_dw), left, right)
 df_weighted = imp.state_free_energy_difference(lw_dw, left, right)
 print(f"exact ΔF = {DF_DW:.4f} kT")
-print(f"flow samples, unweighted: {df_raw}   (error {df_raw.delta_f - DF_DW:+.4f})")
-print(f"reweighted              : {df_weighted}   (error {df_weighted.delta_f - DF_DW:+.4f} "
+print(f"flow samples, unweighted: {df_raw}\n  (error {df_raw.delta_f - DF_DW:+.4f})")
+print(f"reweighted: {df_weighted}\n  (error {df_weighted.delta_f - DF_DW:+.4f} "
       f"= {(df_weighted.delta_f - DF_DW) / df_weighted.standard_error:+.1f} SE); ESS {imp.kish_ess(lw_dw):.0f}")
 boot_dw = report("double well", lw_dw, dw.log_z())
 
@@ -361,7 +362,7 @@ def delta_u(flow: flows.Flow, x: torch.Tensor) -> torch.Tensor:
 def fep_bar_batches(flow: flows.Flow, seed: int) -> dict[str, list[imp.FreeEnergyEstimate]]:
     g = torch.Generator().manual_seed(seed)
     out = {"FEP forward (flow samples)": [], "FEP reverse (samples of p)": [], "BAR (both)": []}
-    for _ in range(S.n_repeats):
+    for _ in tqdm(range(S.n_repeats), desc="batches"):
         with torch.no_grad():
             x_q = flow.sample(S.repeat_size, generator=g)[0]
         du0, du1 = delta_u(flow, x_q), delta_u(flow, gmm.sample(S.repeat_size, generator=g, dtype=torch.float64))
@@ -377,8 +378,8 @@ def summarise(batches: dict[str, list[imp.FreeEnergyEstimate]], exact: float) ->
         v = torch.tensor([e.delta_f for e in ests], dtype=torch.float64)
         rows[name] = {"mean error": float(v.mean()) - exact, "spread": float(v.std()),
                       "reported SE": sum(e.standard_error for e in ests) / len(ests)}
-        print(f"{name:28s} mean error {rows[name]['mean error']:+.4f}   spread over batches "
-              f"{rows[name]['spread']:.4f}   mean reported SE {rows[name]['reported SE']:.4f}")
+    display(table([{"estimator": name, "mean error": r["mean error"], "spread over batches": r["spread"],
+                    "mean reported SE": r["reported SE"]} for name, r in rows.items()], float_format=".4f"))
     return rows
 
 
@@ -421,7 +422,7 @@ flow_collapsed = gmm_flow(x_left)
 x_col, lw_col = flow_log_weights(flow_collapsed, gmm, S.n_eval, seed=SEED + 8)
 covered = mode_coverage(x_col, gmm.means, gmm.std)[0]
 predicted = math.log(float(left_modes.double().mean()))
-print(f"the collapsed flow covers {covered} of 40 modes; weights that only see those modes add up to "
+print(f"the collapsed flow covers {covered} of 40 modes;\nweights that only see those modes add up to "
       f"log Z + log({int(left_modes.sum())}/40) = {predicted:.4f}")
 
 N_EXPERIMENT = 1000
@@ -437,8 +438,8 @@ for name, lw in (("ML flow", lw_gmm), ("collapsed flow", lw_col)):
         "median ESS/n": float(torch.tensor([r.ess / N_EXPERIMENT for r in runs]).median()),
         "min ESS/n": min(r.ess / N_EXPERIMENT for r in runs),
     }
-    print(f"{name:15s}: " + ", ".join(f"{k} {v:.3f}" for k, v in experiments[name].items())
-          + f"  ({n_experiments} experiments of {N_EXPERIMENT} samples)")
+display(table([{"proposal": name, **row} for name, row in experiments.items()], float_format=".3f",
+              caption=f"{n_experiments} experiments of {N_EXPERIMENT} samples each"))
 boot_col = report("collapsed flow, all samples", lw_col, LOG_Z_GMM)
 with torch.no_grad():
     du0 = -lw_col
@@ -563,7 +564,7 @@ log_q_diff = imp.pf_ode_log_prob(score_net, schedule, x_diff, S.ode_steps, diver
                                  n_probes=S.n_probes, project=target.remove_com, generator=g_score, progress=True)
 lw_diff = imp.sampler_log_weights(target, x_diff, log_q_diff)
 print(f"{S.n_diffusion} probability-flow samples, {S.ode_steps} Heun steps, Hutchinson with {S.n_probes} Rademacher "
-      f"probe(s) per divergence evaluation, d_eff = {target.effective_dim}")
+      f"probe(s)\n  per divergence evaluation, d_eff = {target.effective_dim}")
 
 # %% [markdown]
 # How much noise do the probes add? On `S.n_exact_check` of the samples we also compute the
@@ -572,14 +573,14 @@ print(f"{S.n_diffusion} probability-flow samples, {S.ode_steps} Heun steps, Hutc
 # %%
 subset = x_diff[: S.n_exact_check]
 log_q_exact = imp.pf_ode_log_prob(score_net, schedule, subset, S.ode_steps, divergence="exact",
-                                  project=target.remove_com)
+                                  project=target.remove_com, progress=True)
 log_q_fine = imp.pf_ode_log_prob(score_net, schedule, subset, 2 * S.ode_steps, divergence="exact",
-                                 project=target.remove_com)
+                                 project=target.remove_com, progress=True)
 hutch_error = log_q_diff[: S.n_exact_check] - log_q_exact
 step_error = log_q_fine - log_q_exact
 print(f"Hutchinson - exact log q on {S.n_exact_check} samples: mean {float(hutch_error.mean()):+.4f}, "
       f"sd {float(hutch_error.std()):.4f} nats (this noise enters every log-weight)")
-print(f"exact divergence, {2 * S.ode_steps} - {S.ode_steps} steps: mean |difference| {float(step_error.abs().mean()):.4f} nats")
+print(f"exact divergence, {2 * S.ode_steps} - {S.ode_steps} steps:\n  mean |difference| {float(step_error.abs().mean()):.4f} nats")
 # unbiased: the mean difference is within the noise of the probes
 assert abs(float(hutch_error.mean())) < 4 * float(hutch_error.std()) / math.sqrt(S.n_exact_check) + 0.05
 

@@ -7,7 +7,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -43,9 +43,10 @@ import ipywidgets
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
+from IPython.display import display
 from scipy.special import gammaincinv
 
-from boltzlab.config import budget, sizes
+from boltzlab.config import budget, describe, set_torch_threads, sizes
 from boltzlab.diffusion import (
     GeometricNoiseSchedule,
     probability_flow_sample,
@@ -70,14 +71,15 @@ from boltzlab.finetune import (
 from boltzlab.importance import kish_ess, pf_ode_log_prob, sampler_log_weights
 from boltzlab.metrics import energy_w2, grid_2d
 from boltzlab.models import ScoreMLP
-from boltzlab.plots import reward_kl_tradeoff
+from boltzlab.plots import panel_grid, reward_kl_tradeoff
+from boltzlab.tables import table
 from boltzlab.widgets import slider_figure
 
 SEED = 0
 torch.manual_seed(SEED)
-torch.set_num_threads(1)
+set_torch_threads()  # one thread: see boltzlab.config.DEFAULT_TORCH_THREADS
 S = sizes("07")
-print(f"budget: {budget()}  ->  {S}")
+print(describe(S))
 CHAPTER_START = time.perf_counter()
 
 # %% [markdown]
@@ -190,8 +192,9 @@ def grid_mean(log_q, values):
     return float((torch.softmax(log_q, 0) * values).sum())
 
 
-def sde_samples(model, n):
-    return reverse_sde_sample(model, schedule, sample_prior(schedule, n, 2, generator=g), S.sde_steps, generator=g)
+def sde_samples(model, n, progress=False):
+    return reverse_sde_sample(model, schedule, sample_prior(schedule, n, 2, generator=g), S.sde_steps, generator=g,
+                              progress=progress)
 
 
 log_q0 = grid_log_q(pretrained)
@@ -218,11 +221,11 @@ def show_density(ax, log_q, title):
     ax.set(title=title, xlabel="$x_1$", ylabel="$x_2$")
 
 
-fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+fig, axes = panel_grid(3)
 show_density(axes[0], log_p_hot, f"exact p at kT0 = {KT0:g}")
 show_density(axes[1], log_q0, f"pretrained q0 (KL to exact {kl_pre_hot:.3f})")
 show_density(axes[2], log_p_cold, f"target: exact p at kT = {KT:g}")
-plt.tight_layout()
+plt.show()
 
 # %% [markdown]
 # ### 2. The exact optimum and the best possible trade-off
@@ -258,7 +261,7 @@ x_t = torch.tensor([[0.3, 0.5]])
 t_demo = torch.tensor([0.6])
 completions = rollout(pretrained, schedule, x_t, t_demo, 40, n_rollouts=64, moment_matched=True, generator=g)
 r_demo = reward(completions[0])[None]
-fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+fig, axes = panel_grid(3)
 demo_rows = []
 for ax, alpha in zip(axes, (4.0, 1.0, 0.25)):
     w, v = soft_optimal_weights(r_demo, alpha)
@@ -268,7 +271,7 @@ for ax, alpha in zip(axes, (4.0, 1.0, 0.25)):
     ax.plot(*x_t[0], "r+", markersize=14, label="$x_t$")
     ax.set(title=f"alpha = {alpha:g}: V = {float(v):.2f}, ESS {ess:.1f}/64", xlabel="$x_1$", ylabel="$x_2$")
     ax.legend(loc="upper right")
-plt.tight_layout()
+plt.show()
 print(f"sigma_t at t = 0.6: {float(schedule.std(t_demo)):.3f}; rewards of the completions: mean "
       f"{float(r_demo.mean()):.2f}, max {float(r_demo.max()):.2f}")
 for alpha, v, ess in demo_rows:
@@ -319,9 +322,11 @@ for k, snapshot in enumerate(distilled.snapshots):
                   reward_own=grid_mean(-energy_cells / kT_k, r_cells))
     round_rows.append(row)
     round_models.append((model, log_q))
-    print(f"round {k + 1}: own target kT {kT_k:.3f}: KL(q || own) {row['kl_own']:.4f}, KL(q || p_kT) {row['kl_target']:.4f}; "
-          f"P(deep) {row['p_deep']:.3f}, samples {row['p_deep_samples']:.3f} (own {row['p_deep_own']:.3f}); mean reward {row['reward']:.3f} "
-          f"(own {row['reward_own']:.3f}); KL(q || q0) {row['kl_pretrained']:.3f}")
+display(table([{"round": k + 1, "own target kT": row["kT_own"], "KL(q || own)": row["kl_own"],
+                "KL(q || p_kT)": row["kl_target"], "P(deep)": row["p_deep"], "P(deep), samples": row["p_deep_samples"],
+                "P(deep), own": row["p_deep_own"], "mean reward": row["reward"], "mean reward, own": row["reward_own"],
+                "KL(q || q0)": row["kl_pretrained"]} for k, row in enumerate(round_rows)],
+              float_format=".3f", formats={"KL(q || own)": ".4f", "KL(q || p_kT)": ".4f"}))
 ess_per_collection = distilled.history["weight_ess"][:: config.steps_per_collection]
 print("mean Kish ESS of the roll-out weights per collection (out of M = "
       f"{config.n_rollouts}):", [round(e, 2) for e in ess_per_collection])
@@ -377,9 +382,10 @@ for n in (1, 2, 3, 4, 6, 8, 16, 32, 64):
     bon_grid.append({"n": n, "kl_pretrained": grid_kl(lb, log_q0), "formula": best_of_n_kl(n),
                      "kl_target": grid_kl(lb, log_p_cold), "reward": grid_mean(lb, r_cells),
                      "p_deep": grid_mean(lb, deep.double())})
-    b = bon_grid[-1]
-    print(f"N = {n:2d}: KL(BoN || q0) {b['kl_pretrained']:.4f} (log N - (N-1)/N = {b['formula']:.4f}), "
-          f"KL(BoN || p_kT) {b['kl_target']:.3f}, mean reward {b['reward']:.3f}, P(deep) {b['p_deep']:.3f}")
+display(table([{"N": b["n"], "KL(BoN || q0)": b["kl_pretrained"], "log N - (N-1)/N": b["formula"],
+                "KL(BoN || p_kT)": b["kl_target"], "mean reward": b["reward"], "P(deep)": b["p_deep"]} for b in bon_grid],
+              float_format=".3f", formats={"KL(BoN || q0)": ".4f", "log N - (N-1)/N": ".4f"},
+              caption="best-of-N on the grid (exact)"))
 worst_formula_gap = max(abs(b["kl_pretrained"] - b["formula"]) for b in bon_grid if b["n"] <= 16)
 print(f"largest |KL - formula| for N <= 16: {worst_formula_gap:.4f}; at N = 64: "
       f"{abs(bon_grid[-1]['kl_pretrained'] - bon_grid[-1]['formula']):.4f} (the grid's rewards are discrete)")
@@ -392,7 +398,7 @@ assert bon_grid[-1]["reward"] > reward_target  # large N overshoots the optimum'
 assert bon_grid[-1]["kl_target"] > 0.5  # ... and is far from p_kT: too cold, peaked at the minimum
 
 n_max = max(S.bon_ns)
-candidates = sde_samples(pretrained, S.n_eval * n_max).reshape(S.n_eval, n_max, 2)
+candidates = sde_samples(pretrained, S.n_eval * n_max, progress=True).reshape(S.n_eval, n_max, 2)
 cand_rewards = reward(candidates.reshape(-1, 2)).reshape(S.n_eval, n_max)
 bon_sampled = {}
 for n in S.bon_ns:
@@ -400,8 +406,9 @@ for n in S.bon_ns:
     e_bon = dw.energy(x_bon)
     bon_sampled[n] = {"energy_w2": energy_w2(e_bon, dw.energy(ref_cold)),
                       "p_deep": float((x_bon[:, 0] < 0).float().mean()), "energy_std": float(e_bon.std())}
-    print(f"sampled best-of-{n}: energy W2 to p_kT {bon_sampled[n]['energy_w2']:.3f}, P(deep) {bon_sampled[n]['p_deep']:.3f}, "
-          f"std of E {bon_sampled[n]['energy_std']:.3f} (exact p_kT: {float(dw.energy(ref_cold).std()):.3f})")
+display(table([{"N": n, "energy W2 to p_kT": r["energy_w2"], "P(deep)": r["p_deep"], "std of E": r["energy_std"]}
+               for n, r in bon_sampled.items()], float_format=".3f",
+              caption=f"sampled best-of-N (exact p_kT: std of E {float(dw.energy(ref_cold).std()):.3f})"))
 grid_p_deep = {b["n"]: b["p_deep"] for b in bon_grid}
 assert all(abs(bon_sampled[n]["p_deep"] - grid_p_deep[n]) < 0.05 for n in S.bon_ns if n in grid_p_deep)
 
@@ -453,7 +460,7 @@ def ess_fraction(model):
 
 
 bon_best = min(bon_grid, key=lambda b: abs(b["reward"] - reward_target))
-table = [
+comparison = [
     dict(measure("pretrained q0", log_q0, x_pre), ess=ess_fraction(pretrained), tune=0, per_sample=S.sde_steps),
     dict(round_rows[-1], name="iterative distillation", ess=ess_fraction(final_distilled),
          tune=config.score_evaluations(2), per_sample=S.sde_steps),
@@ -465,16 +472,15 @@ table = [
     {"name": "exact p_kT", "kl_target": 0.0, "kl_pretrained": grid_kl(log_p_cold, log_q0),
      "reward": reward_target, "p_deep": P_DEEP_COLD, "ess": 1.0, "tune": 0, "per_sample": 0},
 ]
-print(f"{'':30s} {'KL(q||p_kT)':>11s} {'ESS/n':>6s} {'E-W2':>6s} {'P(deep)':>7s} {'E[r]':>6s} {'KL(q||q0)':>9s} "
-      f"{'tuning passes':>13s} {'passes/sample':>13s}")
-for row in table:
-    print(f"{row['name']:30s} {row['kl_target']:11.4f} {row['ess']:6.3f} {row.get('energy_w2', float('nan')):6.3f} "
-          f"{row['p_deep']:7.3f} {row['reward']:6.3f} {row['kl_pretrained']:9.3f} {row['tune']:13.2e} "
-          f"{row['per_sample']:13d}")
-print(f"fine-tuning passes, distillation / RWR: {table[1]['tune'] / table[2]['tune']:.1f}")
-assert table[1]["tune"] > table[2]["tune"]
-assert table[1]["ess"] > table[0]["ess"] and table[2]["ess"] > table[0]["ess"]
-assert table[1]["energy_w2"] < table[0]["energy_w2"] / 3
+display(table([{"model": row["name"], "KL(q||p_kT)": row["kl_target"], "ESS/n": row["ess"],
+                "E-W2": row.get("energy_w2", float("nan")), "P(deep)": row["p_deep"], "E[r]": row["reward"],
+                "KL(q||q0)": row["kl_pretrained"], "tuning passes": float(row["tune"]),
+                "passes/sample": row["per_sample"]} for row in comparison],
+              float_format=".3f", formats={"KL(q||p_kT)": ".4f", "tuning passes": ".2e"}))
+print(f"fine-tuning passes, distillation / RWR: {comparison[1]['tune'] / comparison[2]['tune']:.1f}")
+assert comparison[1]["tune"] > comparison[2]["tune"]
+assert comparison[1]["ess"] > comparison[0]["ess"] and comparison[2]["ess"] > comparison[0]["ess"]
+assert comparison[1]["energy_w2"] < comparison[0]["energy_w2"] / 3
 
 # %% [markdown]
 # ### 8. Reward against naturalness
@@ -569,14 +575,14 @@ def rounds_needed(d: int, ess_min: float = 0.5) -> int:
     return k
 
 
-print(f"{'d':>4s} {'N match':>14s} {'E-W2(BoN,p_kT)':>14s} {'std ratio':>9s} {'ESS one-shot':>12s} "
-      f"{'ESS rnd 1 of ' + str(S.n_rounds):>13s} {'K for ESS>=0.5':>14s}")
 gauss_rows = []
 for d in (2, 8, 32, 128):
     n_match, w2, std_ratio = gaussian_bon(d)
     one_shot, per_round = ess_gaussian(d, KT0, c_total), ess_gaussian(d, KT0, c_total / S.n_rounds)
     gauss_rows.append((d, n_match, w2, std_ratio, one_shot, per_round, rounds_needed(d)))
-    print(f"{d:4d} {n_match:14d} {w2:14.3f} {std_ratio:9.3f} {one_shot:12.2e} {per_round:13.2e} {gauss_rows[-1][6]:14d}")
+display(table(gauss_rows, columns=["d", "N match", "E-W2(BoN, p_kT)", "std ratio", "ESS one-shot",
+                                   f"ESS round 1 of {S.n_rounds}", "K for ESS >= 0.5"],
+              float_format=".3f", formats={"ESS one-shot": ".2e", f"ESS round 1 of {S.n_rounds}": ".2e"}))
 x_check = math.sqrt(KT0) * torch.randn(S.gauss_samples, 8, generator=g, dtype=torch.float64)
 mc_ess = kish_ess(-c_total * 0.5 * x_check.pow(2).sum(-1)) / S.gauss_samples
 print(f"Monte Carlo check, d = 8: ESS/n {mc_ess:.4f} vs closed form {ess_gaussian(8, KT0, c_total):.4f}")
@@ -615,9 +621,10 @@ def draw_tilt_vs_bon(fig, tilt: float, n: int) -> dict:
     return out
 
 
-widget = slider_figure(draw_tilt_vs_bon, figsize=(10, 4),
+widget = slider_figure(draw_tilt_vs_bon, figsize=(9.3, 4),
                        tilt=ipywidgets.FloatSlider(value=1.0, min=0.0, max=2.0, step=0.05),
-                       n=ipywidgets.IntSlider(value=4, min=1, max=32))
+                       # N spans decades: powers of two, so each step doubles it
+                       n=ipywidgets.SelectionSlider(options=[1, 2, 4, 8, 16, 32], value=4, description="n"))
 widget
 
 # %%

@@ -7,7 +7,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -36,12 +36,14 @@ from pathlib import Path
 
 import ipywidgets
 import torch
+from IPython.display import display
+from tqdm.auto import tqdm
 
 import boltzlab.kernels as kernels
-from boltzlab.config import budget, sizes
+from boltzlab.config import budget, describe, set_torch_threads, sizes
 from boltzlab.energies import lj13, lj55
 from boltzlab.kernels import lj_energy_forces, mc_score_estimate
-from boltzlab.kernels.benchmark import BenchCase, cpu_peak_flops, format_table, measure, noisy_points
+from boltzlab.kernels.benchmark import BenchCase, benchmark_table, cpu_peak_flops, measure, noisy_points
 from boltzlab.kernels.interpret import run_interpreted
 from boltzlab.kernels.online_lse import OnlineLSEState, fold_block
 from boltzlab.kernels.reference import autograd_score_estimate, dense_pair_energy, reference_score_estimate
@@ -49,8 +51,9 @@ from boltzlab.widgets import slider_figure
 
 SEED = 0
 torch.manual_seed(SEED)
+set_torch_threads()  # the CPU paths are measured with the course's thread count
 S = sizes("A")
-print(f"budget: {budget()}  ->  {S}")
+print(describe(S))
 
 # %% [markdown]
 # ## Theory
@@ -252,9 +255,9 @@ if budget() != "smoke":
 live_tables = {}
 for n, batch, k in ((13, S.lj13_batch, S.lj13_k), (55, S.lj55_batch, S.lj55_k)):
     case = BenchCase(n, batch, k, seed=SEED)
-    results = [measure(case, impl, threads=1, repeats=S.repeats, warmup=1) for impl in rows]
+    results = [measure(case, impl, threads=1, repeats=S.repeats, warmup=1) for impl in tqdm(rows, desc=case.name)]
     live_tables[case.name] = results
-    print(format_table(case, results, rows[0], peak_flops), end="\n\n")
+    display(benchmark_table(case, results, rows[0], peak_flops))
 assert all(r.status == "ok" and r.seconds > 0 for results in live_tables.values() for r in results)
 
 # %% [markdown]
@@ -274,7 +277,7 @@ if shipped.exists():
     for name, case_fields in run["cases"].items():
         case = BenchCase(**case_fields)
         results = [Measurement(**r) for r in run["results"][name]]
-        print(format_table(case, results, "vmap_grad", run["peak_flops"]), end="\n\n")
+        display(benchmark_table(case, results, "vmap_grad", run["peak_flops"]))
 else:
     print("benchmarks/results_cpu_2core.json is not part of this installation")
 

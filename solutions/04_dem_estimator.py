@@ -7,7 +7,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -24,10 +24,13 @@
 # %%
 import torch
 
+from boltzlab.config import set_torch_threads
 from boltzlab.energies import GaussianMixture
 from boltzlab.estimators import draw_eps, gmm_noised_score
 
-torch.manual_seed(0)
+set_torch_threads()
+# seeded for reproducible checks; the assignment keeps the returned Generator from being displayed
+_ = torch.manual_seed(0)
 
 # %% [markdown]
 # ## The estimator (4 points)

@@ -45,3 +45,40 @@ def test_sizes_follow_environment(monkeypatch):
     assert config.sizes("00", "full") == config._REGISTRY["00"]["full"]
     with pytest.raises(KeyError, match="no sizes for chapter"):
         config.sizes("99")
+
+
+def test_torch_threads_are_set_in_one_place(monkeypatch):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("BOLTZLAB_THREADS", raising=False)
+        assert config.set_torch_threads() == 1 and torch.get_num_threads() == 1
+        monkeypatch.setenv("BOLTZLAB_THREADS", "2")
+        assert config.set_torch_threads() == 2 and torch.get_num_threads() == 2
+        monkeypatch.setenv("BOLTZLAB_THREADS", "zero")
+        with pytest.raises(ValueError, match="BOLTZLAB_THREADS must be a positive integer"):
+            config.torch_threads()
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_every_chapter_sets_threads_through_config():
+    """No chapter picks its own thread count; each calls config.set_torch_threads()."""
+    from pathlib import Path
+
+    chapters = sorted((Path(__file__).resolve().parents[1] / "chapters").glob("[0-9A]*.py"))
+    assert chapters
+    for path in chapters:
+        text = path.read_text()
+        assert "set_torch_threads()" in text, f"{path.name} does not call config.set_torch_threads()"
+        assert "torch.set_num_threads(" not in text, f"{path.name} sets its own thread count"
+
+
+def test_describe_prints_every_size_on_short_lines(monkeypatch):
+    monkeypatch.setenv("BOLTZLAB_BUDGET", "laptop")
+    text = config.describe(config.sizes("05"))
+    lines = text.splitlines()
+    assert lines[0] == "budget: laptop" and all(len(line) <= 100 for line in lines)
+    for f in dataclasses.fields(config.Chapter05Sizes):
+        assert f"{f.name}={getattr(config.sizes('05'), f.name)}" in text

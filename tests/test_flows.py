@@ -366,6 +366,9 @@ def test_annealing_curriculum_keeps_both_modes():
         assert [s.kT for s in stages] == [16.0, 6.0, 2.5, 1.0] and math.isnan(stages[0].ess_fraction)
         assert all(0.05 < s.ess_fraction <= 1.0 for s in stages[1:])
         assert stages[-1].samples.shape == (500, 2)
+        rows = F.ladder_table(stages).cells
+        assert [r[1] for r in rows] == ["16.00", "6.00", "2.50", "1.00"]
+        assert rows[0][2] == "" and rows[1][2] == f"{stages[1].ess_fraction:.3f}"
         with torch.no_grad():
             right = float((annealed.sample(4000, generator=gen(28))[0][:, 0] > 0).float().mean())
         assert right == pytest.approx(0.5, abs=0.1)

@@ -76,7 +76,37 @@ def test_energy_histogram_reports_dropped_and_outside_values():
     finite = e[torch.isfinite(e)]
     assert f"W2 = {M.energy_w2(finite, ref):.3g}" in label
     assert "3 non-finite dropped" in label
-    assert f"{100 * 50 / 497:.1f}% outside plot" in label
+    assert f"{100 * 50 / 497:.1f}% outside the range" in label
+    # the reference keeps its window (a diverged tail must not squash it), and the 10% far
+    # away is drawn as a hatched bar beyond the right edge whose area is that fraction
+    edges = ax.patches[1].get_data().edges
+    assert edges[-1] < 10
+    bars = [p for p in ax.patches if p.get_hatch()]
+    assert len(bars) == 1 and bars[0].get_x() > edges[-1]
+    assert bars[0].get_width() * bars[0].get_height() == pytest.approx(50 / 497)
+
+
+def test_energy_histogram_range_covers_a_sampler_beside_the_reference():
+    """A sampler whose energies all lie beyond the reference's window is drawn, not lost:
+    the range widens to cover both, and every value falls in a bin."""
+    ref = torch.randn(2000, generator=gen(7))
+    shifted = torch.randn(2000, generator=gen(8)) + 12.0
+    ax = P.energy_histogram({"shifted": shifted}, reference=ref, bins=50)
+    data = ax.patches[1].get_data()
+    assert data.edges[0] < float(ref.min()) + 1.0 and data.edges[-1] > float(shifted.quantile(0.99))
+    assert float(np.sum(data.values * np.diff(data.edges))) == pytest.approx(1.0, abs=0.003)
+    # at most the sampler's own 0.1% tails are left for the edge bars
+    assert sum(p.get_width() * p.get_height() for p in ax.patches if p.get_hatch()) < 0.003
+
+
+def test_distance_histogram_draws_the_mass_outside_as_edge_bars():
+    energy = dw4()
+    ref = energy.remove_com(torch.randn(500, 8, generator=gen(9)) * 1.5)
+    exploded = ref * 100.0  # every distance far beyond the reference's
+    ax = P.distance_histogram_plot({"exploded": exploded}, 4, 2, reference=ref, bins=30)
+    bars = [p for p in ax.patches if p.get_hatch()]
+    assert len(bars) == 1 and bars[0].get_width() * bars[0].get_height() == pytest.approx(1.0, abs=0.01)
+    assert "% outside the range" in legend_texts(ax)[1]
 
 
 def test_energy_histogram_without_reference_and_on_given_axes():
@@ -84,7 +114,7 @@ def test_energy_histogram_without_reference_and_on_given_axes():
     n_figs = len(plt.get_fignums())
     out = P.energy_histogram({"a": torch.randn(100, generator=gen(6))}, ax=ax)
     assert out is ax and len(plt.get_fignums()) == n_figs
-    assert legend_texts(ax) == ["a (n = 100)"]
+    assert legend_texts(ax) == ["a\nn = 100"]
     with pytest.raises(ValueError, match="nothing to plot"):
         P.energy_histogram({})
 
@@ -98,7 +128,7 @@ def test_distance_histogram_plot_legends_the_real_w2_and_tvd():
     x = target.remove_com(2.5 * torch.randn(300, 8, generator=gen(8)))
     bins, rng = 30, (0.0, 8.0)
     ax = P.distance_histogram_plot({"sampler": x}, 4, 2, reference=ref, bins=bins, range=rng)
-    assert len(ax.patches) == 2
+    assert len([p for p in ax.patches if isinstance(p, StepPatch)]) == 2
     label = legend_texts(ax)[1]
     assert f"W2 = {M.distance_w2(x, ref, 4, 2):.3g}" in label
     assert f"TVD = {M.distance_tvd(x, ref, 4, 2, bins=bins, range=rng):.3g}" in label
@@ -200,6 +230,44 @@ def test_figures_render_without_warnings(tmp_path):
     assert math.isfinite(float(np.asarray(ax.images[0].get_array()).max()))
 
 
+# ----------------------------------------------------------------------------- figure layout
+
+
+@pytest.mark.parametrize("n, ncols", [(1, 1), (2, 2), (4, 2), (5, 2)])
+def test_panel_grid_wraps_into_rows_that_fit_the_column(n, ncols):
+    fig, axes = P.panel_grid(n)
+    assert len(axes) == n and len(fig.axes) == n
+    assert fig.get_figwidth() <= P.COLUMN_WIDTH_IN
+    columns = {round(ax.get_position().x0, 3) for ax in axes}
+    assert len(columns) == ncols
+    for ax in axes:
+        ax.plot([0, 1], [0, 1], label="a curve")
+        ax.set(xlabel="energy evaluations", ylabel="energy W2", title="a title")
+        ax.legend(fontsize="small")
+    assert P.smallest_text_px(fig) >= 10.0
+
+
+def test_panel_grid_shrinks_panels_to_fit_a_forced_number_of_columns():
+    fig, axes = P.panel_grid(6, panel_size=(4.0, 3.0), ncols=3)
+    assert fig.get_figwidth() == pytest.approx(P.COLUMN_WIDTH_IN)
+    assert fig.get_figheight() == pytest.approx(2 * 3.0 * P.COLUMN_WIDTH_IN / 12.0)
+    with pytest.raises(ValueError, match="n_panels"):
+        P.panel_grid(0)
+
+
+def test_smallest_text_px_counts_the_shrink_of_a_figure_wider_than_the_column():
+    fig, ax = plt.subplots(figsize=(19.0, 3.8), dpi=100)  # chapter 05's old four-panel figure
+    ax.set_xlabel("energy evaluations")  # 10 pt = 13.9 px at 100 dpi, shrunk by 968/1900
+    assert P.smallest_text_px(fig) == pytest.approx(10 * 100 / 72 * P.COLUMN_PX / 1900)
+    assert P.smallest_text_px(fig) < 10
+
+
+def test_axis_labels_are_human():
+    assert P.axis_label("energy_w2") == "energy W2"
+    assert P.axis_label("modes_covered") == "modes covered"
+    assert P.axis_label("some_new_metric") == "some new metric"
+
+
 # ----------------------------------------------------------------------------- evaluation curves
 
 
@@ -217,7 +285,29 @@ def test_evaluation_curves_draw_each_metric_against_the_budget_with_baseline_and
     np.testing.assert_allclose(lines[0].get_ydata(), [9.0, 8.0, 7.0, 6.0])
     assert len(lines) == 2 and list(lines[1].get_ydata()) == [6.0, 6.0]
     assert legend_texts(axes[1]) == ["iDEM", "target 6"]
+    assert [ax.get_ylabel() for ax in axes] == ["energy W2", "x-W2"]
+    assert axes[0].get_xlabel() == "energy evaluations"
     axes[0].figure.savefig(tmp_path / "curves.png")
+
+
+def test_evaluation_curves_with_one_point_get_a_linear_axis_with_readable_ticks(tmp_path):
+    """One evaluation on a log axis labels minor ticks that overlap (chapter 05's LJ-55)."""
+    records = [{"energy_evaluations": 3.2e9, "energy_w2": 4.0}]
+    axes = P.evaluation_curves(records, ["energy_w2"], baseline={"energy_evaluations": 3.2e9, "energy_w2": 9.0},
+                               logy=["energy_w2"])
+    ax = axes[0]
+    assert ax.get_xscale() == "linear" and ax.get_yscale() == "linear"  # 4 to 9: less than a decade
+    lo, hi = ax.get_xlim()
+    assert lo < 3.2e9 < hi
+    ax.figure.savefig(tmp_path / "one.png")  # draws the ticks
+    ticks = [t for t in ax.get_xticklabels() if t.get_text()]
+    assert 2 <= len(ticks) <= 6
+    boxes = sorted((t.get_window_extent().x0, t.get_window_extent().x1) for t in ticks)
+    assert all(a[1] <= b[0] for a, b in zip(boxes, boxes[1:])), "tick labels overlap"
+    # over more than a decade the log axis stays
+    spread = [{"energy_evaluations": 1e5, "energy_w2": 30.0}, {"energy_evaluations": 1e7, "energy_w2": 0.5}]
+    ax = P.evaluation_curves(spread, ["energy_w2"], logy=["energy_w2"])[0]
+    assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
 
 
 def test_evaluation_curves_on_given_axes_and_bad_input():

@@ -9,6 +9,7 @@ matplotlib.use("Agg")
 import ipywidgets  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from boltzlab import widgets as W  # noqa: E402
 from boltzlab.energies import DoubleWell2D, GaussianMixture, ManyWell, MullerBrown  # noqa: E402
@@ -34,6 +35,36 @@ def test_slider_figure_redraws_on_every_change():
     widget.controls["b"].value = 5
     assert calls[-1] == (1.0, 5) and widget.state == 5.0
     assert bytes(widget.image.value) != first
+
+
+def _png_size(png: bytes) -> tuple[int, int]:
+    """Width and height from a PNG's IHDR chunk (bytes 16-24)."""
+    return int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+
+
+def test_slider_figure_shows_its_png_at_its_own_pixel_size():
+    """The image widget is pinned to the PNG's pixels, so the browser neither stretches it
+    (blurry) nor makes it taller than the window; the slider is wide enough to steer."""
+    widget = W.slider_figure(lambda fig, a: fig.add_subplot().plot([0, a]), figsize=(6.4, 4.6),
+                             a=ipywidgets.FloatSlider(value=1.0))
+    width, height = _png_size(bytes(widget.image.value))
+    assert (width, height) == (640, 460)
+    assert widget.image.layout.width == "640px" and widget.image.layout.height == "460px"
+    assert widget.controls["a"].layout.width == W.SLIDER_WIDTH
+    with pytest.raises(ValueError, match="must fit"):
+        W.slider_figure(lambda fig, a: None, figsize=(19.0, 3.8), a=ipywidgets.FloatSlider())
+
+
+@pytest.mark.parametrize("build", [
+    lambda: W.temperature_widget(grid=40),
+    lambda: W.log_z_spread_widget({"q": torch.randn(5000, generator=torch.Generator().manual_seed(0))},
+                                  sizes=(16, 64), n_draws=20),
+])
+def test_course_widgets_fit_the_window_and_the_column(build):
+    widget = build()
+    width, height = _png_size(bytes(widget.image.value))
+    assert width <= W.MAX_WIDGET_PX[0] and height <= W.MAX_WIDGET_PX[1]
+    assert widget.image.layout.width == f"{width}px"
 
 
 def test_slider_figure_rejects_bad_controls():
@@ -72,6 +103,14 @@ def test_temperature_widget_switches_energy():
     cell_area = float((view.xs[1] - view.xs[0]) * (view.ys[1] - view.ys[0]))
     assert float(view.density.sum()) * cell_area == pytest.approx(1.0, abs=1e-9)
     assert "PNG" not in repr(widget) and repr(widget) == "SliderFigure(energy='GMM-40', kT=1.0)"
+
+
+def test_temperature_widget_kT_slider_is_logarithmic_over_its_decades():
+    slider = W.temperature_widget(grid=30).controls["kT"]
+    assert isinstance(slider, ipywidgets.FloatLogSlider)
+    assert 10 ** slider.min == pytest.approx(0.1) and 10 ** slider.max == pytest.approx(10.0)
+    # one step is the same factor anywhere: about 100 steps over the two decades
+    assert 50 <= (slider.max - slider.min) / slider.step <= 200
 
 
 def test_deep_well_probability_decreases_toward_one_half_as_kT_grows():

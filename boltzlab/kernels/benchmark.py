@@ -343,29 +343,37 @@ def fastest(results: list[Measurement], *implementations: str) -> Measurement | 
     return min(ok, key=lambda r: r.seconds) if ok else None
 
 
-def format_table(case: BenchCase, results: list[Measurement], baseline: str, peak_flops: float) -> str:
-    """A text table: one row per measurement, ratios against the fastest ``baseline`` row."""
+def benchmark_table(case: BenchCase, results: list[Measurement], baseline: str, peak_flops: float):
+    """A :class:`boltzlab.tables.Table` (HTML in a notebook, aligned text elsewhere): one row per
+    measurement, speed-up and memory ratios against the fastest ``baseline`` row."""
+    from boltzlab.tables import table
+
     base = fastest(results, baseline)
-    header = (f"{case.name}: B={case.batch}, K={case.n_samples}, float32, "
-              f"{case.unique_pairs / 1e6:.1f} M unique pair interactions per call")
-    cols = f"{'implementation':36s} {'thr':>3s} {'time/call':>10s} {'peak mem':>9s} {'speed-up':>9s} " \
-           f"{'mem ratio':>9s} {'pairs/s':>9s} {'GFLOP/s':>8s} {'% peak':>6s}"
-    lines = [header, cols, "-" * len(cols)]
+    rows = []
     for r in results:
-        label = IMPLEMENTATIONS.get(r.implementation, r.implementation)
+        row = {"implementation": IMPLEMENTATIONS.get(r.implementation, r.implementation), "threads": r.threads}
         if r.status != "ok":
-            lines.append(f"{label:36s} {r.threads:3d}   {r.status}")
+            rows.append({**row, "time/call": r.status})
             continue
-        speed = f"{base.seconds / r.seconds:.1f}x" if base else "-"
-        mem = f"{base.peak_bytes / max(r.peak_bytes, 1.0):.1f}x" if base else "-"
         rate = case.unique_pairs / r.seconds
         flops = 2 * FLOP_PER_ORDERED_PAIR * rate
         fast_path = r.implementation.startswith(("torch", "triton"))
-        gflops = f"{flops / 1e9:.1f}" if fast_path else "-"
-        share = f"{100 * flops / peak_flops:.1f}" if fast_path and r.device == "cpu" and math.isfinite(peak_flops) else "-"
-        lines.append(f"{label:36s} {r.threads:3d} {_fmt_time(r.seconds):>10s} {_fmt_bytes(r.peak_bytes):>9s} "
-                     f"{speed:>9s} {mem:>9s} {rate:9.2e} {gflops:>8s} {share:>6s}")
-    return "\n".join(lines)
+        cpu_share = fast_path and r.device == "cpu" and math.isfinite(peak_flops)
+        rows.append({**row, "time/call": _fmt_time(r.seconds), "peak mem": _fmt_bytes(r.peak_bytes),
+                     "speed-up": f"{base.seconds / r.seconds:.1f}x" if base else "-",
+                     "mem ratio": f"{base.peak_bytes / max(r.peak_bytes, 1.0):.1f}x" if base else "-",
+                     "pairs/s": f"{rate:.2e}", "GFLOP/s": f"{flops / 1e9:.1f}" if fast_path else "-",
+                     "% peak": f"{100 * flops / peak_flops:.1f}" if cpu_share else "-"})
+    columns = ["implementation", "threads", "time/call", "peak mem", "speed-up", "mem ratio", "pairs/s", "GFLOP/s",
+               "% peak"]
+    caption = (f"{case.name}: B={case.batch}, K={case.n_samples}, float32, "
+               f"{case.unique_pairs / 1e6:.1f} M unique pair interactions per call")
+    return table(rows, columns=columns, caption=caption)
+
+
+def format_table(case: BenchCase, results: list[Measurement], baseline: str, peak_flops: float) -> str:
+    """The same table as aligned text (for the benchmark scripts' output)."""
+    return str(benchmark_table(case, results, baseline, peak_flops))
 
 
 if __name__ == "__main__":
