@@ -54,7 +54,7 @@ def log(message: str) -> None:
 
 def part_targets(skip_vmap: bool) -> list[bool]:
     case = BenchCase(13, 512, 1000)
-    rows = [("torch_compiled", 1, 1, 3), ("target_fused", 1, 1, 3), ("target_materialised", 1, 0, 2),
+    rows = [("torch_compiled", 1, 1, 5), ("target_fused", 1, 1, 5), ("target_materialised", 1, 0, 2),
             ("target_materialised", 2, 0, 2)]
     if not skip_vmap:
         rows += [("vmap_grad", 1, 0, 1), ("vmap_grad", 2, 0, 1)]
