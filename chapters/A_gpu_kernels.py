@@ -110,6 +110,14 @@ print(describe(S))
 # and at the end $S_K = \mathbf a / (s\,kT)$ and $\log\frac1K\sum_k e^{l_k} = m + \log s - \log K$.
 # Every exponent is $\le 0$, so nothing overflows even for $l_k = -10^{24}$, and the memory is
 # $O(B\cdot\dim)$ instead of $O(B\cdot K\cdot\dim)$. The same trick makes FlashAttention work.
+#
+# **Two estimates from one pass.** iDEM's training target (chapter 05) blends this force form
+# with the noise form $\sum_k w_k\,\varepsilon_k/\sigma$, which has the same weights. So the
+# kernel keeps one more running sum, $\mathbf n' = \mathbf n\,e^{m - m'} + \sum_k e^{l_k - m'}\,
+# \varepsilon_k$, beside $\mathbf a$ (`mc_score_estimate(..., noise_form=True)`). That is
+# $\dim$ more multiply-adds per copy against the pair loop's few thousand, so the
+# training target costs about what the force form alone costs: measured in
+# `benchmarks/README.md`.
 
 # %% [markdown]
 # ## Practice
