@@ -96,9 +96,11 @@ print(describe(S))
 #
 # For the optimal D the generator minimises 2 JS(p ‖ q_θ) − 2 log 2. In practice the
 # generator uses the **non-saturating** loss −E log σ(D(G(z))), which keeps its gradient
-# when D wins. Nothing in the objective counts *how much* of each mode the generator
-# produces, and a generator that puts all its samples on a subset of the modes can fool
-# the discriminator locally: GANs **drop modes**.
+# when D wins. At the optimum of the game q_θ = p, with every mode at its weight; but the
+# generator reaches it only by gradient steps against a discriminator that is itself being
+# fitted, and a generator that puts its samples on a subset of the modes can fool the
+# current discriminator locally: GANs **drop modes** through the optimisation, not because
+# the objective rewards it.
 #
 # **WGAN-GP.** Replace JS by the Wasserstein-1 distance, in its dual form
 # W1(p, q) = sup over 1-Lipschitz f of E_p f − E_q f. The critic f is kept near
@@ -469,7 +471,9 @@ beta_widget
 # (on this data between β = 1 and 4) it drops to zero, every unit goes inactive, and the
 # decoder can only produce one broad Gaussian over the whole box: posterior collapse
 # again, this time forced by the objective's weight instead of the decoder's strength.
-# The ELBO (β = 1) is the only point where the objective is a bound on log p(x).
+# For β ≥ 1 the objective is still a lower bound on log p(x) (the KL term is non-negative,
+# so weighting it more only loosens the bound); β = 1 is the tightest, the ELBO itself, and
+# for β < 1 it is no bound at all.
 
 # %%
 if not SMOKE:
@@ -505,9 +509,13 @@ plt.show()
 # - **Coverage and precision are two numbers.** The VAE covers modes but puts a large
 #   fraction of samples where p is essentially zero; the GAN leaves modes empty. A model
 #   can fail either way, or both: report both numbers.
-# - **These models cannot be reweighted.** A GAN has no density and a VAE only a bound on
-#   one, so their biases cannot be corrected by importance sampling, the tool of chapters
-#   03 and 06. Normalizing flows (chapter 02) have exact densities for exactly this reason.
+# - **Reweighting needs a density.** A GAN has none, so its bias cannot be corrected by
+#   importance sampling, the tool of chapters 03 and 06. A VAE's marginal q(x) is only
+#   bounded, but its joint q(x, z) = p(z) p_θ(x | z) is exact: weights
+#   w = e^{−E(x)/kT} r(z | x) / (p(z) p_θ(x | z)), with any normalised r (its encoder, say),
+#   reweight (x, z) pairs to a target whose x-marginal is the Boltzmann distribution, at the
+#   price of the variance the latent adds. Normalizing flows (chapter 02) have exact
+#   densities of x itself, which is why Boltzmann generators use them.
 # - **They need samples.** Everything here learned from reference samples, which for a real
 #   molecule come from the expensive MCMC we wanted to avoid. Chapter 03 trains from the
 #   energy alone.

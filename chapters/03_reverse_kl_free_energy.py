@@ -412,8 +412,10 @@ if not SMOKE:
 # - It is mode seeking: it kept only part of GMM-40's modes at a small cost in loss, and on
 #   the double well its loss barely separates a flow with the shallow well from one without
 #   (0.034 nats), so whether a run fills it is up to the run.
-# - Importance weights w = e^{−E/kT}/q turn a flow into an unbiased estimator of free
-#   energies, but only where q has samples: ESS alone does not show a missing well.
+# - Importance weights w = e^{−E/kT}/q turn a flow into an estimator of free energies: the
+#   average weight is an unbiased estimate of Z, its logarithm (log Z, ΔF) is biased at
+#   finite n (chapter 06 measures it), and only where q has samples: ESS alone does not show
+#   a missing well.
 # - Mixing in maximum likelihood, or annealing from a high temperature with reweighted
 #   maximum likelihood, covered (nearly) all 40 modes, and annealing gave the double well's
 #   ΔF within 0.05 kT.

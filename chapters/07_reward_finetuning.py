@@ -26,7 +26,7 @@
 # - set up a fine-tuning problem whose **exact answer is known**: pretrain on the 2-D double
 #   well at a high temperature $kT_0$ and reward $r(x) = -(1/kT - 1/kT_0)\,E(x)$, so the optimum is the
 #   Boltzmann density at $kT$, which we can sample and integrate exactly;
-# - implement and run **iterative distillation**: off-policy roll-in, soft-optimal roll-out
+# - implement and run **iterative distillation**: roll-in, soft-optimal roll-out
 #   weights $e^{r/\alpha}$, forward-KL distillation into the model, periodic teacher refresh,
 #   and see why the refresh schedule must be a tempering curriculum;
 # - compare it with **best-of-N** sampling and **reward-weighted regression**, against the exact
@@ -104,7 +104,8 @@ CHAPTER_START = time.perf_counter()
 # variance-exploding diffusion ($x_t = x_0 + \sigma_t\epsilon$, chapter 05). Round $k$ has a frozen
 # teacher $\tau$ (at first the pretrained model) and a tilt $1/\alpha_k$:
 #
-# 1. **Roll-in** (off-policy): run the reverse SDE of the current student from $t=1$ and stop each
+# 1. **Roll-in**: run the reverse SDE of the current student (here: the simplest choice; the pretrained
+#    model or a mixture would make it off-policy, see below) from $t=1$ and stop each
 #    trajectory at a random time $t$: states $x_t$.
 # 2. **Roll-out**: from each $x_t$, draw $M$ completions $x_0^{(m)} \sim \tau(x_0\mid x_t)$ with the *teacher's*
 #    reverse SDE.
@@ -651,8 +652,8 @@ print(f"chapter ran in {elapsed:.0f} s under the {budget()} budget")
 #   section 6). Its weights degenerate exponentially when the tilt is strong relative to $q_0$ or the
 #   dimension high (section 9, in closed form): that is the regime where the curriculum's small per-round
 #   tilts pay off, and it is not the regime of this 2-D example. Distillation costs more sampling per
-#   fine-tuning run (the ratio is printed in section 7): the price of fresh on-policy states and roll-outs
-#   every round.
+#   fine-tuning run (the ratio is printed in section 7): the price of fresh roll-in states from the
+#   current student (on-policy in this chapter's runs) and roll-outs every round.
 # - **Best-of-N** needs no training and stays close to the frontier in this 2-D problem (printed gaps in
 #   section 8), but costs $N$ samples for every sample, and its shape is right only by the 2-D coincidence
 #   explained in section 6.
@@ -666,7 +667,7 @@ print(f"chapter ran in {elapsed:.0f} s under the {budget()} budget")
 #
 # - KL-regularised fine-tuning has the closed-form optimum $q_0 e^{r/\alpha}/Z$; with $r = -(1/kT - 1/kT_0)E$ on a
 #   model of $p_{kT_0}$ it is $p_{kT}$, which makes every method measurable exactly.
-# - Iterative distillation = off-policy roll-in, teacher roll-outs, soft-optimal weights $e^{r/\alpha}$ (value
+# - Iterative distillation = a roll-in (the student's here; off-policy ones reuse states), teacher roll-outs, soft-optimal weights $e^{r/\alpha}$ (value
 #   $V = \alpha\log\mathbb E e^{r/\alpha}$), forward-KL regression onto the tilted score $\nabla\log\tau_t + \nabla V/\alpha$, teacher refresh.
 # - Refreshes compose tilts: use $\sum_k 1/\alpha_k = 1$ (a tempering curriculum), not $\alpha = 1$ every round.
 # - Best-of-N has $\mathrm{KL}(\cdot\,\|\,q_0) = \log N - (N-1)/N$ and density $Nq_0F^{N-1}$: a sharpened $q_0$, exactly a tilt only
