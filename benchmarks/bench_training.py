@@ -105,6 +105,29 @@ def run_profile(target: str, extra: list[str], threads: int | None = None) -> tu
     return "\n".join(lines[:-1]), json.loads(lines[-1])
 
 
+def egnn_matmul_flops(n: int, hidden: int, layers: int) -> float:
+    """Floating-point operations of the EGNN's matrix products for one configuration, forward:
+    per layer the two hidden x hidden edge products (edge MLP, coordinate MLP) and the
+    coordinate head on all n^2 pairs, the two node products that replace the edge-input
+    concatenation, and the node MLP (every layer but the last)."""
+    edges = n * n
+    per_layer = 2 * edges * hidden * hidden * 2 + 2 * edges * hidden + 2 * 2 * n * hidden * hidden
+    node_mlp = 2 * n * (2 * hidden * hidden + hidden * hidden)
+    return layers * per_layer + (layers - 1) * node_mlp
+
+
+def sgemm_rate(rows: int, hidden: int) -> float:
+    """Measured float32 matrix-product FLOP/s of one thread at the EGNN's edge shape."""
+    torch.set_num_threads(1)
+    a, w = torch.randn(rows, hidden), torch.randn(hidden, hidden)
+    for _ in range(3):
+        a @ w
+    start, n = time.perf_counter(), 100
+    for _ in range(n):
+        a @ w
+    return 2 * rows * hidden * hidden * n / (time.perf_counter() - start)
+
+
 def part_loop() -> list[bool]:
     print("## 2. End-to-end LJ-13 training: hidden 64 x 4 layers, B = 256, K = 1000\n")
     runs = {
@@ -127,6 +150,19 @@ def part_loop() -> list[bool]:
     ok = best / base >= TARGET_LOOP_SPEEDUP
     print(f"\nfastest now / fastest baseline ({base_name}): {best / base:.2f}x "
           f"(target >= {TARGET_LOOP_SPEEDUP:.0f}x: {'met' if ok else 'NOT met'})\n")
+    # the floor: the network's matrix products at this machine's measured matmul speed on both
+    # cores, plus the fused targets as measured with --procs 2, and nothing else
+    inner, refill, sde = 50, 200, 100  # the course LJ-13 config's loop sizes
+    flops = egnn_matmul_flops(13, 64, 4) * (3 * 256 * inner + refill * sde)  # training: forward + 2x backward
+    rate = sgemm_rate(128 * 13 * 13, 64)
+    procs2 = summaries["now: fused targets, compiled, --procs 2 (1 thread each)"]["seconds"]
+    floor = flops / (2 * rate) + procs2["target"]
+    base_seconds = inner / base
+    print(f"floor of an outer iteration at these sizes: {flops / 1e9:.0f} GFLOP of EGNN matrix products at "
+          f"{rate / 1e9:.1f} GFLOP/s per core (measured, 1 thread, edge-shaped) on 2 cores = "
+          f"{flops / (2 * rate):.2f} s, plus the fused targets {procs2['target']:.2f} s = {floor:.2f} s, against "
+          f"{base_seconds:.2f} s for the fastest baseline: at most {base_seconds / floor:.2f}x with every "
+          f"other cost (elementwise work, optimiser, sampling, communication) at zero\n")
     for name, table in tables.items():
         print(f"### {name}\n\n{table}\n")
     return [ok]
