@@ -108,9 +108,9 @@ def run_profile(target: str, extra: list[str], threads: int | None = None) -> tu
 def egnn_matmul_flops(n: int, hidden: int, layers: int) -> float:
     """Floating-point operations of the EGNN's matrix products for one configuration, forward:
     per layer the two hidden x hidden edge products (edge MLP, coordinate MLP) and the
-    coordinate head on all n^2 pairs, the two node products that replace the edge-input
+    coordinate head on the n (n - 1) pairs, the two node products that replace the edge-input
     concatenation, and the node MLP (every layer but the last)."""
-    edges = n * n
+    edges = n * (n - 1)
     per_layer = 2 * edges * hidden * hidden * 2 + 2 * edges * hidden + 2 * 2 * n * hidden * hidden
     node_mlp = 2 * n * (2 * hidden * hidden + hidden * hidden)
     return layers * per_layer + (layers - 1) * node_mlp
@@ -154,7 +154,7 @@ def part_loop() -> list[bool]:
     # cores, plus the fused targets as measured with --procs 2, and nothing else
     inner, refill, sde = 50, 200, 100  # the course LJ-13 config's loop sizes
     flops = egnn_matmul_flops(13, 64, 4) * (3 * 256 * inner + refill * sde)  # training: forward + 2x backward
-    rate = sgemm_rate(128 * 13 * 13, 64)
+    rate = sgemm_rate(128 * 13 * 12, 64)
     procs2 = summaries["now: fused targets, compiled, --procs 2 (1 thread each)"]["seconds"]
     floor = flops / (2 * rate) + procs2["target"]
     base_seconds = inner / base
