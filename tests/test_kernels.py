@@ -448,8 +448,8 @@ def triton_results() -> dict[str, object]:
         ids.append(f"score-{case[0]}-{dtype}")
     pot = lj13()
     x = cluster(pot, 6, seed=12)
-    calls.append({"fn": "mc_score_estimate", "energy": pot,
-                  "args": (x, 0.2, 2 * NOISE_CHUNK + 9), "kwargs": {"generator": torch.Generator().manual_seed(13)}})
+    calls.append({"fn": "mc_score_estimate", "energy": pot, "args": (x, 0.2, 2 * NOISE_CHUNK + 9),
+                  "kwargs": {"generator": torch.Generator().manual_seed(13), "noise_form": True}})
     ids.append("generator")
     for dtype in (F32, F64):
         pot, x, sigma, noise = overlap_inputs(dtype)
@@ -462,11 +462,7 @@ def triton_results() -> dict[str, object]:
             calls.append({"fn": "mc_score_estimate", "energy": pot, "args": (x, sigma),
                           "kwargs": {"noise": noise, "noise_form": True}})
             ids.append(f"noise-form-{case[0]}-{dtype}")
-    pot = lj13()
-    calls.append({"fn": "mc_score_estimate", "energy": pot,
-                  "args": (cluster(pot, 6, seed=12), 0.2, 2 * NOISE_CHUNK + 9),
-                  "kwargs": {"generator": torch.Generator().manual_seed(13), "noise_form": True}})
-    ids.append("noise-form-generator")
+
     results = run_interpreted(calls, timeout=300)
     return dict(zip(ids, results))
 
@@ -510,6 +506,7 @@ def test_triton_generator_noise_matches_the_reference(triton_results: dict) -> N
     ref = mc_score_estimate(pot, x, 0.2, 2 * NOISE_CHUNK + 9, generator=torch.Generator().manual_seed(13),
                             backend="reference")
     assert_close_rel(est.score, ref.score, 1e-10, "score with generator noise")
+    assert_close_rel(est.noise_score, ref.noise_score, 1e-10, "noise form with generator noise")
 
 
 @pytest.mark.kernels
@@ -529,16 +526,6 @@ def test_triton_noise_form_matches_the_reference(triton_results: dict, case: tup
     ref = reference_score_estimate(pot, x, sigma, noise)
     assert_close_rel(est.score, ref.score, 10 * REL[dtype], "score next to the noise form")
     check_noise_form(est, ref, sigma, 10 * REL[dtype], "Triton noise form")
-
-
-@pytest.mark.kernels
-def test_triton_noise_form_with_generator_noise_matches_the_cpu_path(triton_results: dict) -> None:
-    pot = lj13()
-    x = cluster(pot, 6, seed=12)
-    est = _result(triton_results, "noise-form-generator")
-    cpu = mc_score_estimate(pot, x, 0.2, 2 * NOISE_CHUNK + 9, generator=torch.Generator().manual_seed(13),
-                            noise_form=True, compile=False)
-    assert_close_rel(est.noise_score, cpu.noise_score, 1e-10, "noise form, generator noise")
 
 
 def test_interpreter_variable_does_not_leak_into_this_process(triton_results: dict) -> None:
