@@ -298,17 +298,15 @@ def mc_score(
         assert local_scale is not None
         out = blended_score(energy, x_t, sigma, eps, local_scale, n_samples=n_samples, generator=generator,
                             compile=compile)
-    elif estimator == "lse" and not richardson:
+    elif streamed:
         # with eps None the noise is drawn chunk by chunk inside the pass (same numbers as draw_eps)
-        inputs = check_score_inputs(energy, x_t, sigma, n_samples if eps is None else None, eps,
-                                    generator if eps is None else None)
-        out = mc_score_estimate(energy, inputs.x_t, inputs.sigma, inputs.n_samples, noise=inputs.noise,
-                                generator=generator if eps is None else None, compile=compile).score
+        given = eps is not None
+        out = mc_score_estimate(energy, x_t, sigma, None if given else n_samples, noise=eps,
+                                generator=None if given else generator, compile=compile).score
     elif richardson:
         out = richardson_score(energy, x_t, sigma, eps, estimator)
     else:
-        fn = {"lse": lse_score, "naive": naive_score, "jensen": jensen_score}[estimator]
-        out = fn(energy, x_t, sigma, eps)
+        out = {"naive": naive_score, "jensen": jensen_score}[estimator](energy, x_t, sigma, eps)
     if max_norm is not None:
         if per_particle and energy.is_particle_system:
             out = clip_score(out, max_norm, n_particles=energy.n_particles, spatial_dim=energy.spatial_dim)
