@@ -184,14 +184,6 @@ def target_loss(model: nn.Module, config: IDEMConfig, energy: Energy, x_t: Tenso
     return (weight * (model(x_t, t) - target).pow(2).sum(-1)).mean()
 
 
-def regression_loss(model: nn.Module, config: IDEMConfig, energy: Energy, x0: Tensor,
-                    generator: torch.Generator) -> Tensor:
-    """One inner-loop loss on buffer states ``x0`` (B, dim): :func:`regression_target` then
-    :func:`target_loss`."""
-    x_t, t, target = regression_target(config, energy, x0, generator)
-    return target_loss(model, config, energy, x_t, t, target)
-
-
 def sample_model(model: nn.Module, config: IDEMConfig, energy: Energy, n: int,
                  generator: torch.Generator | None = None, sde_steps: int | None = None,
                  progress: bool = False, forward: nn.Module | None = None) -> Tensor:
