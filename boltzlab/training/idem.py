@@ -407,6 +407,16 @@ def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
             p_ema.lerp_(p.detach(), 1.0 - decay)
 
 
+def network_compiled(config: IDEMConfig, compile: bool | None) -> bool:
+    """Whether a run of ``config`` puts its score network through torch.compile: ``compile``
+    if given (or ``BOLTZLAB_COMPILE``), else for EGNN runs of at least
+    :data:`~boltzlab.training.compiled.AUTO_COMPILE_MIN_STEPS` regression steps, where it was
+    measured to pay (:mod:`boltzlab.training.compiled`). Never for pDEM, whose sampler needs
+    autograd."""
+    auto_steps = config.n_outer * config.inner_steps if config.network == "egnn" else 0
+    return compile_wanted(compile, auto_steps) and config.method == "idem"
+
+
 PHASES: tuple[str, ...] = ("target", "network", "optimizer", "refill", "evaluation", "checkpoint")
 """The parts of an outer iteration whose wall-clock seconds every history record keeps
 (``seconds_PHASE``): target estimation (buffer draw, noising, Monte Carlo targets), the
@@ -473,9 +483,7 @@ def train_idem(config: IDEMConfig, out_dir: str | Path | None = None, *, resume:
     model: nn.Module = state.model
     if world > 1:
         model = nn.parallel.DistributedDataParallel(state.model)
-    # automatically only for the EGNN, where compiling was measured to pay (training/compiled.py)
-    auto_steps = config.n_outer * config.inner_steps if config.network == "egnn" else 0
-    compiled = compile_wanted(compile, auto_steps) and config.method == "idem"
+    compiled = network_compiled(config, compile)
     train_forward = maybe_compiled(model, compiled)
     sample_forward = maybe_compiled(state.ema, compiled)
     reference = evaluation_reference(config.target, config.n_eval, torch.Generator().manual_seed(config.seed + 7))

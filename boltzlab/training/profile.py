@@ -25,7 +25,7 @@ import torch
 
 from boltzlab.energies import get_target
 from boltzlab.training import idem
-from boltzlab.training.compiled import compile_wanted, maybe_compiled
+from boltzlab.training.compiled import maybe_compiled
 
 
 @dataclass(frozen=True)
@@ -83,10 +83,7 @@ def profile_training(config: idem.IDEMConfig, *, regression_steps: int = 5, sde_
     baseline of ``benchmarks/bench_training.py``."""
     if regression_steps < 1 or sde_steps < 1:
         raise idem.TrainingConfigError(f"need regression_steps, sde_steps >= 1, got {regression_steps}, {sde_steps}")
-    # automatically only for the EGNN, where compiling was measured to pay (training/compiled.py)
-    auto_steps = config.n_outer * config.inner_steps if config.network == "egnn" else 0
-    compiled = compile_wanted(compile, auto_steps) and config.method == "idem"
-    compiled = compiled and not baseline
+    compiled = idem.network_compiled(config, compile) and not baseline
     short = replace(config, n_outer=2, inner_steps=regression_steps, sde_steps=sde_steps, eval_every=10**9)
     # the evaluation at the end of the short run uses few samples; it is timed separately below
     short = replace(short, n_eval=min(config.n_eval, 16))
