@@ -100,8 +100,9 @@ def _parents_as_dirs(targets: Sequence[Path]) -> list[str]:
     return args
 
 
-def _bwrap_base(prefix: Path) -> list[str]:
-    """The file system every sandbox shares: /usr, /etc and the interpreter, read-only."""
+def _bwrap_base(prefix: Path, scratch_bytes: int | None = None) -> list[str]:
+    """The file system every sandbox shares: /usr, /etc, a private /tmp (of ``scratch_bytes``
+    when given) and the interpreter, read-only."""
     trees = _read_only_trees() if prefix == Path(sys.prefix) else [prefix]
     args = ["bwrap", "--ro-bind", "/usr", "/usr", "--ro-bind", "/etc", "/etc"]
     for top in ("bin", "lib", "lib64", "sbin"):  # merged-/usr systems link these; others bind them
@@ -110,6 +111,10 @@ def _bwrap_base(prefix: Path) -> list[str]:
             args += ["--symlink", os.readlink(path), str(path)]
         elif path.is_dir():
             args += ["--ro-bind", str(path), str(path)]
+    # mounts apply in order: the private /tmp before the interpreter, so that an environment
+    # under the host's /tmp (a checkout made with mktemp) is bound on top of it, not hidden
+    size = ["--size", str(scratch_bytes)] if scratch_bytes is not None else []
+    args += ["--perms", "1777", *size, "--tmpfs", "/tmp"]
     args += _parents_as_dirs(trees)
     for tree in trees:
         args += ["--ro-bind", str(tree), str(tree)]
@@ -122,10 +127,10 @@ def sandbox_command(argv: Sequence[str], package_root: Path, shared_dir: Path, l
     :data:`SANDBOX_PACKAGE_ROOT` (read-only) and ``shared_dir`` (kernel connection file and
     sockets) writable at its own path."""
     size = str(limits.scratch_bytes)
-    args = _bwrap_base(Path(sys.prefix))
-    # mounts apply in order: the private /tmp first, so that a shared folder under the
-    # host's /tmp is bound on top of it rather than hidden by it
-    args += ["--dev", "/dev", "--proc", "/proc", "--perms", "1777", "--size", size, "--tmpfs", "/tmp"]
+    # the private /tmp comes first (in the base), so a shared folder under the host's /tmp is
+    # bound on top of it rather than hidden by it
+    args = _bwrap_base(Path(sys.prefix), limits.scratch_bytes)
+    args += ["--dev", "/dev", "--proc", "/proc"]
     args += _parents_as_dirs([Path(SANDBOX_PACKAGE_ROOT), shared_dir, Path(SANDBOX_HOME)])
     args += ["--ro-bind", str(package_root), SANDBOX_PACKAGE_ROOT, "--bind", str(shared_dir), str(shared_dir),
              "--perms", "1777", "--size", size, "--tmpfs", SANDBOX_HOME, "--chdir", SANDBOX_HOME,
