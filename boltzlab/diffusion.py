@@ -182,6 +182,7 @@ def reverse_sde_sample(
     progress: bool = False,
     return_trajectory: bool = False,
     increment: str = "euler",
+    diffusion_scale: float = 1.0,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """The reverse SDE from t = 1 to ``t_end`` (module docstring for the update).
 
@@ -193,11 +194,17 @@ def reverse_sde_sample(
         return_trajectory: also return the states at every step, (n_steps + 1, B, dim).
         increment: ``"euler"`` (Delta = g(t)^2 dt, Euler-Maruyama) or ``"exact"``
             (Delta = sigma_t^2 - sigma_{t-dt}^2). Same random numbers either way.
+        diffusion_scale: multiplies the injected noise only, x += Delta s + c sqrt(Delta) z.
+            c = 1 is the reverse SDE; c < 1 (the public iDEM code's ``diffusion_scale``: 0.9
+            for LJ-13, 0.5 for LJ-55) no longer samples p_0: it is a colder, biased sampler
+            whose samples sit deeper in the wells.
 
     Returns:
         x_{t_end} of shape (B, dim) (and the trajectory).
     """
     _check_steps(n_steps)
+    if not (math.isfinite(diffusion_scale) and diffusion_scale >= 0):
+        raise DiffusionInputError(f"diffusion_scale must be finite and >= 0, got {diffusion_scale}")
     x = _check_state(x1, name="x1").clone()
     project = project or _identity
     times = _time_grid(n_steps, 1.0, t_end, x)
@@ -207,6 +214,8 @@ def reverse_sde_sample(
     for k in tqdm(range(n_steps), desc="reverse SDE", disable=not progress, leave=False):
         t = times[k].expand(x.shape[0])
         z = project(torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device))
+        if diffusion_scale != 1.0:
+            z = diffusion_scale * z
         if increment == "euler":
             # written as before the exact increment existed, so old runs reproduce bit for bit
             g2 = schedule.g2(t)[:, None]

@@ -70,7 +70,7 @@ from boltzlab.diffusion import (
     sample_times,
 )
 from boltzlab.energies import Energy, GaussianMixture, PairPotential, get_target
-from boltzlab.estimators import mc_score
+from boltzlab.estimators import clip_score, mc_score
 from boltzlab.training.compiled import compile_wanted, maybe_compiled
 from boltzlab.training.idem_config import (  # noqa: F401 (re-exported: the training API in one place)
     CHECKPOINT,
@@ -180,8 +180,11 @@ def target_loss(model: nn.Module, config: IDEMConfig, energy: Energy, x_t: Tenso
         inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         # energies in kT units, equally weighted over t (their scale does not blow up at small t)
         return ((inner.energy(x_t, t) - target).pow(2) / energy.kT**2).mean()
+    squared = (model(x_t, t) - target).pow(2).sum(-1)
+    if config.loss_weight == "one":
+        return squared.mean()
     weight = config.schedule.variance(t) + config.local_scale**2
-    return (weight * (model(x_t, t) - target).pow(2).sum(-1)).mean()
+    return (weight * squared).mean()
 
 
 def sample_model(model: nn.Module, config: IDEMConfig, energy: Energy, n: int,
@@ -203,9 +206,36 @@ def sample_model(model: nn.Module, config: IDEMConfig, energy: Energy, n: int,
     else:
         score = forward if forward is not None else model
     x = reverse_sde_sample(score, config.schedule, x1, sde_steps or config.sde_steps, project=project,
-                           generator=generator, progress=progress, increment=config.sde_increment)
+                           generator=generator, progress=progress, increment=config.sde_increment,
+                           diffusion_scale=config.diffusion_scale)
     model.train(was_training)
+    return negative_time(config, energy, x)
+
+
+def negative_time(config: IDEMConfig, energy: Energy, x: Tensor) -> Tensor:
+    """``config.negative_time_steps`` steps x <- x + eta clip(grad log p(x)) on the target itself
+    (eta = ``config.negative_time_step``, clipped per particle at ``config.max_norm`` when set):
+    the public iDEM code's LJ-55 sampler ends with 10 of them. (n, dim) -> (n, dim); each step
+    costs n energy (and force) evaluations (:func:`sampling_energy_evaluations`)."""
+    if config.negative_time_steps == 0:
+        return x
+    project = _projection(energy)
+    for _ in range(config.negative_time_steps):
+        step = energy.forces(x) / energy.kT
+        step = torch.nan_to_num(step, nan=0.0, posinf=0.0, neginf=0.0)  # an overlapping pair: no step
+        if config.max_norm is not None:
+            particles = {"n_particles": energy.n_particles, "spatial_dim": energy.spatial_dim} \
+                if isinstance(energy, PairPotential) else {}
+            step = clip_score(step, config.max_norm, **particles)
+        x = x + config.negative_time_step * step
+        if project is not None:
+            x = project(x)
     return x
+
+
+def sampling_energy_evaluations(config: IDEMConfig, n: int) -> int:
+    """Target energies one call of :func:`sample_model` spends on n samples (the negative-time steps)."""
+    return n * config.negative_time_steps
 
 
 def evaluation_reference(target: str, n: int, generator: torch.Generator | None = None) -> Tensor:
@@ -519,6 +549,7 @@ def train_idem(config: IDEMConfig, out_dir: str | Path | None = None, *, resume:
         with timer("refill"):
             state.buffer.add(sample_model(state.ema, config, energy, local_refill, state.generator,
                                           forward=sample_forward))
+        state.energy_evaluations += int(all_sum(sampling_energy_evaluations(config, local_refill)))
         state.outer = outer + 1
         record = {"outer": float(state.outer), "loss": all_mean(sum(losses) / len(losses)),
                   "energy_evaluations": float(state.energy_evaluations)}
