@@ -143,6 +143,32 @@ def test_exact_variance_increments_add_up_to_the_forward_variance():
         D.sde_variance_increments(SCHEDULE, times, "heun")
 
 
+def test_diffusion_scale_multiplies_the_injected_noise_only():
+    # with a zero score the sampler is x1 + c sum_k sqrt(Delta_k) z_k: the same draws give
+    # displacements exactly proportional to c, for both increments
+    x1 = torch.randn(64, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+    def zero(x, t):
+        return torch.zeros_like(x)
+
+    for increment in ("euler", "exact"):
+        out = {c: D.reverse_sde_sample(zero, SCHEDULE, x1, 20, generator=torch.Generator().manual_seed(2),
+                                       increment=increment, diffusion_scale=c) for c in (0.0, 0.5, 1.0)}
+        torch.testing.assert_close(out[0.0], x1)
+        torch.testing.assert_close(out[0.5] - x1, 0.5 * (out[1.0] - x1))
+    # with the exact Gaussian score, a colder sampler (c < 1) ends narrower than the target
+    def gaussian_score(x, t):
+        return -x / (S0**2 + SCHEDULE.variance(t)[:, None])
+
+    x1 = D.sample_prior(SCHEDULE, 20_000, 1, generator=torch.Generator().manual_seed(3)).double()
+    widths = [float(D.reverse_sde_sample(gaussian_score, SCHEDULE, x1, 200, increment="exact",
+                                         generator=torch.Generator().manual_seed(4), diffusion_scale=c).std())
+              for c in (0.5, 1.0)]
+    assert widths[1] == pytest.approx(S0, rel=0.03) and widths[0] < 0.9 * S0
+    with pytest.raises(D.DiffusionInputError, match="diffusion_scale"):
+        D.reverse_sde_sample(zero, SCHEDULE, x1, 2, diffusion_scale=-1.0)
+
+
 def test_both_increments_converge_at_first_order_and_euler_is_unchanged():
     """With the exact score and Gaussian data the chain's variance is known per step count.
     Both increments converge to S0^2 at first order; the exact increment is not the more

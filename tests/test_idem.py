@@ -250,6 +250,80 @@ def test_equal_budget_mcmc_spends_the_budget_it_is_given() -> None:
     assert math.isfinite(result["energy_w2"]) and 0.0 <= result["distance_tvd"] <= 1.0
 
 
+def test_annealed_start_frees_chains_stuck_in_the_repulsive_core() -> None:
+    from boltzlab.training.mcmc_baseline import annealed_start, unequilibrated
+
+    lj = get_target("lj13")
+    reference = lj.energy(idem.evaluation_reference("lj13", 500, torch.Generator().manual_seed(0)).double())
+    gen = torch.Generator().manual_seed(5)
+    x0 = lj.remove_com(torch.randn(64, lj.dim, generator=gen, dtype=torch.float64))
+    x0 = x0.reshape(64, 13, 3)
+    x0[:, 1] = x0[:, 0] + 0.3  # a pair at distance 0.52: pair energy ~ 2 (1/0.52)^12 ~ 5e3 and more
+    x0 = lj.remove_com(x0.reshape(64, -1))
+    assert bool(unequilibrated(lj.energy(x0), reference).all())
+    from boltzlab.mcmc import run_mcmc
+
+    def final(x: torch.Tensor, n: int) -> torch.Tensor:
+        return run_mcmc(lj, x, n, step_size=1e-3, burn_in=n // 2, thin=n - n // 2, generator=gen, progress=False,
+                        keep_energy_trace=False).samples[-1]
+
+    # with 1000 evaluations per chain, MALA alone leaves most chains stuck (84% measured) ...
+    stuck = final(x0, 1000)
+    warmed = annealed_start(lj, x0, 100, generator=gen)
+    assert torch.isfinite(lj.energy(warmed)).all()
+    # ... while 100 warm-up steps and 900 MALA steps free nearly every chain (6% left measured)
+    freed = final(warmed, 900)
+    assert float(unequilibrated(lj.energy(freed), reference).float().mean()) <= 0.15
+    assert float(unequilibrated(lj.energy(stuck), reference).float().mean()) > 0.5
+    torch.testing.assert_close(warmed.reshape(64, 13, 3).mean(1), torch.zeros(64, 3, dtype=torch.float64))
+    assert bool(unequilibrated(torch.tensor([float("nan"), 0.0, 1e9]), torch.tensor([0.0, 1.0])).tolist()
+                == [True, False, True])
+
+
+def test_equal_budget_mcmc_reports_unequilibrated_chains_separately() -> None:
+    config = config_for("lj13", n_eval=200)
+    result = idem.equal_budget_mcmc(config, 200 * 2000, progress=False)
+    assert result["warmup_steps"] == 200 and result["steps"] == 2000
+    # measured: 11.5% of chains still uncondensed after 2000 steps (16.5% without the warm-up)
+    assert 0.0 < result["unequilibrated_fraction"] < 0.2
+    assert result["energy_w2_equilibrated"] < result["energy_w2"]
+    # the same budget without the warm-up leaves more chains stuck
+    cold = idem.equal_budget_mcmc(config, 200 * 2000, progress=False, warmup_fraction=0.0)
+    assert cold["unequilibrated_fraction"] > result["unequilibrated_fraction"]
+    with pytest.raises(TrainingConfigError, match="warmup_fraction"):
+        idem.equal_budget_mcmc(config, 10_000, progress=False, warmup_fraction=1.0)
+
+
+def test_new_config_fields_loss_weight_and_negative_time() -> None:
+    dw4 = get_target("dw4")
+    config = config_for("dw4", **TINY)
+    gen = torch.Generator().manual_seed(0)
+    x0 = idem.evaluation_reference("dw4", 16, gen)
+    x_t, t, target = idem.regression_target(config, dw4, x0, gen)
+    model = idem.build_model(config, dw4)
+    with torch.no_grad():
+        squared = (model(x_t, t) - target).pow(2).sum(-1)
+        weight = config.schedule.variance(t) + config.local_scale**2
+        assert float(idem.target_loss(model, config, dw4, x_t, t, target)) == pytest.approx(float((weight * squared).mean()))
+        one = replace(config, loss_weight="one")
+        assert float(idem.target_loss(model, one, dw4, x_t, t, target)) == pytest.approx(float(squared.mean()))
+    # one negative-time step is a clipped gradient step on the energy itself: E goes down
+    steps = replace(config, negative_time_steps=1, negative_time_step=1e-4, max_norm=20.0)
+    x = x0.double() + 0.05 * torch.randn(x0.shape, generator=gen, dtype=torch.float64)
+    moved = idem.negative_time(steps, dw4, x)
+    expected = dw4.remove_com(x + 1e-4 * idem.clip_score(dw4.score(x), 20.0, n_particles=4, spatial_dim=2))
+    torch.testing.assert_close(moved, expected)
+    assert bool((dw4.energy(moved) <= dw4.energy(x) + 1e-12).all())
+    assert idem.sampling_energy_evaluations(replace(config, negative_time_steps=10), 128) == 1280
+    for bad in ({"loss_weight": "two"}, {"diffusion_scale": -0.1}, {"negative_time_steps": -1},
+                {"negative_time_step": 0.0}):
+        with pytest.raises(TrainingConfigError, match=next(iter(bad))):
+            config_for("dw4", **bad)
+    paper = config_for("lj55", "paper")
+    assert (paper.loss_weight, paper.diffusion_scale, paper.negative_time_steps) == ("one", 0.5, 10)
+    assert (config_for("lj13", "paper").diffusion_scale, config_for("dw4", "paper").diffusion_scale) == (0.9, 1.0)
+
+
 def test_paper_preset_has_the_public_code_sizes_and_old_checkpoints_keep_euler() -> None:
     lj = config_for("lj13", "paper")
     assert (lj.hidden, lj.n_layers, lj.n_mc, lj.max_norm, lj.batch_size) == (128, 5, 1000, 20.0, 512)

@@ -6,12 +6,17 @@ a run to completion and then runs it.
 from __future__ import annotations
 
 import json
+import math
+import time
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
+from boltzlab import metrics
 from boltzlab.diffusion import sample_prior
-from boltzlab.energies import get_target
+from boltzlab.energies import Energy, PairPotential, get_target
+from boltzlab.estimators import clip_score
 from boltzlab.training.idem import (
     CHECKPOINT,
     IDEMConfig,
@@ -28,40 +33,100 @@ from boltzlab.training.parallel import rank_and_world
 # ----------------------------------------------------------------------------------------
 
 
+def annealed_start(energy: Energy, x0: Tensor, n_steps: int, *, kT_start: float = 10.0, step: float = 1e-3,
+                   max_norm: float = 20.0, generator: torch.Generator | None = None) -> Tensor:
+    r"""A short annealed warm-up that frees chains started from the prior: ``n_steps`` steps of
+    overdamped Langevin dynamics with per-particle clipped forces,
+
+        x <- x + tau clip(F(x), c) / kT_k + sqrt(2 tau) z,   kT_k = kT_start (kT / kT_start)^(k / (n - 1)),
+
+    cooling geometrically from ``kT_start`` to the target's kT (tau = ``step``, c = ``max_norm``).
+    A prior draw of a particle system often has a pair far inside the repulsive core
+    (energies of 1e6 to 1e12): MALA's proposals from there overshoot and are all rejected, so
+    such a chain never moves. The clip bounds every particle's move by tau c / kT_k, and the
+    heat early on lets the cluster rearrange before it settles. No Metropolis test, so the
+    warm-up is not itself a sampler; MALA at kT follows (:func:`equal_budget_mcmc`).
+    Each step costs one energy-and-force evaluation per chain. (n, dim) -> (n, dim).
+    """
+    if n_steps < 1:
+        return x0.clone()
+    project = _projection(energy)
+    particles = {"n_particles": energy.n_particles, "spatial_dim": energy.spatial_dim} \
+        if isinstance(energy, PairPotential) else {}
+    ratios = torch.linspace(0.0, 1.0, n_steps, dtype=torch.float64) if n_steps > 1 else torch.ones(1, dtype=torch.float64)
+    temperatures = kT_start * (energy.kT / kT_start) ** ratios
+    x = x0.clone()
+    for kT in temperatures.tolist():
+        force = torch.nan_to_num(energy.forces(x), nan=0.0, posinf=0.0, neginf=0.0)
+        z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+        x = x + step * clip_score(force, max_norm, **particles) / kT + math.sqrt(2.0 * step) * z
+        if project is not None:
+            x = project(x)
+    return x
+
+
+def unequilibrated(energies: Tensor, reference_energies: Tensor) -> Tensor:
+    """Chains whose final energy lies above every reference energy: (n,), (m,) -> bool (n,).
+
+    At equilibrium a chain exceeds the largest of m reference energies with probability
+    1 / (m + 1); the chains this flags are stuck (an overlapping pair, an uncondensed
+    cluster), and they dominate an energy W2, whose squared differences weigh outliers."""
+    return ~torch.isfinite(energies) | (energies > reference_energies.max())
+
+
 def equal_budget_mcmc(config: IDEMConfig, n_energy_evaluations: int, n_chains: int | None = None,
-                      kernel: str = "mala", progress: bool = True, max_steps: int = 20_000) -> dict[str, float]:
+                      kernel: str = "mala", progress: bool = True, max_steps: int = 20_000,
+                      warmup_fraction: float = 0.1) -> dict[str, float]:
     """Run ``n_chains`` MCMC chains (one energy-and-force evaluation per chain and step) for
     ``n_energy_evaluations // n_chains`` steps and evaluate their final states like a sampler.
 
     The chains start where iDEM's reverse SDE starts, from the prior N(0, sigma_1^2 I)
     (centre-of-mass free), so both methods get the same information: the energy, its
-    forces, and the same number of evaluations. The first half of the steps adapts the step
-    size; the final state of every chain is one sample (``n_chains`` defaults to
-    ``config.n_eval``, the number of samples iDEM is evaluated on, or more when that would
-    need more than ``max_steps`` steps per chain). Returns the metrics of
-    :func:`evaluate_samples` plus ``"steps"``, ``"n_chains"``, ``"energy_evaluations"``,
-    ``"acceptance"`` and ``"wall_time_s"``.
+    forces, and the same number of evaluations. The first ``warmup_fraction`` of each chain's
+    steps is :func:`annealed_start` (inside the budget), so that no chain is left stuck where
+    a short warm-up frees it; of the remaining MALA steps the first half adapts the step size.
+    The final state of every chain is one sample (``n_chains`` defaults to ``config.n_eval``,
+    the number of samples iDEM is evaluated on, or more when that would need more than
+    ``max_steps`` steps per chain).
+
+    Returns the metrics of :func:`evaluate_samples` on all chains, plus ``"steps"``,
+    ``"warmup_steps"``, ``"n_chains"``, ``"energy_evaluations"``, ``"acceptance"``,
+    ``"wall_time_s"``, ``"unequilibrated_fraction"`` (:func:`unequilibrated`) and
+    ``"energy_w2_equilibrated"``, the energy W2 of the other chains.
     """
     from boltzlab.mcmc import run_mcmc
 
+    if not 0.0 <= warmup_fraction < 1.0:
+        raise TrainingConfigError(f"warmup_fraction must be in [0, 1), got {warmup_fraction}")
     energy = get_target(config.target)
     # more chains rather than more steps once chains are long enough to equilibrate locally:
     # the same evaluations, better vectorised (and every extra chain is another sample)
     n_chains = n_chains or max(config.n_eval, -(-n_energy_evaluations // max_steps))
     n_steps = n_energy_evaluations // n_chains
-    if n_steps < 2:
+    n_warmup = int(warmup_fraction * n_steps)
+    n_mala = n_steps - n_warmup
+    if n_mala < 2:
         raise TrainingConfigError(f"a budget of {n_energy_evaluations} evaluations gives {n_chains} chains "
-                                  f"fewer than 2 steps each")
+                                  f"fewer than 2 MALA steps each")
     generator = torch.Generator().manual_seed(config.seed + 99)
     x0 = sample_prior(config.schedule, n_chains, energy.dim, project=_projection(energy), generator=generator)
+    start = time.perf_counter()
+    x0 = annealed_start(energy, x0.double(), n_warmup, max_norm=config.max_norm or 20.0, generator=generator)
+    warmup_time = time.perf_counter() - start
     # a step size of the order of the smallest length scale; adaptation takes it from there
-    result = run_mcmc(energy, x0.double(), n_steps, kernel=kernel, step_size=1e-3, burn_in=n_steps // 2,
-                      thin=n_steps - n_steps // 2, generator=generator, progress=progress, keep_energy_trace=False)
+    result = run_mcmc(energy, x0, n_mala, kernel=kernel, step_size=1e-3, burn_in=n_mala // 2,
+                      thin=n_mala - n_mala // 2, generator=generator, progress=progress, keep_energy_trace=False)
     x = result.samples[-1].float()
     reference = evaluation_reference(config.target, config.n_eval, torch.Generator().manual_seed(config.seed + 7))
-    return {"steps": float(n_steps), "n_chains": float(n_chains), "energy_evaluations": float(result.n_energy_evaluations),
-            "acceptance": float(result.acceptance.mean()), "wall_time_s": round(result.wall_time, 1),
-            **evaluate_samples(energy, x, reference, torch.Generator().manual_seed(config.seed + 8))}
+    stuck = unequilibrated(energy.energy(x), energy.energy(reference))
+    kept = x[~stuck]
+    return {"steps": float(n_steps), "warmup_steps": float(n_warmup), "n_chains": float(n_chains),
+            "energy_evaluations": float(result.n_energy_evaluations + n_warmup * n_chains),
+            "acceptance": float(result.acceptance.mean()), "wall_time_s": round(result.wall_time + warmup_time, 1),
+            **evaluate_samples(energy, x, reference, torch.Generator().manual_seed(config.seed + 8)),
+            "unequilibrated_fraction": float(stuck.float().mean()),
+            "energy_w2_equilibrated": (metrics.energy_w2(energy.energy(kept), energy.energy(reference))
+                                       if len(kept) else math.nan)}
 
 
 def write_baseline(out_dir: str | Path, progress: bool = True) -> dict[str, float]:
