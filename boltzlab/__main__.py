@@ -6,6 +6,7 @@ Commands:
 - ``exercises {build,check}``               write exercises/ from solutions/ (boltzlab.exercises)
 - ``grading grade SUBMISSIONS --out CSV``   grade submitted notebooks (boltzlab.grading)
 - ``train TARGET --out DIR [--resume]``      train an iDEM/pDEM sampler (boltzlab.training.idem)
+- ``ablate TARGET --out DIR``                 iDEM ablations at a fixed CPU budget (boltzlab.training.ablation)
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ COMMANDS = {
     "exercises": "boltzlab.exercises",
     "grading": "boltzlab.grading.grader",
     "train": "boltzlab.training.cli",
+    "ablate": "boltzlab.training.ablation",
 }
 
 

@@ -478,7 +478,8 @@ class PhaseTimer:
 
 
 def train_idem(config: IDEMConfig, out_dir: str | Path | None = None, *, resume: bool = False,
-               stop_after: int | None = None, progress: bool = True, compile: bool | None = None) -> TrainingState:
+               stop_after: int | None = None, progress: bool = True, compile: bool | None = None,
+               cpu_budget_s: float | None = None) -> TrainingState:
     """Run (or continue) iDEM/pDEM training under ``config``.
 
     Args:
@@ -490,6 +491,10 @@ def train_idem(config: IDEMConfig, out_dir: str | Path | None = None, *, resume:
         compile: run the score network through torch.compile (training forward and the
             refill's sampler); None decides by :func:`boltzlab.training.compiled.compile_wanted`.
             It changes float32 rounding only, not the algorithm.
+        cpu_budget_s: stop (evaluated and saved) after the outer iteration during which this
+            call's process CPU time reaches this many seconds: the fixed budget of an
+            ablation (:mod:`boltzlab.training.ablation`), fair on a loaded machine where
+            wall time is not.
 
     Under data parallelism (``torchrun``, or ``python -m boltzlab train ... --procs P``) the
     run is the same algorithm with the same global sizes: each of the P ranks takes
@@ -527,6 +532,7 @@ def train_idem(config: IDEMConfig, out_dir: str | Path | None = None, *, resume:
     bar = tqdm(range(state.outer, last), desc=f"iDEM {config.target}", disable=not progress or rank != 0,
                initial=state.outer, total=config.n_outer)
     per_step = local_batch * config.n_mc
+    cpu_start = time.process_time()
     for outer in bar:
         start = time.perf_counter()
         timer = PhaseTimer()
@@ -551,6 +557,9 @@ def train_idem(config: IDEMConfig, out_dir: str | Path | None = None, *, resume:
                                           forward=sample_forward))
         state.energy_evaluations += int(all_sum(sampling_energy_evaluations(config, local_refill)))
         state.outer = outer + 1
+        spent = cpu_budget_s is not None and all_sum(float(time.process_time() - cpu_start >= cpu_budget_s)) > 0
+        if spent:
+            last = state.outer
         record = {"outer": float(state.outer), "loss": all_mean(sum(losses) / len(losses)),
                   "energy_evaluations": float(state.energy_evaluations)}
         # evaluate on schedule, at the end, and when this call stops early (so every saved
@@ -580,6 +589,8 @@ def train_idem(config: IDEMConfig, out_dir: str | Path | None = None, *, resume:
         state.history.append(record)
         if out is not None and rank == 0:
             save_checkpoint(state, config, out, rank_states)
+        if spent:
+            break
     bar.close()
     check_ranks_in_sync(state.model)
     return state

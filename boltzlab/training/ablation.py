@@ -1,0 +1,172 @@
+"""What matters in iDEM, measured: one-factor ablations of a base config at a fixed CPU budget,
+and sweeps of the sampler (SDE steps, diffusion scale) on one trained checkpoint.
+
+Each variant changes one thing in which the course's CPU recipe departs from the public iDEM
+code's config (:data:`~boltzlab.training.idem_config.PAPER_CONFIGS`): the target's form, the
+clip norm, K, the network's width and depth, regression steps per refill, SDE steps, the noise
+range, the sampler's diffusion scale, the loss weight, the batch, the optimiser's clipping and
+EMA. Every variant trains for the same CPU time (process time, so a loaded machine does not
+penalise one variant more than another) and is evaluated on the same number of fresh samples.
+The records are what chapter 05 plots; the command that writes them is
+
+    python -m boltzlab ablate lj13 --out runs/ablation_lj13 --cpu-minutes 15
+
+and it resumes: a finished variant is kept, an interrupted one continues within its budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from boltzlab.training.idem import (
+    CHECKPOINT,
+    CONFIGS,
+    IDEMConfig,
+    TrainingConfigError,
+    _load_payload,
+    _sampler_from_payload,
+    evaluate_samples,
+    evaluation_reference,
+    train_idem,
+)
+
+# The course's LJ-13 recipe after the probe of issue 18 (force-form target with K = 1000 and
+# the paper's clip, a 64 x 4 EGNN, lambda = 1): the point every variant departs from.
+ABLATION_BASE: dict[str, IDEMConfig] = {
+    "lj13": replace(CONFIGS["lj13"], estimator="lse", n_mc=1000, max_norm=20.0, hidden=64, n_layers=4,
+                    batch_size=128, inner_steps=50, n_refill=200, lr=1e-3, loss_weight="one", n_outer=10_000,
+                    eval_every=10_000, n_eval=1000),
+}
+
+# name -> (what it changes, overrides of the base)
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "base": ("the base recipe", {}),
+    "blended": ("target: force + noise form (the course's earlier default)", {"estimator": "blended"}),
+    "clip150": ("clip norm 150 instead of the paper's 20", {"max_norm": 150.0}),
+    "k128": ("K = 128 copies instead of 1000", {"n_mc": 128}),
+    "egnn32x3": ("EGNN 32 wide, 3 layers (the earlier course size)", {"hidden": 32, "n_layers": 3}),
+    "egnn128x5": ("EGNN 128 wide, 5 layers (the paper's size)", {"hidden": 128, "n_layers": 5}),
+    "inner100": ("100 regression steps per refill (the paper's) instead of 50", {"inner_steps": 100}),
+    "sde1000": ("1000 SDE steps per refill (the paper's) instead of 100", {"sde_steps": 1000}),
+    "sigma3": ("sigma_max 3 instead of 2", {"sigma_max": 3.0}),
+    "diffusion0.9": ("the paper's diffusion_scale 0.9 in every sampler run", {"diffusion_scale": 0.9}),
+    "scaled_loss": ("lambda = sigma_t^2 + local_scale^2 (ScaledScore's) instead of 1", {"loss_weight": "scaled"}),
+    "batch512": ("batch 512 (the paper's) instead of 128", {"batch_size": 512}),
+    "paper_optim": ("the paper's gradient clip 0.5 and no EMA", {"grad_clip": 0.5, "ema_decay": 0.0}),
+}
+
+
+def variant_config(target: str, name: str) -> IDEMConfig:
+    """The config of ablation variant ``name`` of ``target`` (:data:`VARIANTS`)."""
+    if target not in ABLATION_BASE:
+        raise TrainingConfigError(f"no ablation base for {target!r}; known: {', '.join(ABLATION_BASE)}")
+    if name not in VARIANTS:
+        raise TrainingConfigError(f"unknown ablation variant {name!r}; known: {', '.join(VARIANTS)}")
+    return replace(ABLATION_BASE[target], **VARIANTS[name][1])
+
+
+def evaluate_checkpoint(path: Path, n: int, seed: int = 0, sde_steps: int | None = None,
+                        diffusion_scale: float | None = None) -> dict[str, float]:
+    """The metrics of :func:`~boltzlab.training.idem.evaluate_samples` on ``n`` fresh samples of
+    the checkpoint in ``path`` (its EMA weights), optionally with another sampler: ``sde_steps``
+    and ``diffusion_scale`` override the config's. Reference and sampler draws are seeded."""
+    payload = _load_payload(path)
+    sampler = _sampler_from_payload(payload)
+    if diffusion_scale is not None:
+        sampler = replace(sampler, config=replace(sampler.config, diffusion_scale=diffusion_scale))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        x = sampler.sample(n, generator, sde_steps=sde_steps)
+    reference = evaluation_reference(sampler.config.target, n, torch.Generator().manual_seed(seed + 7))
+    return evaluate_samples(sampler.energy, x, reference, torch.Generator().manual_seed(seed + 8))
+
+
+def run_variant(target: str, name: str, out_dir: Path, cpu_seconds: float, n_eval: int,
+                progress: bool = True) -> dict[str, Any]:
+    """Train variant ``name`` into ``out_dir/name`` until it has spent ``cpu_seconds`` of process
+    CPU time (summed over interrupted calls), then evaluate it on ``n_eval`` fresh samples.
+    Returns the record (also written to ``out_dir/name/ablation.json``)."""
+    config = variant_config(target, name)
+    run_dir = out_dir / name
+    record_path = run_dir / "ablation.json"
+    if record_path.is_file():
+        record = json.loads(record_path.read_text())
+        if record.get("cpu_budget_s") == cpu_seconds and record.get("n_eval") == n_eval:
+            return record
+    spent_path = run_dir / "cpu_seconds.json"
+    spent = json.loads(spent_path.read_text())["cpu_s"] if spent_path.is_file() else 0.0
+    if spent < cpu_seconds:
+        start = time.process_time()
+        resume = (run_dir / CHECKPOINT).is_file()
+        train_idem(config, run_dir, resume=resume, progress=progress, cpu_budget_s=cpu_seconds - spent)
+        spent += time.process_time() - start
+        spent_path.write_text(json.dumps({"cpu_s": spent}) + "\n")
+    payload = _load_payload(run_dir)
+    record = {
+        "variant": name, "changes": VARIANTS[name][0], "overrides": VARIANTS[name][1],
+        "cpu_budget_s": cpu_seconds, "cpu_s": round(spent, 1), "n_eval": n_eval,
+        "outer_iterations": payload["outer"], "regression_steps": payload["outer"] * config.inner_steps,
+        "energy_evaluations": payload["energy_evaluations"],
+        **evaluate_checkpoint(run_dir, n_eval, seed=config.seed),
+        "config": asdict(config),
+    }
+    record_path.write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def run_ablation(target: str, out_dir: str | Path, cpu_minutes: float, n_eval: int = 2000,
+                 names: list[str] | None = None, progress: bool = True) -> list[dict[str, Any]]:
+    """Every variant (or ``names``) of ``target`` at ``cpu_minutes`` of CPU each; the records
+    are collected in ``out_dir/ablation.json`` after each variant, so an interrupted run keeps
+    what it finished."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    records = []
+    for name in names or list(VARIANTS):
+        records.append(run_variant(target, name, out, 60.0 * cpu_minutes, n_eval, progress=progress))
+        (out / "ablation.json").write_text(json.dumps(records, indent=2) + "\n")
+    return records
+
+
+def sampler_sweep(path: str | Path, n: int, sde_steps: list[int], diffusion_scales: list[float],
+                  seed: int = 0) -> list[dict[str, float]]:
+    """Metrics of one checkpoint for every pair of ``sde_steps`` and ``diffusion_scales``: the
+    sampler's axes of the ablation, which need no retraining."""
+    rows = []
+    for steps in sde_steps:
+        for scale in diffusion_scales:
+            rows.append({"sde_steps": float(steps), "diffusion_scale": scale,
+                         **evaluate_checkpoint(Path(path), n, seed, sde_steps=steps, diffusion_scale=scale)})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m boltzlab ablate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("target", choices=sorted(ABLATION_BASE))
+    parser.add_argument("--out", type=Path, required=True, help="one run directory per variant goes here")
+    parser.add_argument("--cpu-minutes", type=float, default=15.0, help="CPU budget of every variant")
+    parser.add_argument("--n-eval", type=int, default=2000, help="fresh samples each variant is evaluated on")
+    parser.add_argument("--only", nargs="+", choices=list(VARIANTS), help="run only these variants")
+    parser.add_argument("--sweep", type=Path, help="instead: sweep SDE steps and diffusion scale on this checkpoint")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    if args.cpu_minutes <= 0 or args.n_eval < 2:
+        parser.error("--cpu-minutes must be positive and --n-eval at least 2")
+    if args.sweep is not None:
+        rows = sampler_sweep(args.sweep, args.n_eval, [25, 50, 100, 200, 400], [0.8, 0.9, 1.0])
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "sampler_sweep.json").write_text(json.dumps(rows, indent=2) + "\n")
+        for row in rows:
+            print(json.dumps(row))
+        return 0
+    for record in run_ablation(args.target, args.out, args.cpu_minutes, args.n_eval, args.only,
+                               progress=not args.no_progress):
+        print(json.dumps({k: v for k, v in record.items() if k != "config"}))
+    return 0

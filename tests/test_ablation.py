@@ -1,0 +1,60 @@
+"""Tests of boltzlab.training.ablation: the CPU budget stops a run after the outer iteration that
+spends it (and the stopped run is evaluated and resumable), each variant changes exactly what it
+says, records are written once and kept, and the sampler sweep evaluates one checkpoint."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import pytest
+
+from boltzlab.training import ablation
+from boltzlab.training.idem import TrainingConfigError, config_for, train_idem
+
+TINY = {"hidden": 8, "n_layers": 1, "n_mc": 4, "batch_size": 8, "inner_steps": 2, "n_refill": 8, "sde_steps": 4,
+        "buffer_capacity": 32, "n_eval": 20, "n_outer": 50, "eval_every": 50}
+
+
+def test_cpu_budget_stops_after_the_outer_iteration_that_spends_it(tmp_path: Path) -> None:
+    config = config_for("dw4", **TINY)
+    state = train_idem(config, tmp_path, progress=False, cpu_budget_s=0.0)
+    # a zero budget is spent by the first outer iteration, which is evaluated and saved
+    assert state.outer == 1 and len(state.evaluations) == 1
+    assert json.loads((tmp_path / "metrics.json").read_text())["outer_iterations"] == 1
+    again = train_idem(config, tmp_path, resume=True, progress=False, cpu_budget_s=0.0)
+    assert again.outer == 2
+
+
+def test_every_variant_changes_only_its_own_fields() -> None:
+    base = asdict(ablation.variant_config("lj13", "base"))
+    for name, (_, overrides) in ablation.VARIANTS.items():
+        changed = {k for k, v in asdict(ablation.variant_config("lj13", name)).items() if base[k] != v}
+        assert changed == {k for k, v in overrides.items() if base[k] != v} and (changed or name == "base")
+    with pytest.raises(TrainingConfigError, match="variant"):
+        ablation.variant_config("lj13", "bigger")
+    with pytest.raises(TrainingConfigError, match="ablation base"):
+        ablation.variant_config("dw4", "base")
+
+
+def test_run_ablation_writes_records_once_and_sweeps_the_sampler(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(ablation.ABLATION_BASE, "lj13", replace(config_for("lj13", **TINY), n_mc=4))
+    records = ablation.run_ablation("lj13", tmp_path, cpu_minutes=0.001, n_eval=20, names=["base", "k128"],
+                                    progress=False)
+    assert [r["variant"] for r in records] == ["base", "k128"]
+    assert records[1]["config"]["n_mc"] == 128 and records[0]["config"]["n_mc"] == 4
+    for r in records:
+        assert r["outer_iterations"] >= 1 and r["cpu_s"] > 0 and 0.0 <= r["distance_tvd"] <= 1.0
+        assert r["regression_steps"] == r["outer_iterations"] * TINY["inner_steps"]
+    saved = json.loads((tmp_path / "ablation.json").read_text())
+    assert [r["variant"] for r in saved] == ["base", "k128"]
+    mtime = (tmp_path / "base" / "checkpoint.pt").stat().st_mtime_ns
+    ablation.run_ablation("lj13", tmp_path, cpu_minutes=0.001, n_eval=20, names=["base"], progress=False)
+    assert (tmp_path / "base" / "checkpoint.pt").stat().st_mtime_ns == mtime  # kept, not retrained
+    rows = ablation.sampler_sweep(tmp_path / "base", 20, [2, 4], [0.9, 1.0])
+    assert [(r["sde_steps"], r["diffusion_scale"]) for r in rows] == [(2, 0.9), (2, 1.0), (4, 0.9), (4, 1.0)]
+    # the sweep's row at the config's own sampler equals a plain evaluation of the checkpoint
+    plain = ablation.evaluate_checkpoint(tmp_path / "base", 20)
+    assert rows[3]["energy_w2"] == pytest.approx(plain["energy_w2"])
