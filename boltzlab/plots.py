@@ -601,3 +601,44 @@ def reward_kl_tradeoff(
 
 
 __all__ += ["reward_kl_tradeoff"]
+
+
+def ablation_chart(
+    records: Sequence[Mapping[str, object]],
+    metric_names: Sequence[str] = ("distance_w2", "distance_tvd", "energy_w2"),
+    base: str = "base",
+    targets: Mapping[str, float] | None = None,
+    axes: Sequence[Axes] | None = None,
+) -> list[Axes]:
+    """One horizontal bar per ablation variant and one panel per metric (log scale when the
+    values span a decade), the ``base`` variant's value as a dashed line, ``targets`` as dotted
+    lines. ``records`` are :func:`boltzlab.training.ablation.run_ablation`'s (each with
+    ``"variant"`` and the metrics). Bars right of the dashed line: that change made it worse."""
+    if not records:
+        raise ValueError("ablation_chart: no records to plot")
+    names = [str(r.get("variant", "?")) for r in records]
+    for name, record in zip(names, records):
+        missing = [m for m in metric_names if m not in record]
+        if missing:
+            raise ValueError(f"ablation_chart: variant {name!r} has no {', '.join(map(repr, missing))}")
+    if axes is None:
+        axes = panel_grid(len(metric_names), panel_size=(3.1, 0.28 * len(records) + 1.2), sharey=True)[1]
+    elif len(axes) != len(metric_names):
+        raise ValueError(f"ablation_chart: {len(axes)} axes given for {len(metric_names)} metrics")
+    positions = np.arange(len(records))[::-1]
+    for ax, metric in zip(axes, metric_names):
+        values = np.array([float(r[metric]) for r in records])  # type: ignore[arg-type]
+        colors = ["C1" if n == base else "C0" for n in names]
+        ax.barh(positions, values, color=colors)
+        if base in names:
+            ax.axvline(values[names.index(base)], color="k", linestyle="--", linewidth=1)
+        if targets is not None and metric in targets:
+            ax.axvline(float(targets[metric]), color="C3", linestyle=":", linewidth=1.5)
+            values = np.append(values, float(targets[metric]))
+        _scale_axis(ax, "x", values, log=True)
+        ax.set_xlabel(axis_label(metric))
+        ax.set_yticks(positions, names)
+    return list(axes)
+
+
+__all__ += ["ablation_chart"]

@@ -310,6 +310,25 @@ def test_evaluation_curves_with_one_point_get_a_linear_axis_with_readable_ticks(
     assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
 
 
+def test_ablation_chart_draws_one_bar_per_variant_with_the_base_and_targets(tmp_path):
+    records = [{"variant": "base", "distance_w2": 0.05, "energy_w2": 20.0},
+               {"variant": "k128", "distance_w2": 0.5, "energy_w2": 30.0},
+               {"variant": "blended", "distance_w2": 0.04, "energy_w2": 10.0}]
+    axes = P.ablation_chart(records, ["distance_w2", "energy_w2"], targets={"distance_w2": 0.03})
+    bars = [p.get_width() for p in axes[0].patches]
+    np.testing.assert_allclose(bars, [0.05, 0.5, 0.04])
+    # the base is drawn first at the top; its value and the target are the vertical lines
+    assert [float(line.get_xdata()[0]) for line in axes[0].lines] == [0.05, 0.03]
+    assert axes[0].get_xscale() == "log" and axes[1].get_xscale() == "linear"  # 10 to 30: under a decade
+    assert [t.get_text() for t in axes[0].get_yticklabels()] == ["base", "k128", "blended"]
+    assert [ax.get_xlabel() for ax in axes] == ["distance W2", "energy W2"]
+    axes[0].figure.savefig(tmp_path / "ablation.png")
+    with pytest.raises(ValueError, match="'k128' has no 'x_w2'"):
+        P.ablation_chart([{"variant": "k128", "distance_w2": 1.0}], ["distance_w2", "x_w2"])
+    with pytest.raises(ValueError, match="no records"):
+        P.ablation_chart([])
+
+
 def test_evaluation_curves_on_given_axes_and_bad_input():
     _, (a, b) = plt.subplots(1, 2)
     records = [{"outer": 0.0, "loss": 2.0}, {"outer": 1.0, "loss": 1.0}]
