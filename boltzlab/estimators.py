@@ -146,7 +146,7 @@ def blended_score(energy: Energy, x_t: Tensor, sigma: float | Tensor, eps: Tenso
     With x_k = x_t + sigma eps_k and w = softmax_k(-E(x_k)/kT), two estimators share the
     weights and have the same limit ∇ log p_t(x_t) as K grows (integration by parts):
 
-        force form  S_F = sum_k w_k F(x_k) / kT      (chapter 04's LSE estimator)
+        force form  S_F = sum_k w_k F(x_k) / kT      (chapter 05's LSE estimator)
         noise form  S_U = sum_k w_k eps_k / sigma    (Tweedie: E[x_0 - x_t | x_t] / sigma^2)
 
     S_F is exact as sigma -> 0 but its variance grows with sigma (the copies spread over

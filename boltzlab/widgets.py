@@ -23,9 +23,9 @@ Widgets here:
 - :func:`temperature_widget`: p_T(x) ∝ exp(-E(x)/kT) of a 2-D energy for a kT slider,
   with the exact probability of the double well's deep well in the title (chapter 00).
 - :func:`log_z_spread_widget`: the spread of importance-sampling log Z estimates over the
-  sample size, for several proposals (chapter 06).
+  sample size, for several proposals (chapter 07).
 - :func:`reverse_sde_widget`: reverse-SDE samples over the exact noised density p_t of a
-  Gaussian mixture for a slider over t, with the modes covered (chapter 05).
+  Gaussian mixture for a slider over t, with the modes covered (chapter 06).
 - :func:`flow_layers_widget`: the density of a 2-D flow after each of its coupling layers
   (chapter 02).
 - :func:`annealing_widget`: the rungs of a temperature-annealing curriculum, tempered target
@@ -279,7 +279,7 @@ def temperature_widget(
 
 
 # ----------------------------------------------------------------------------------------
-# importance sampling: the spread of log Ẑ over the sample size (chapter 06)
+# importance sampling: the spread of log Ẑ over the sample size (chapter 07)
 # ----------------------------------------------------------------------------------------
 
 
@@ -386,7 +386,7 @@ __all__ += ["LogZSpreadView", "draw_log_z_spread", "log_z_spread_view", "log_z_s
 
 
 # ----------------------------------------------------------------------------------------
-# diffusion samplers: GMM-40 samples along the reverse SDE (chapter 05)
+# diffusion samplers: GMM-40 samples along the reverse SDE (chapter 06)
 # ----------------------------------------------------------------------------------------
 
 

@@ -1,11 +1,11 @@
-"""The chapter 04 check accepts correct estimators and names the mistake in wrong ones."""
+"""The chapter 05 check accepts correct estimators and names the mistake in wrong ones."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from boltzlab.grading.checks_ch04 import check_mc_score
+from boltzlab.grading.checks_ch05 import check_mc_score
 from boltzlab.grading.feedback import CheckFailed, ExerciseNotAttempted
 
 

@@ -1,4 +1,4 @@
-"""The chapter 05 checks accept correct EGNN layers and refills, and name the mistake in wrong ones."""
+"""The chapter 06 checks accept correct EGNN layers and refills, and name the mistake in wrong ones."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from boltzlab.diffusion import reverse_sde_sample, sample_prior
-from boltzlab.grading.checks_ch05 import check_egnn_layer, check_refill
+from boltzlab.grading.checks_ch06 import check_egnn_layer, check_refill
 from boltzlab.grading.feedback import CheckFailed, ExerciseNotAttempted
 
 # ----------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The chapter 06 checks accept correct answers and name the mistake in wrong ones."""
+"""The chapter 07 checks accept correct answers and name the mistake in wrong ones."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from boltzlab.grading.checks_ch06 import check_bar_free_energy, check_log_z_bootstrap
+from boltzlab.grading.checks_ch07 import check_bar_free_energy, check_log_z_bootstrap
 from boltzlab.grading.feedback import CheckFailed, ExerciseNotAttempted
 
 softplus = torch.nn.functional.softplus

@@ -1,4 +1,4 @@
-"""The chapter 07 checks accept correct solutions and name the mistake in wrong ones."""
+"""The chapter 08 checks accept correct solutions and name the mistake in wrong ones."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from boltzlab.grading.checks_ch07 import check_best_of_n, check_soft_optimal_weights
+from boltzlab.grading.checks_ch08 import check_best_of_n, check_soft_optimal_weights
 from boltzlab.grading.feedback import CheckFailed, ExerciseNotAttempted
 
 # ----------------------------------------------------------------------------------------

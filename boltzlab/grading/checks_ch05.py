@@ -1,4 +1,4 @@
-"""Check for the chapter 04 exercise: the logsumexp Monte Carlo score estimator.
+"""Check for the chapter 05 exercise: the logsumexp Monte Carlo score estimator.
 
 The learner writes ``mc_score(energy, x_t, sigma, eps) -> (B, dim)``:
 S_K(x_t) = sum_k softmax_k(-E(x_k)/kT) F(x_k)/kT with x_k = x_t + sigma eps_k.

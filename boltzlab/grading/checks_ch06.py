@@ -1,4 +1,4 @@
-"""Checks for the chapter 05 exercises: one EGNN layer, and iDEM's buffer refill.
+"""Checks for the chapter 06 exercises: one EGNN layer, and iDEM's buffer refill.
 
 ``egnn_layer(h, x, phi_e, phi_x, phi_h) -> (h', x')`` is compared with
 :class:`boltzlab.models.EGNNLayer` holding the same weights (float64), on 3-D and 2-D

@@ -1,4 +1,4 @@
-"""Checks for the chapter 06 exercises: importance sampling.
+"""Checks for the chapter 07 exercises: importance sampling.
 
 - :func:`check_bar_free_energy`: ΔF = F_1 - F_0 by the Bennett acceptance ratio from
   Δu = u_1 - u_0 at samples of both states.

@@ -1,4 +1,4 @@
-"""Checks for the chapter 07 exercises: soft-optimal roll-out weights and a best-of-N sampler.
+"""Checks for the chapter 08 exercises: soft-optimal roll-out weights and a best-of-N sampler.
 
 1. ``soft_optimal_weights(rewards, alpha) -> (weights, value)``: rewards ``(B, M)``,
    weights = softmax over the M completions of r/alpha, value = alpha log mean_m exp(r/alpha).
