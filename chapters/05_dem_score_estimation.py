@@ -15,7 +15,7 @@
 # ---
 
 # %% [markdown]
-# # 04 · DEM score estimation
+# # 05 · DEM score estimation
 #
 # ## Aim
 #

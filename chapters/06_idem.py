@@ -15,7 +15,7 @@
 # ---
 
 # %% [markdown]
-# # 05 · iDEM on LJ-13 and LJ-55
+# # 06 · iDEM on LJ-13 and LJ-55
 #
 # ## Aim
 #

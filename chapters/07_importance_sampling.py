@@ -15,7 +15,7 @@
 # ---
 
 # %% [markdown]
-# # 06 · Importance sampling
+# # 07 · Importance sampling
 #
 # ## Aim
 # A sampler q that knows its own density (a flow, chapters 02-03; a diffusion sampler through

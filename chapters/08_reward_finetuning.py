@@ -15,7 +15,7 @@
 # ---
 
 # %% [markdown]
-# # 07 · Reward-guided fine-tuning by iterative distillation
+# # 08 · Reward-guided fine-tuning by iterative distillation
 #
 # ## Aim
 #

@@ -15,7 +15,7 @@
 # ---
 
 # %% [markdown]
-# # Exercise 04 · The logsumexp Monte Carlo score estimator
+# # Exercise 05 · The logsumexp Monte Carlo score estimator
 #
 # From chapter 05 "DEM score estimation". Write your code where it says
 # `raise NotImplementedError()`, run the cell, then run the check cell below it: it tells

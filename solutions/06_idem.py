@@ -15,7 +15,7 @@
 # ---
 
 # %% [markdown]
-# # Exercise 05 · iDEM: one EGNN layer, and the outer loop's buffer refill
+# # Exercise 06 · iDEM: one EGNN layer, and the outer loop's buffer refill
 #
 # From chapter 06 "iDEM on LJ-13 and LJ-55". Write your code where it says
 # `raise NotImplementedError()`, run the cell, then run the check cell below it: it tells

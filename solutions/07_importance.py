@@ -15,7 +15,7 @@
 # ---
 
 # %% [markdown]
-# # Exercises 06 · Importance sampling
+# # Exercises 07 · Importance sampling
 #
 # Two estimators every reweighting needs: the Bennett acceptance ratio, which turns samples of
 # two states into their free-energy difference, and the bootstrap, which puts an interval on

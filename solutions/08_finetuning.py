@@ -15,7 +15,7 @@
 # ---
 
 # %% [markdown]
-# # Exercise 07 · Soft-optimal weights and best-of-N
+# # Exercise 08 · Soft-optimal weights and best-of-N
 #
 # From chapter 08 "Reward-guided fine-tuning by iterative distillation". Write your code where it
 # says `raise NotImplementedError()`, run the cell, then run the check cell below it: it tells you
