@@ -152,6 +152,28 @@ class Chapter03Sizes:
 
 
 @dataclass(frozen=True)
+class Chapter04Sizes:
+    """Chapter 04: diffusion models from data (denoising score matching on samples)."""
+
+    n_train: int  # exact GMM-40 samples the score network is trained on
+    hidden: int  # width of the GMM-40 score network's hidden layers
+    gmm_steps: int  # denoising-score-matching Adam steps on GMM-40
+    batch_size: int  # minibatch size of both training loops
+    n_check: int  # (x_0, t, eps) draws for the DSM = explicit score matching + constant check
+    sigmas: tuple[float, ...]  # noise levels where the learned score is compared with the exact one
+    n_score_points: int  # exact samples of p_sigma per noise level for that comparison
+    n_eval: int  # samples per sampler (and exact samples) for energy W2 and mode coverage
+    step_counts: tuple[int, ...]  # reverse-SDE / probability-flow step counts in the sweep
+    n_likelihood: int  # exact samples whose probability-flow log-likelihood is computed
+    likelihood_steps: tuple[int, ...]  # Heun steps of that likelihood (sweep)
+    dw4_steps: int  # denoising-score-matching steps of the DW-4 EGNN
+    dw4_hidden: int  # width of the EGNN
+    dw4_eval: int  # reverse-SDE samples of DW-4 (and held-out reference samples) for the metrics
+    dw4_sde_steps: int  # reverse-SDE steps for DW-4
+    widget_grid: int  # cells per axis of the widget's density image
+
+
+@dataclass(frozen=True)
 class Chapter05Sizes:
     """Chapter 05: DEM score estimation."""
 
@@ -286,6 +308,21 @@ _REGISTRY: dict[str, dict[str, Any]] = {
         "full": Chapter03Sizes(batch_size=512, hidden=128, dw_steps=5_000, eval_every=250, eval_batch=200_000,
                                anneal_first_steps=2_000, anneal_stage_steps=500, pool_size=50_000, gmm_steps=5_000,
                                ml_samples=10_000, n_eval=1_000_000, grid=400),
+    },
+    "04": {
+        "smoke": Chapter04Sizes(n_train=5_000, hidden=64, gmm_steps=1_500, batch_size=256, n_check=4_000,
+                                sigmas=(0.1, 1.0, 10.0), n_score_points=1_000, n_eval=1_000, step_counts=(20, 100),
+                                n_likelihood=64, likelihood_steps=(10, 40), dw4_steps=300, dw4_hidden=16,
+                                dw4_eval=500, dw4_sde_steps=50, widget_grid=60),
+        "laptop": Chapter04Sizes(n_train=50_000, hidden=128, gmm_steps=12_000, batch_size=512, n_check=50_000,
+                                 sigmas=(0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0), n_score_points=5_000, n_eval=5_000,
+                                 step_counts=(25, 50, 100, 200, 400), n_likelihood=1_000, likelihood_steps=(25, 50, 100),
+                                 dw4_steps=2_500, dw4_hidden=32, dw4_eval=2_000, dw4_sde_steps=200, widget_grid=100),
+        "full": Chapter04Sizes(n_train=200_000, hidden=256, gmm_steps=50_000, batch_size=1_024, n_check=200_000,
+                               sigmas=(0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 70.0), n_score_points=20_000,
+                               n_eval=20_000, step_counts=(25, 50, 100, 200, 400, 800), n_likelihood=5_000,
+                               likelihood_steps=(25, 50, 100, 200), dw4_steps=20_000, dw4_hidden=64,
+                               dw4_eval=5_000, dw4_sde_steps=400, widget_grid=120),
     },
     "05": {
         "smoke": Chapter05Sizes(n_points=16, n_repeats=24, k_values=(2, 8, 32, 128), sigmas=(0.3, 1.0, 3.0, 10.0),

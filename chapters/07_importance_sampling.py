@@ -19,7 +19,7 @@
 #
 # ## Aim
 # A sampler q that knows its own density (a flow, chapters 02-03; a diffusion sampler through
-# its probability-flow ODE, chapters 05-06) can be **corrected** toward the Boltzmann
+# its probability-flow ODE, chapters 04-06) can be **corrected** toward the Boltzmann
 # distribution p ∝ e^{−E/kT} by importance weights w = e^{−E/kT}/q. The same weights estimate
 # the partition function Z and free-energy differences, the numbers a sampler is ultimately
 # for. After this chapter you can
