@@ -247,7 +247,9 @@ def check_denoise(fn: Denoise) -> None:
     expect_shape("denoise", got, x_t.shape)
     variants = _denoise_variants(score, x_t, t)
     if not torch.allclose(got.to(F64), variants["correct"], rtol=1e-6, atol=1e-9):
-        hint = _name_tensor(got, variants, _DENOISE_MISTAKES, "return x_t + schedule.variance(t)[:, None] * score(x_t, t)")
+        hint = _name_tensor(got, variants, _DENOISE_MISTAKES,
+                            "add sigma_t^2 s(x_t, t) to x_t, with sigma_t^2 = schedule.variance(t) given a trailing "
+                            "axis so it multiplies every coordinate of its row")
         expect_close("denoise", got.to(F64), variants["correct"], rtol=1e-6, atol=1e-9, hint=hint)
     passed("x_t + sigma_t^2 s(x_t, t) with a (B,) time")
 
