@@ -42,6 +42,7 @@ import math
 import matplotlib.pyplot as plt
 import torch
 from IPython.display import display
+from tqdm.auto import tqdm
 
 from boltzlab.config import budget, describe, set_torch_threads, sizes
 from boltzlab.diffusion import (
@@ -61,7 +62,15 @@ from boltzlab.finetune import fit_score_model
 from boltzlab.importance import pf_ode_log_prob
 from boltzlab.metrics import distance_tvd, energy_w2, mode_coverage
 from boltzlab.models import EGNN, ScoreMLP
-from boltzlab.plots import axis_label, density_2d, distance_histogram_plot, energy_histogram, panel_grid, samples_2d, training_curve
+from boltzlab.plots import (
+    axis_label,
+    density_2d,
+    distance_histogram_plot,
+    energy_histogram,
+    panel_grid,
+    samples_2d,
+    training_curve,
+)
 from boltzlab.reference import load_reference
 from boltzlab.tables import table
 from boltzlab.widgets import noised_score_widget
@@ -195,7 +204,8 @@ plt.show()
 #
 # The network is a time-conditioned MLP wrapped in `ScaledScore`, which rescales its input by the
 # data's spread and its output by $\sqrt{\sigma_t^2 + s^2}$, so that the network predicts an
-# order-one number at every noise level (the score's size changes by four decades over $t$).
+# order-one number at every noise level (the score's size falls from about $1/s$ near the data to
+# $1/\sigma_1$ at $t = 1$).
 
 # %%
 net = ScoreMLP(2, hidden=S.hidden, n_layers=3, seed=SEED)
@@ -301,7 +311,7 @@ print("noise levels where the learned score is worse than predicting s = 0 (rela
 # likelihood (section 6). DSM averages the target noise out only with many samples and steps:
 # one reason diffusion models need long training.
 #
-# The widget shows the same thing in the plane: slide $\sigma$ over four decades and compare the
+# The widget shows the same thing in the plane: slide $\sigma$ over three and a half decades and compare the
 # learned arrows (red) with the exact ones (white) over the exact $p_\sigma$.
 
 # %%
@@ -375,17 +385,18 @@ e_exact = gmm.energy(gmm.sample(S.n_eval, g_eval))
 floor_w2 = energy_w2(gmm.energy(gmm.sample(S.n_eval, g_eval)), e_exact)
 x1 = sample_prior(schedule, S.n_eval, 2, generator=g_eval)
 sample_rows, final_samples = [], {}
-for n_steps in S.step_counts:
-    for sampler in ("reverse SDE", "probability-flow ODE"):
-        for score_name, score_fn in (("learned", model), ("exact", exact_score)):
-            if sampler == "reverse SDE":
-                xs = reverse_sde_sample(score_fn, schedule, x1, n_steps, generator=torch.Generator().manual_seed(SEED))
-            else:
-                xs = probability_flow_sample(score_fn, schedule, x1, n_steps)
-            covered, _ = mode_coverage(xs, gmm.means, gmm.std)
-            sample_rows.append({"sampler": sampler, "score": score_name, "steps": n_steps,
-                                "energy W2": energy_w2(gmm.energy(xs), e_exact), "modes covered": covered})
-            final_samples[(sampler, score_name)] = xs
+runs = [(n, sampler, name) for n in S.step_counts for sampler in ("reverse SDE", "probability-flow ODE")
+        for name in ("learned", "exact")]
+for n_steps, sampler, score_name in tqdm(runs, desc="samplers"):
+    score_fn = model if score_name == "learned" else exact_score
+    if sampler == "reverse SDE":
+        xs = reverse_sde_sample(score_fn, schedule, x1, n_steps, generator=torch.Generator().manual_seed(SEED))
+    else:
+        xs = probability_flow_sample(score_fn, schedule, x1, n_steps)
+    covered, _ = mode_coverage(xs, gmm.means, gmm.std)
+    sample_rows.append({"sampler": sampler, "score": score_name, "steps": n_steps,
+                        "energy W2": energy_w2(gmm.energy(xs), e_exact), "modes covered": covered})
+    final_samples[(sampler, score_name)] = xs
 display(table(sample_rows, caption=f"GMM-40 samplers ({S.n_eval} samples; exact-sample floor of energy W2: {floor_w2:.3f})",
               formats={"energy W2": ".3f"}))
 
@@ -445,7 +456,8 @@ p1 = noised_mixture(gmm, schedule.prior_std)
 x_p1 = p1.sample(20_000, g_lik, dtype=torch.float64)
 sigma1 = schedule.prior_std
 log_prior_p1 = -0.5 * x_p1.pow(2).sum(-1) / sigma1**2 - math.log(2 * math.pi * sigma1**2)
-predicted = float((log_prior_p1 - p1.log_prob(x_p1)).mean())
+mismatch = log_prior_p1 - p1.log_prob(x_p1)  # log N(x_1) - log p_1(x_1) at exact samples of p_1
+predicted, predicted_sd = float(mismatch.mean()), float(mismatch.std())
 lik_rows = []
 for n_steps in S.likelihood_steps:
     for score_name, score_fn in (("exact", exact_score), ("learned", model)):
@@ -457,19 +469,24 @@ display(table(lik_rows, caption=f"log q of the probability-flow sampler at {S.n_
               f"(entropy of p: -E log p = {float(-log_p.mean()):.3f} nats)", float_format=".3g"))
 exact_best = [r for r in lik_rows if r["score"] == "exact"][-1]
 learned_best = [r for r in lik_rows if r["score"] == "learned"][-1]
-print(f"prior mismatch predicted E[log q - log p] = -KL(p_1 || N(0, σ_1²)) = {predicted:.4f} nats; "
-      f"exact score, {exact_best['Heun steps']} steps: {exact_best['mean log q - log p']:.4f}")
+print(f"prior mismatch predicted E[log q - log p] = -KL(p_1 || N(0, σ_1²)) = {predicted:.4f} nats, sd {predicted_sd:.3f};\n"
+      f"  exact score, {exact_best['Heun steps']} steps: mean {exact_best['mean log q - log p']:.4f}, "
+      f"sd {exact_best['sd of log q - log p']:.3f}")
 print(f"learned score: E_p[log p - log q] = KL(p || q) + (prior term) ≈ {-learned_best['mean log q - log p']:.3f} nats")
 
 # %%
 assert abs(exact_best["mean log q - log p"] - predicted) < 0.05 + 3 * exact_best["sd of log q - log p"] / math.sqrt(S.n_likelihood), (exact_best, predicted)
 assert exact_best["sd of log q - log p"] < 0.2, exact_best
+if not SMOKE:  # the spread is the prior mismatch's, not noise from the integrator
+    assert abs(exact_best["sd of log q - log p"] - predicted_sd) < 0.5 * predicted_sd + 0.03, (exact_best, predicted_sd)
 if not SMOKE:
     assert learned_best["NLL -E log q"] > float(-log_p.mean()) - 0.05  # no model beats the entropy (up to noise)
 
 # %% [markdown]
-# With the exact score the likelihood matches $\log p$ to within the predicted prior mismatch
-# (a small constant, printed) and a spread that shrinks with the steps: the machinery is right.
+# With the exact score the likelihood matches $\log p$ up to the predicted prior mismatch, in its
+# mean and in its spread (both printed): each sample's error is $\log\mathcal N(x_1) - \log p_1(x_1)$
+# at the point $x_1$ its flow reaches, so the spread does not shrink with more steps, only the
+# discretisation error does. The machinery is right; a larger $\sigma_{\max}$ would shrink the rest.
 # With the learned score the mean of $\log p - \log q$ estimates $\mathrm{KL}(p\,\|\,q)$ (plus the
 # same prior term), a single honest number for the whole model; the NLL column is what a
 # likelihood-trained flow (chapter 02) would report on the same samples. Chapter 07 uses this
@@ -507,8 +524,9 @@ display(table(dw_rows, caption=f"DW-4: {S.dw4_eval} samples against {S.dw4_eval}
               float_format=".3g"))
 com = float(x_dw.reshape(-1, target.n_particles, target.spatial_dim).mean(1).abs().max())
 model_row, floor_row = dw_rows
-print(f"energy W2 {model_row['energy W2']:.3f} = {model_row['energy W2'] / floor_row['energy W2']:.1f}x the floor; "
-      f"distance TVD {model_row['distance TVD']:.3f} vs {floor_row['distance TVD']:.3f}; max |centre of mass| {com:.1e}")
+print(f"verdict: energy W2 {model_row['energy W2']:.3f} is {model_row['energy W2'] / floor_row['energy W2']:.1f}x the "
+      f"floor, distance TVD {model_row['distance TVD']:.3f} is "
+      f"{model_row['distance TVD'] / floor_row['distance TVD']:.1f}x the floor\n  max |centre of mass| {com:.1e}")
 
 # %%
 assert com < 1e-4  # samples stay in the centre-of-mass-free subspace
@@ -527,9 +545,10 @@ axes[1].set_title("DW-4 interatomic distances", fontsize="medium")
 plt.show()
 
 # %% [markdown]
-# The EGNN trained by DSM reproduces the energy and distance histograms of the held-out MCMC
-# samples, with the gap to the floor printed above (under `smoke` it trains for a few seconds and
-# the gap is large). The recipe is the same as on GMM-40; the symmetric network and the projected
+# The EGNN trained by DSM puts its samples where the held-out MCMC samples are (the histograms
+# overlap), with a gap to the floor that the verdict line above measures (under `smoke` it trains
+# for a few seconds and the gap is large). As on GMM-40, energy W2 is the stricter of the two
+# metrics: DW-4's energy is steep in the pair distances, so small errors in the wells' widths show. The recipe is the same as on GMM-40; the symmetric network and the projected
 # noise are all that change for particles.
 #
 # ## Discussion

@@ -23,7 +23,6 @@
 # diffusion model.
 
 # %%
-import math
 
 import torch
 
@@ -72,7 +71,7 @@ _g = torch.Generator().manual_seed(2025)
 _x0 = torch.randn(128, 4, generator=_g)
 _t = torch.rand(128, generator=_g)
 _eps = torch.randn(128, 4, generator=_g)
-_score = lambda x, t: -x / (1.0 + _sched.variance(t))[:, None] + 0.1 * torch.cos(x)  # noqa: E731
+_score = lambda x, t: -x / (1.0 + _sched.variance(t))[:, None] + 0.1 * torch.cos(x)
 assert torch.allclose(dsm_loss(_score, _x0, _t, _eps, _sched), _package_dsm_loss(_score, _x0, _t, _eps, _sched),
                       rtol=1e-5, atol=1e-6)
 _zero = dsm_loss(lambda x, t: torch.zeros_like(x), _x0, _t, _eps, _sched)
@@ -109,7 +108,7 @@ from boltzlab.diffusion import reverse_sde_sample as _package_sampler
 
 _sched = GeometricNoiseSchedule(0.01, 3.0)
 _x1 = torch.randn(20, 6, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
-_score = lambda x, t: -x / (0.5 + _sched.variance(t))[:, None]  # noqa: E731
+_score = lambda x, t: -x / (0.5 + _sched.variance(t))[:, None]
 _ref = _package_sampler(_score, _sched, _x1, 1, generator=torch.Generator().manual_seed(12), t_end=0.9)
 _z = torch.randn(_x1.shape, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
 assert torch.allclose(reverse_sde_step(_score, _sched, _x1, 1.0, 1.0 - 0.9, _z), _ref, rtol=1e-10, atol=1e-10)
@@ -144,7 +143,7 @@ _g = torch.Generator().manual_seed(77)
 _t = torch.rand(300, generator=_g, dtype=torch.float64)
 _xt = _gmm.sample(300, _g, dtype=torch.float64) + _sched.std(_t)[:, None] * torch.randn(300, 2, generator=_g,
                                                                                          dtype=torch.float64)
-_exact = lambda x, t: gmm_noised_score(_gmm, x, _sched.std(t))  # noqa: E731
+_exact = lambda x, t: gmm_noised_score(_gmm, x, _sched.std(t))
 assert torch.allclose(denoise(_exact, _xt, _t, _sched), gmm_posterior_mean(_gmm, _xt, _sched.std(_t)), atol=1e-8)
 ### END HIDDEN TESTS
 

@@ -5,7 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from boltzlab.grading.checks_ch04 import check_denoise, check_dsm_loss, check_reverse_sde_step
+from boltzlab.grading.checks_ch04 import (
+    check_denoise,
+    check_dsm_loss,
+    check_reverse_sde_step,
+)
 from boltzlab.grading.feedback import CheckFailed, ExerciseNotAttempted
 
 # ---------------------------------------------------------------- DSM loss

@@ -64,7 +64,7 @@ def test_dsm_loss_of_linear_scores_matches_the_closed_form(sigma):
     t = SCHED.time_at_std(torch.full((n,), sigma, dtype=F64))
     c_star = 1.0 / (s2 + sigma**2)
     for c in (0.5 * c_star, c_star, 2.0 * c_star):
-        got = float(dsm_loss(lambda x, tt: -c * x, x0, t, eps, SCHED))
+        got = float(dsm_loss(lambda x, tt, c=c: -c * x, x0, t, eps, SCHED))
         closed = d * (c**2 * sigma**2 * (s2 + sigma**2) - 2 * c * sigma**2 + 1)
         assert got == pytest.approx(closed, rel=0.01), (c, got, closed)
     assert d * s2 / (s2 + sigma**2) == pytest.approx(d * (c_star**2 * sigma**2 * (s2 + sigma**2)
@@ -167,7 +167,7 @@ def test_noised_mixture_rejects_other_targets():
 def test_noised_score_view_against_exact_and_zero_models():
     gmm = GaussianMixture()
     sched = GeometricNoiseSchedule(0.01, 70.0)
-    exact_model = lambda x, t: gmm_noised_score(gmm, x, sched.std(t))  # noqa: E731
+    exact_model = lambda x, t: gmm_noised_score(gmm, x, sched.std(t))
     view = noised_score_view(gmm, 3.0, exact_model, sched, grid=40, arrows=6)
     assert view.relative_error == pytest.approx(0.0, abs=1e-10)
     zero = noised_score_view(gmm, 3.0, lambda x, t: torch.zeros_like(x), sched, grid=40, arrows=6)

@@ -18,7 +18,15 @@ from boltzlab.diffusion import GeometricNoiseSchedule
 from boltzlab.energies import GaussianMixture
 from boltzlab.estimators import gmm_noised_score, gmm_posterior_mean
 from boltzlab.grading import write_yourself
-from boltzlab.grading.feedback import CheckFailed, all_passed, as_float, call_learner, expect_close, expect_shape, passed
+from boltzlab.grading.feedback import (
+    CheckFailed,
+    all_passed,
+    as_float,
+    call_learner,
+    expect_close,
+    expect_shape,
+    passed,
+)
 
 F64 = torch.float64
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
