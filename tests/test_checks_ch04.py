@@ -187,3 +187,24 @@ def test_denoise_accepts_correct(capsys):
 def test_denoise_names_mistakes(fn, match):
     with pytest.raises(CheckFailed, match=match):
         check_denoise(fn)
+
+
+def step_calls_package(score, schedule, x, t, dt, z):
+    from boltzlab.diffusion import reverse_sde_step
+
+    return reverse_sde_step(score, schedule, x, t, dt, z)
+
+
+def denoise_calls_package(score, x_t, t, schedule):
+    from boltzlab.diffusion import tweedie_denoise
+
+    return tweedie_denoise(x_t, score(x_t, t), schedule.std(t))
+
+
+@pytest.mark.parametrize("check, fn, name", [
+    (check_reverse_sde_step, step_calls_package, "reverse_sde_step"),
+    (check_denoise, denoise_calls_package, "tweedie_denoise"),
+])
+def test_package_versions_do_not_count(check, fn, name):
+    with pytest.raises(CheckFailed, match=f"does not count.*boltzlab.diffusion.{name}"):
+        check(fn)
