@@ -418,14 +418,14 @@ assert exact_sde[-1] < exact_sde[0] and exact_sde[-1] < 3 * floor_w2 + 0.1, exac
 if not SMOKE:
     assert w2_of("reverse SDE", "learned", most) < 5.0, sample_rows  # measured 2.7 on laptop, 45x the floor
 
-fig, axes = panel_grid(3, panel_size=(3.2, 3.2), sharex=True, sharey=True)
+fig, axes = panel_grid(3, panel_size=(3.1, 3.1), ncols=3, sharex=True, sharey=True)
 for ax, (label, xs) in zip(axes, (("exact samples", gmm.sample(S.n_eval, g_eval)),
                                   (f"reverse SDE, learned, {most} steps", final_samples[("reverse SDE", "learned")]),
                                   (f"PF ODE, learned, {most} steps", final_samples[("probability-flow ODE", "learned")]))):
     density_2d(gmm, (-55, 55), (-55, 55), grid=S.widget_grid, ax=ax, colorbar=False)
     samples_2d(xs, ax=ax, size=2, max_points=2000)
     ax.set_title(label, fontsize="medium")
-    ax.set(xlabel="$x_1$")
+    ax.set(xlabel="$x_1$", xlim=(-55, 55), ylim=(-55, 55))  # stray samples must not widen the image's frame
 axes[0].set_ylabel("$x_2$")
 plt.show()
 
