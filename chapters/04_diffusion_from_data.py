@@ -235,7 +235,7 @@ plt.show()
 print(f"DSM loss on {S.n_check} fixed draws: model {loss_model:.4f}, exact score {loss_exact:.4f} (the constant C)")
 
 # %% [markdown]
-# The loss flattens well above zero, at the loss of the exact score (dashed). How far above is the
+# The loss flattens well above zero, close to the loss of the exact score (dashed). How far above is the
 # model? The identity in the Theory says: by exactly its explicit score-matching error. We check
 # it sample by sample on the same draws: $\ell_{\rm model} - \ell_{\rm exact} - \sigma_t^2\|s_\theta -
 # \nabla\log p_t\|^2 = 2\sigma_t (s_\theta - \nabla\log p_t)\cdot(\sigma_t\nabla\log p_t + \epsilon)$
@@ -431,8 +431,8 @@ plt.show()
 
 # %% [markdown]
 # With the exact score both samplers reach the floor as the steps grow (the error left at few
-# steps is discretisation). With the learned score the error stops falling after a few dozen steps
-# and stays far above the floor (the ratio is printed): from there on it is the score's error,
+# steps is discretisation). With the learned score the error stops falling well before the largest
+# step count (table) and stays far above the floor (the ratio is printed): from there on it is the score's error,
 # mostly the small-$\sigma$ error of section 3, which shows as modes that are too wide or too
 # narrow. Energy W2 is a harsh judge here: $E = -\log p$ grows quadratically away from each mean,
 # so a slightly widened mode moves the whole energy histogram. All modes are covered either way
