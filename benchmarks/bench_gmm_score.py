@@ -1,4 +1,4 @@
-"""Benchmark the DEM score estimate on GMM-40 (chapter 04's inner loop) against its earlier chunking.
+"""Benchmark the DEM score estimate on GMM-40 (chapter 05's inner loop) against its earlier chunking.
 
     .venv/bin/python benchmarks/bench_gmm_score.py            # B = 4096 points, K = 256 copies
     .venv/bin/python benchmarks/bench_gmm_score.py --quick    # B = 1024

@@ -153,7 +153,29 @@ class Chapter03Sizes:
 
 @dataclass(frozen=True)
 class Chapter04Sizes:
-    """Chapter 04: DEM score estimation."""
+    """Chapter 04: diffusion models from data (denoising score matching on samples)."""
+
+    n_train: int  # exact GMM-40 samples the score network is trained on
+    hidden: int  # width of the GMM-40 score network's hidden layers
+    gmm_steps: int  # denoising-score-matching Adam steps on GMM-40
+    batch_size: int  # minibatch size of both training loops
+    n_check: int  # (x_0, t, eps) draws for the DSM = explicit score matching + constant check
+    sigmas: tuple[float, ...]  # noise levels where the learned score is compared with the exact one
+    n_score_points: int  # exact samples of p_sigma per noise level for that comparison
+    n_eval: int  # samples per sampler (and exact samples) for energy W2 and mode coverage
+    step_counts: tuple[int, ...]  # reverse-SDE / probability-flow step counts in the sweep
+    n_likelihood: int  # exact samples whose probability-flow log-likelihood is computed
+    likelihood_steps: tuple[int, ...]  # Heun steps of that likelihood (sweep)
+    dw4_steps: int  # denoising-score-matching steps of the DW-4 EGNN
+    dw4_hidden: int  # width of the EGNN
+    dw4_eval: int  # reverse-SDE samples of DW-4 (and held-out reference samples) for the metrics
+    dw4_sde_steps: int  # reverse-SDE steps for DW-4
+    widget_grid: int  # cells per axis of the widget's density image
+
+
+@dataclass(frozen=True)
+class Chapter05Sizes:
+    """Chapter 05: DEM score estimation."""
 
     n_points: int  # noisy GMM-40 points at which bias and variance are measured
     n_repeats: int  # independent estimates per point (for bias and variance)
@@ -168,8 +190,8 @@ class Chapter04Sizes:
 
 
 @dataclass(frozen=True)
-class Chapter05Sizes:
-    """Chapter 05: iDEM on GMM-40, DW-4, LJ-13 and LJ-55 (shipped checkpoints + a short demo run)."""
+class Chapter06Sizes:
+    """Chapter 06: iDEM on GMM-40, DW-4, LJ-13 and LJ-55 (shipped checkpoints + a short demo run)."""
 
     demo_outer: int  # outer iterations (buffer refills) of the GMM-40 demonstration run
     demo_inner: int  # regression steps per outer iteration there
@@ -192,8 +214,8 @@ class Chapter05Sizes:
 
 
 @dataclass(frozen=True)
-class Chapter06Sizes:
-    """Chapter 06: importance sampling."""
+class Chapter07Sizes:
+    """Chapter 07: importance sampling."""
 
     n_train: int  # exact samples each maximum-likelihood flow is trained on
     batch_size: int  # minibatch size of every flow training loop
@@ -215,13 +237,13 @@ class Chapter06Sizes:
     ode_steps: int  # Heun steps of the probability-flow ODE (sampling and likelihood)
     n_probes: int  # Hutchinson probes per divergence evaluation
     n_exact_check: int  # samples on which Hutchinson is compared with the exact divergence
-    n_lj13: int  # probability-flow samples of chapter 05's shipped LJ-13 iDEM sampler
+    n_lj13: int  # probability-flow samples of chapter 06's shipped LJ-13 iDEM sampler
     lj13_ode_steps: int  # Heun steps for those samples and their likelihoods
 
 
 @dataclass(frozen=True)
-class Chapter07Sizes:
-    """Chapter 07: reward-guided fine-tuning by iterative distillation."""
+class Chapter08Sizes:
+    """Chapter 08: reward-guided fine-tuning by iterative distillation."""
 
     n_data: int  # exact samples at kT0 the model is pretrained on
     hidden: int  # width of the score network's hidden layers
@@ -288,64 +310,79 @@ _REGISTRY: dict[str, dict[str, Any]] = {
                                ml_samples=10_000, n_eval=1_000_000, grid=400),
     },
     "04": {
-        "smoke": Chapter04Sizes(n_points=16, n_repeats=24, k_values=(2, 8, 32, 128), sigmas=(0.3, 1.0, 3.0, 10.0),
+        "smoke": Chapter04Sizes(n_train=5_000, hidden=64, gmm_steps=1_500, batch_size=256, n_check=4_000,
+                                sigmas=(0.1, 1.0, 10.0), n_score_points=1_000, n_eval=1_000, step_counts=(20, 100),
+                                n_likelihood=64, likelihood_steps=(10, 40), dw4_steps=300, dw4_hidden=16,
+                                dw4_eval=500, dw4_sde_steps=50, widget_grid=60),
+        "laptop": Chapter04Sizes(n_train=50_000, hidden=128, gmm_steps=12_000, batch_size=512, n_check=50_000,
+                                 sigmas=(0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0), n_score_points=5_000, n_eval=5_000,
+                                 step_counts=(25, 50, 100, 200, 400), n_likelihood=1_000, likelihood_steps=(25, 50, 100),
+                                 dw4_steps=2_500, dw4_hidden=32, dw4_eval=2_000, dw4_sde_steps=200, widget_grid=100),
+        "full": Chapter04Sizes(n_train=200_000, hidden=256, gmm_steps=50_000, batch_size=1_024, n_check=200_000,
+                               sigmas=(0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 70.0), n_score_points=20_000,
+                               n_eval=20_000, step_counts=(25, 50, 100, 200, 400, 800), n_likelihood=5_000,
+                               likelihood_steps=(25, 50, 100, 200), dw4_steps=20_000, dw4_hidden=64,
+                               dw4_eval=5_000, dw4_sde_steps=400, widget_grid=120),
+    },
+    "05": {
+        "smoke": Chapter05Sizes(n_points=16, n_repeats=24, k_values=(2, 8, 32, 128), sigmas=(0.3, 1.0, 3.0, 10.0),
                                 dims=(2, 10, 100, 1000), dim_points=16, dim_k=128, lj_points=16, lj_k=32,
                                 widget_grid=9),
-        "laptop": Chapter04Sizes(n_points=64, n_repeats=64, k_values=(2, 4, 8, 16, 32, 64, 128, 256, 512),
+        "laptop": Chapter05Sizes(n_points=64, n_repeats=64, k_values=(2, 4, 8, 16, 32, 64, 128, 256, 512),
                                  sigmas=(0.1, 0.3, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0),
                                  dims=(2, 5, 10, 30, 100, 300, 1000, 3000), dim_points=64, dim_k=512,
                                  lj_points=64, lj_k=128, widget_grid=15),
-        "full": Chapter04Sizes(n_points=256, n_repeats=256, k_values=(2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048),
+        "full": Chapter05Sizes(n_points=256, n_repeats=256, k_values=(2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048),
                                sigmas=(0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 40.0),
                                dims=(2, 5, 10, 30, 100, 300, 1000, 3000, 10000), dim_points=256, dim_k=2048,
                                lj_points=256, lj_k=512, widget_grid=21),
     },
-    "05": {
-        "smoke": Chapter05Sizes(demo_outer=3, demo_inner=15, demo_batch=128, demo_n_mc=128, demo_refill=256,
+    "06": {
+        "smoke": Chapter06Sizes(demo_outer=3, demo_inner=15, demo_batch=128, demo_n_mc=128, demo_refill=256,
                                 demo_sde_steps=50, demo_eval=400, fresh_samples=16, fresh_sde_steps=20,
                                 equivariance_batch=4, estimator_points=16, estimator_repeats=4,
                                 estimator_ref_k=20_000, floor_samples=500, corrector_steps=20, widget_samples=400,
                                 widget_sde_steps=200, retrain=False),
-        "laptop": Chapter05Sizes(demo_outer=10, demo_inner=40, demo_batch=128, demo_n_mc=128, demo_refill=500,
+        "laptop": Chapter06Sizes(demo_outer=10, demo_inner=40, demo_batch=128, demo_n_mc=128, demo_refill=500,
                                  demo_sde_steps=100, demo_eval=1_000, fresh_samples=64, fresh_sde_steps=100,
                                  equivariance_batch=16, estimator_points=32, estimator_repeats=8,
                                  estimator_ref_k=20_000, floor_samples=1_000, corrector_steps=100,
                                  widget_samples=1_000, widget_sde_steps=200, retrain=False),
-        "full": Chapter05Sizes(demo_outer=40, demo_inner=100, demo_batch=256, demo_n_mc=256, demo_refill=1_000,
+        "full": Chapter06Sizes(demo_outer=40, demo_inner=100, demo_batch=256, demo_n_mc=256, demo_refill=1_000,
                                demo_sde_steps=200, demo_eval=1_000, fresh_samples=1_000, fresh_sde_steps=200,
                                equivariance_batch=64, estimator_points=128, estimator_repeats=16,
                                estimator_ref_k=100_000, floor_samples=2_000, corrector_steps=200,
                                widget_samples=2_000, widget_sde_steps=200, retrain=True),
     },
-    "06": {
-        "smoke": Chapter06Sizes(n_train=2_000, batch_size=128, hidden=32, gmm_steps=150, dw_steps=150,
+    "07": {
+        "smoke": Chapter07Sizes(n_train=2_000, batch_size=128, hidden=32, gmm_steps=150, dw_steps=150,
                                 block_first_steps=100, block_stage_steps=40, pool_size=2_000, n_eval=4_000, n_boot=200,
                                 n_repeats=10, repeat_size=500, small_draws=500, widget_draws=200, score_steps=40,
                                 score_hidden=16, n_diffusion=128, ode_steps=10, n_probes=1, n_exact_check=8,
                                 n_lj13=32, lj13_ode_steps=8),
-        "laptop": Chapter06Sizes(n_train=20_000, batch_size=256, hidden=64, gmm_steps=2_000, dw_steps=1_500,
+        "laptop": Chapter07Sizes(n_train=20_000, batch_size=256, hidden=64, gmm_steps=2_000, dw_steps=1_500,
                                  block_first_steps=600, block_stage_steps=200, pool_size=20_000, n_eval=50_000,
                                  n_boot=1_000, n_repeats=40, repeat_size=2_000, small_draws=2_000, widget_draws=500,
                                  score_steps=1_000, score_hidden=32, n_diffusion=2_000, ode_steps=50, n_probes=2,
                                  n_exact_check=64, n_lj13=1_000, lj13_ode_steps=40),
-        "full": Chapter06Sizes(n_train=100_000, batch_size=512, hidden=128, gmm_steps=10_000, dw_steps=5_000,
+        "full": Chapter07Sizes(n_train=100_000, batch_size=512, hidden=128, gmm_steps=10_000, dw_steps=5_000,
                                block_first_steps=2_000, block_stage_steps=500, pool_size=50_000, n_eval=500_000,
                                n_boot=2_000, n_repeats=100, repeat_size=10_000, small_draws=10_000, widget_draws=2_000,
                                score_steps=10_000, score_hidden=64, n_diffusion=10_000, ode_steps=100, n_probes=4,
                                n_exact_check=256, n_lj13=5_000, lj13_ode_steps=100),
     },
-    "07": {
-        "smoke": Chapter07Sizes(n_data=20_000, hidden=64, pretrain_steps=2_000, pretrain_batch=512, sde_steps=50,
+    "08": {
+        "smoke": Chapter08Sizes(n_data=20_000, hidden=64, pretrain_steps=2_000, pretrain_batch=512, sde_steps=50,
                                 n_rounds=2, collections_per_round=1, n_states=2_048, n_rollouts=4, rollout_steps=10,
                                 steps_per_collection=200, rwr_pool=4_000, rwr_steps=500, rwr_alphas=(2.0, 1.0),
                                 bon_ns=(1, 2, 4, 8), n_eval=2_000, n_ess=1_000, grid=50, ode_steps=30,
                                 gauss_samples=20_000),
-        "laptop": Chapter07Sizes(n_data=100_000, hidden=128, pretrain_steps=6_000, pretrain_batch=1_024,
+        "laptop": Chapter08Sizes(n_data=100_000, hidden=128, pretrain_steps=6_000, pretrain_batch=1_024,
                                  sde_steps=100, n_rounds=4, collections_per_round=2, n_states=4_096, n_rollouts=8,
                                  rollout_steps=20, steps_per_collection=300, rwr_pool=20_000, rwr_steps=2_000,
                                  rwr_alphas=(4.0, 2.0, 4.0 / 3.0, 1.0), bon_ns=(1, 2, 4, 8, 16), n_eval=5_000,
                                  n_ess=2_000, grid=80, ode_steps=60, gauss_samples=20_000),
-        "full": Chapter07Sizes(n_data=200_000, hidden=128, pretrain_steps=15_000, pretrain_batch=1_024,
+        "full": Chapter08Sizes(n_data=200_000, hidden=128, pretrain_steps=15_000, pretrain_batch=1_024,
                                sde_steps=200, n_rounds=6, collections_per_round=2, n_states=8_192, n_rollouts=8,
                                rollout_steps=30, steps_per_collection=400, rwr_pool=50_000, rwr_steps=5_000,
                                rwr_alphas=(6.0, 3.0, 2.0, 1.5, 1.2, 1.0), bon_ns=(1, 2, 3, 4, 8, 16),

@@ -93,6 +93,13 @@ class GeometricNoiseSchedule:
         """sigma_t, same shape as ``t``."""
         return self.variance(t).clamp_min(0.0).sqrt()
 
+    def time_at_std(self, sigma: Tensor) -> Tensor:
+        """The inverse of :meth:`std`: t = log(1 + sigma^2 / sigma_min^2) / (2 log r), same shape as
+        ``sigma`` (sigma >= 0; a sigma above sigma_1 gives t > 1)."""
+        if bool((sigma < 0).any()):
+            raise DiffusionInputError(f"sigma must be >= 0, got a minimum of {float(sigma.min())}")
+        return torch.log1p((sigma / self.sigma_min) ** 2) / (2.0 * self.log_ratio)
+
     @property
     def prior_std(self) -> float:
         """sigma_1, the standard deviation of the prior N(0, sigma_1^2 I) sampling starts from."""
@@ -286,9 +293,78 @@ def denoising_score_matching_loss(
     """
     x0 = _check_state(x0, name="x0")
     t = sample_times(x0.shape[0], generator=generator, t_min=t_min, dtype=x0.dtype, device=x0.device)
-    x_t, eps = perturb(x0, t, schedule, project=project, generator=generator)
-    residual = schedule.std(t)[:, None] * score(x_t, t) + eps
+    # the same draws as perturb(), so the loss is the one it always was for a given generator
+    eps = (project or _identity)(torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device))
+    return dsm_loss(score, x0, t, eps, schedule)
+
+
+def dsm_loss(score: ScoreFn, x0: Tensor, t: Tensor, eps: Tensor, schedule: GeometricNoiseSchedule) -> Tensor:
+    r"""The denoising-score-matching loss on given times and noise (the deterministic core of
+    :func:`denoising_score_matching_loss`):
+
+        x_t = x_0 + sigma_t eps,    L = (1/B) sum_b || sigma_{t_b} s(x_t, t)_b + eps_b ||^2.
+
+    It is the sigma_t^2-weighted regression of s(x_t, t) onto -eps / sigma_t = ∇_{x_t} log
+    N(x_t; x_0, sigma_t^2 I). Over x_0 ~ p, eps and t it differs from the explicit score-matching
+    loss E sigma_t^2 || s(x_t, t) - ∇ log p_t(x_t) ||^2 by a constant (Vincent 2011), so both have
+    the minimiser s = ∇ log p_t; the constant is the loss of the exact score, which is not zero.
+
+    Shapes: ``x0`` (B, dim), ``t`` (B,), ``eps`` (B, dim) -> scalar.
+    """
+    x0 = _check_state(x0, name="x0")
+    if not isinstance(t, Tensor) or t.shape != (x0.shape[0],):
+        raise DiffusionInputError(f"t must have shape ({x0.shape[0]},), one time per sample; got "
+                                  f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
+    if not isinstance(eps, Tensor) or eps.shape != x0.shape:
+        raise DiffusionInputError(f"eps must have the shape of x0, {tuple(x0.shape)}; got "
+                                  f"{tuple(eps.shape) if isinstance(eps, Tensor) else type(eps).__name__}")
+    sigma = schedule.std(t)[:, None]
+    x_t = x0 + sigma * eps
+    residual = sigma * score(x_t, t) + eps
     return residual.pow(2).sum(-1).mean()
+
+
+def reverse_sde_step(score: ScoreFn, schedule: GeometricNoiseSchedule, x: Tensor, t: float, dt: float,
+                     z: Tensor) -> Tensor:
+    r"""One Euler-Maruyama step of the reverse SDE from time ``t`` to ``t - dt``:
+
+        x_{t - dt} = x_t + g(t)^2 s(x_t, t) dt + g(t) sqrt(dt) z,    z ~ N(0, I),
+
+    (the ``"euler"`` update of :func:`reverse_sde_sample`, written out for one step; the drift
+    g^2 s has the sign that moves x toward higher density as time runs backwards).
+    Shapes: ``x`` and ``z`` (B, dim) -> (B, dim); ``t`` in (0, 1], ``0 < dt <= t``.
+    """
+    x = _check_state(x, name="x")
+    if not isinstance(z, Tensor) or z.shape != x.shape:
+        raise DiffusionInputError(f"z must have the shape of x, {tuple(x.shape)}; got "
+                                  f"{tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__}")
+    if not (0.0 < float(t) <= 1.0 and 0.0 < float(dt) <= float(t) + 1e-12):
+        raise DiffusionInputError(f"need 0 < t <= 1 and 0 < dt <= t, got t={t}, dt={dt}")
+    tt = torch.full((x.shape[0],), float(t), dtype=x.dtype, device=x.device)
+    g2 = schedule.g2(tt)[:, None]
+    return x + g2 * score(x, tt) * dt + (g2 * dt).sqrt() * z
+
+
+def tweedie_denoise(x_t: Tensor, score_value: Tensor, sigma: float | Tensor) -> Tensor:
+    r"""Tweedie's formula: the posterior mean of the clean sample given the noisy one,
+
+        E[x_0 | x_t] = x_t + sigma_t^2 ∇ log p_t(x_t),
+
+    exact for x_t = x_0 + sigma_t eps with any p_0 (differentiate p_t = ∫ p_0(x_0)
+    N(x_t; x_0, sigma_t^2 I) dx_0 under the integral). ``score_value`` is ∇ log p_t at ``x_t``
+    (exact or learned). Shapes: ``x_t`` and ``score_value`` (B, dim), ``sigma`` a float or (B,)
+    -> (B, dim).
+    """
+    x_t = _check_state(x_t, name="x_t")
+    if not isinstance(score_value, Tensor) or score_value.shape != x_t.shape:
+        raise DiffusionInputError(f"score_value must have the shape of x_t, {tuple(x_t.shape)}; got "
+                                  f"{tuple(score_value.shape) if isinstance(score_value, Tensor) else type(score_value).__name__}")
+    sig = torch.as_tensor(sigma, dtype=x_t.dtype, device=x_t.device)
+    if sig.ndim == 0:
+        sig = sig.expand(x_t.shape[0])
+    if sig.shape != (x_t.shape[0],) or bool((sig < 0).any()) or not bool(torch.isfinite(sig).all()):
+        raise DiffusionInputError(f"sigma must be a finite non-negative float or shape ({x_t.shape[0]},) tensor")
+    return x_t + sig[:, None] ** 2 * score_value
 
 
 class ReplayBuffer:

@@ -146,7 +146,7 @@ def blended_score(energy: Energy, x_t: Tensor, sigma: float | Tensor, eps: Tenso
     With x_k = x_t + sigma eps_k and w = softmax_k(-E(x_k)/kT), two estimators share the
     weights and have the same limit ∇ log p_t(x_t) as K grows (integration by parts):
 
-        force form  S_F = sum_k w_k F(x_k) / kT      (chapter 04's LSE estimator)
+        force form  S_F = sum_k w_k F(x_k) / kT      (chapter 05's LSE estimator)
         noise form  S_U = sum_k w_k eps_k / sigma    (Tweedie: E[x_0 - x_t | x_t] / sigma^2)
 
     S_F is exact as sigma -> 0 but its variance grows with sigma (the copies spread over
@@ -333,6 +333,40 @@ def gmm_noised_score(gmm: GaussianMixture, x: Tensor, sigma: float | Tensor) -> 
     diff = mu[None] - inputs.x_t[:, None, :]  # (B, M, dim)
     resp = torch.softmax(-(diff**2).sum(-1) / (2 * v), dim=-1)
     return (resp[..., None] * diff).sum(1) / v
+
+
+def noised_mixture(gmm: GaussianMixture, sigma: float) -> GaussianMixture:
+    """The exact noised density p_sigma = p * N(0, sigma^2 I) of a Gaussian mixture ``gmm`` at
+    kT = 1, as a mixture again: the same means with width sqrt(s^2 + sigma^2). Its ``log_prob``,
+    ``score`` and ``sample`` are the exact answers a diffusion model is measured against."""
+    if not isinstance(gmm, GaussianMixture):
+        raise ValueError(f"noised_mixture needs a GaussianMixture, got {type(gmm).__name__}")
+    if gmm.kT != 1.0:
+        raise ValueError(f"at kT = {gmm.kT} the density p^(1/kT) is not a Gaussian mixture; use kT = 1")
+    if not (math.isfinite(float(sigma)) and float(sigma) >= 0):
+        raise ValueError(f"sigma must be finite and >= 0, got {sigma}")
+    return GaussianMixture(name=f"{gmm.name} noised at sigma = {float(sigma):.3g}", dim=gmm.dim, means=gmm.means,
+                           std=math.sqrt(gmm.std**2 + float(sigma) ** 2))
+
+
+def gmm_posterior_mean(gmm: GaussianMixture, x: Tensor, sigma: float | Tensor) -> Tensor:
+    """E[x_0 | x_t = x] for x_0 ~ ``gmm`` (kT = 1) and x_t = x_0 + sigma eps, by Bayes per component:
+
+        E[x_0 | x_t] = sum_m r_m(x_t) (sigma^2 mu_m + s^2 x_t) / (s^2 + sigma^2),
+
+    with r_m the responsibilities of the noised mixture. Computed without the score, so it is an
+    independent check of Tweedie's formula. Shapes: x (B, dim), sigma float or (B,) -> (B, dim)."""
+    if not isinstance(gmm, GaussianMixture):
+        raise ValueError(f"gmm_posterior_mean needs a GaussianMixture, got {type(gmm).__name__}")
+    if gmm.kT != 1.0:
+        raise ValueError(f"at kT = {gmm.kT} the density p^(1/kT) is not a Gaussian mixture; use kT = 1")
+    inputs = check_score_inputs(gmm, x, sigma, 1, None, None)
+    s2, sig2 = gmm.std**2, (inputs.sigma**2)[:, None, None]  # (B, 1, 1)
+    mu = gmm.means.to(dtype=inputs.x_t.dtype, device=inputs.x_t.device)[None]  # (1, M, dim)
+    x_t = inputs.x_t[:, None, :]
+    resp = torch.softmax(-((mu - x_t) ** 2).sum(-1) / (2 * (s2 + sig2[..., 0])), dim=-1)  # (B, M)
+    component_means = (sig2 * mu + s2 * x_t) / (s2 + sig2)  # (B, M, dim)
+    return (resp[..., None] * component_means).sum(1)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-r"""Reward-guided fine-tuning of a diffusion sampler (chapter 07).
+r"""Reward-guided fine-tuning of a diffusion sampler (chapter 08).
 
 **The problem.** A pretrained diffusion model samples ``q0``; a reward ``r(x)`` says what we
 want more of. KL-regularised fine-tuning maximises

@@ -458,7 +458,7 @@ class Critic(Discriminator):
 
 
 # ----------------------------------------------------------------------------------------
-# score networks for diffusion samplers (chapters 05 and 07)
+# score networks for diffusion samplers (chapters 06 and 08)
 # ----------------------------------------------------------------------------------------
 #
 # A score network maps (x (B, dim), t (B,)) to s (B, dim), the signature the samplers in

@@ -15,9 +15,9 @@ are computed by :mod:`boltzlab.metrics`, so a plot and a table never disagree.
 :func:`trace_plot`             MCMC traces, one line per chain
 :func:`training_curve`         a loss (or any metric) per iteration, optionally smoothed
 :func:`evaluation_curves`      sampler metrics against energy evaluations, with an MCMC
-                               baseline at the same budget and target lines (chapter 05)
+                               baseline at the same budget and target lines (chapter 06)
 :func:`reward_kl_tradeoff`     reward against KL to the pretrained model, with the exact
-                               optimum (chapter 07)
+                               optimum (chapter 08)
 :func:`panel_grid`             a figure of several panels that wraps into rows to fit the
                                notebook column (text stays readable, never shrunk)
 :func:`axis_label`             the human label of a metric's key (``energy_w2`` -> energy W2)

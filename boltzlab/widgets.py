@@ -23,13 +23,16 @@ Widgets here:
 - :func:`temperature_widget`: p_T(x) ∝ exp(-E(x)/kT) of a 2-D energy for a kT slider,
   with the exact probability of the double well's deep well in the title (chapter 00).
 - :func:`log_z_spread_widget`: the spread of importance-sampling log Z estimates over the
-  sample size, for several proposals (chapter 06).
+  sample size, for several proposals (chapter 07).
 - :func:`reverse_sde_widget`: reverse-SDE samples over the exact noised density p_t of a
-  Gaussian mixture for a slider over t, with the modes covered (chapter 05).
+  Gaussian mixture for a slider over t, with the modes covered (chapter 06).
 - :func:`flow_layers_widget`: the density of a 2-D flow after each of its coupling layers
   (chapter 02).
 - :func:`annealing_widget`: the rungs of a temperature-annealing curriculum, tempered target
   and the flow's samples at each rung (chapter 03).
+- :func:`noised_score_widget`: the exact noised density p_sigma of a Gaussian mixture and its
+  score field for a log slider over sigma, with a learned score's arrows and error next to
+  the exact ones (chapter 04).
 """
 
 from __future__ import annotations
@@ -279,7 +282,7 @@ def temperature_widget(
 
 
 # ----------------------------------------------------------------------------------------
-# importance sampling: the spread of log Ẑ over the sample size (chapter 06)
+# importance sampling: the spread of log Ẑ over the sample size (chapter 07)
 # ----------------------------------------------------------------------------------------
 
 
@@ -386,7 +389,7 @@ __all__ += ["LogZSpreadView", "draw_log_z_spread", "log_z_spread_view", "log_z_s
 
 
 # ----------------------------------------------------------------------------------------
-# diffusion samplers: GMM-40 samples along the reverse SDE (chapter 05)
+# diffusion samplers: GMM-40 samples along the reverse SDE (chapter 06)
 # ----------------------------------------------------------------------------------------
 
 
@@ -664,3 +667,120 @@ def annealing_widget(energy: Energy, stages: Sequence[Any], window: Window, grid
 
 __all__ += ["FlowStageView", "flow_stage_views", "draw_flow_stage", "flow_layers_widget",
             "AnnealingRungView", "annealing_view", "annealing_widget"]
+
+
+# ----------------------------------------------------------------------------------------
+# diffusion from data: the noised density and its score as sigma varies (chapter 04)
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NoisedScoreView:
+    """One frame of :func:`noised_score_widget` at noise level ``sigma``."""
+
+    sigma: float
+    xs: Tensor  # (grid,) cell centres in x1
+    ys: Tensor  # (grid,) cell centres in x2
+    density: Tensor  # (grid, grid) exact p_sigma on the window, density[j, i] at (xs[i], ys[j])
+    points: Tensor  # (A, 2) where the arrows start (an arrows x arrows grid)
+    exact_score: Tensor  # (A, 2) exact ∇ log p_sigma at the points
+    model_score: Tensor | None  # (A, 2) the learned score at the same points, or None
+    relative_error: float | None  # sum_a p(a) |s - s*|^2 / sum_a p(a) |s*|^2 over the points
+
+    @property
+    def title(self) -> str:
+        text = f"$\\sigma$ = {self.sigma:.3g}"
+        if self.relative_error is not None:
+            text += f": learned score's relative error {self.relative_error:.3f}"
+        return text
+
+
+def noised_score_view(mixture: GaussianMixture, sigma: float, score: Callable[[Tensor, Tensor], Tensor] | None = None,
+                      schedule: Any = None, window: Window | None = None, grid: int = 100,
+                      arrows: int = 15) -> NoisedScoreView:
+    r"""The exact p_sigma = p * N(0, sigma^2 I) of a 2-D ``mixture`` on a ``grid`` x ``grid`` window,
+    and its exact score on an ``arrows`` x ``arrows`` grid; with ``score`` (a model s(x, t)) and its
+    ``schedule`` (a :class:`boltzlab.diffusion.GeometricNoiseSchedule`), also the model's score at
+    t = schedule.time_at_std(sigma) and its density-weighted relative squared error there."""
+    from boltzlab.estimators import gmm_noised_score, noised_mixture
+
+    if not isinstance(mixture, GaussianMixture) or mixture.dim != 2:
+        raise ValueError("noised_score_view needs a 2-D GaussianMixture (its noised density is exact)")
+    if not (math.isfinite(sigma) and sigma >= 0):
+        raise ValueError(f"sigma must be finite and >= 0, got {sigma}")
+    if score is not None and schedule is None:
+        raise ValueError("a score model needs its schedule, to turn sigma into the time t it was trained at")
+    for name, value in (("grid", grid), ("arrows", arrows)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+            raise ValueError(f"{name} must be an int >= 2, got {value!r}")
+    (xlim, ylim) = window if window is not None else DEFAULT_WINDOWS["gmm40"]
+    noised = noised_mixture(mixture, sigma)
+    xs, ys, density = boltzmann_density_grid(noised, xlim, ylim, grid=grid)
+    ax_ = torch.linspace(xlim[0], xlim[1], arrows + 2, dtype=torch.float64)[1:-1]
+    ay_ = torch.linspace(ylim[0], ylim[1], arrows + 2, dtype=torch.float64)[1:-1]
+    gx, gy = torch.meshgrid(ax_, ay_, indexing="xy")
+    points = torch.stack([gx.flatten(), gy.flatten()], dim=-1)
+    exact = gmm_noised_score(mixture, points, float(sigma))
+    model_score, rel = None, None
+    if score is not None:
+        dtype = next(iter(score.parameters())).dtype if isinstance(score, torch.nn.Module) else torch.float32
+        t = schedule.time_at_std(torch.full((points.shape[0],), float(sigma), dtype=torch.float64))
+        with torch.no_grad():
+            model_score = score(points.to(dtype), t.to(dtype)).detach().to(torch.float64)
+        if model_score.shape != points.shape:
+            raise ValueError(f"score(x, t) returned shape {tuple(model_score.shape)}, expected {tuple(points.shape)}")
+        weight = noised.log_prob(points).exp()
+        rel = float((weight * (model_score - exact).pow(2).sum(-1)).sum() / (weight * exact.pow(2).sum(-1)).sum())
+    return NoisedScoreView(float(sigma), xs, ys, density, points, exact, model_score, rel)
+
+
+def draw_noised_score_view(fig: Figure, view: NoisedScoreView) -> None:
+    """The exact p_sigma as an image, exact score arrows in white and the model's in red. Arrows
+    are drawn as directions with length growing like |s|^(1/2), so that both the steep score near
+    the modes and the weak pull far from them stay visible."""
+    ax = _density_image(fig, view.xs, view.ys, view.density, "exact $p_\\sigma(x)$")
+    limits = ax.get_xlim(), ax.get_ylim()
+
+    def shown(s: Tensor) -> np.ndarray:
+        norm = s.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        return (s / norm * norm.sqrt()).numpy()
+
+    pts = view.points.numpy()
+    scale = float(view.exact_score.norm(dim=-1).sqrt().max()) * 15 / 1.2  # longest arrow ~1.2 arrow spacings
+    ax.quiver(pts[:, 0], pts[:, 1], *shown(view.exact_score).T, color="white", scale=scale, width=0.004,
+              label="exact score")
+    if view.model_score is not None:
+        ax.quiver(pts[:, 0], pts[:, 1], *shown(view.model_score).T, color="tab:red", scale=scale, width=0.004,
+                  alpha=0.8, label="learned score")
+        ax.legend(loc="upper right", fontsize="small", framealpha=0.8)
+    ax.set(xlim=limits[0], ylim=limits[1], xlabel="$x_1$", ylabel="$x_2$")
+    ax.set_title(view.title, fontsize="medium")
+
+
+def noised_score_widget(mixture: GaussianMixture | None = None, score: Callable[[Tensor, Tensor], Tensor] | None = None,
+                        schedule: Any = None, sigma_range: tuple[float, float] = (0.1, 100.0), sigma: float = 1.0,
+                        window: Window | None = None, grid: int = 100, arrows: int = 15) -> SliderFigure:
+    r"""Slide sigma over decades (log slider) and watch the noised density p_sigma = p * N(0, sigma^2 I)
+    of a 2-D Gaussian mixture (default GMM-40) merge its modes, with the exact score field on top
+    and, if ``score`` and its ``schedule`` are given, a learned score's arrows and its
+    density-weighted relative error in the title. ``widget.state`` is the :class:`NoisedScoreView`.
+    """
+    mixture = GaussianMixture() if mixture is None else mixture
+    lo, hi = sigma_range
+    if not (0 < lo < hi and math.isfinite(hi)):
+        raise ValueError(f"sigma_range must be two positive numbers lo < hi, got {sigma_range}")
+    if not lo <= sigma <= hi:
+        raise ValueError(f"sigma = {sigma} is outside sigma_range {sigma_range}")
+    noised_score_view(mixture, sigma, score, schedule, window, 2, 2)  # validates the arguments once, cheaply
+
+    def update(fig: Figure, sigma: float) -> NoisedScoreView:
+        view = noised_score_view(mixture, sigma, score, schedule, window, grid, arrows)
+        draw_noised_score_view(fig, view)
+        return view
+
+    slider = ipywidgets.FloatLogSlider(value=sigma, base=10, min=math.log10(lo), max=math.log10(hi), step=0.05,
+                                       description="σ", continuous_update=False, readout_format=".3g")
+    return slider_figure(update, figsize=(6.4, 5.0), sigma=slider)
+
+
+__all__ += ["NoisedScoreView", "noised_score_view", "draw_noised_score_view", "noised_score_widget"]

@@ -22,7 +22,7 @@
 # both: it is an invertible map x = f(z) of a Gaussian z, so it can be sampled and its
 # density q(x) can be evaluated exactly. That exact density is what makes flows the
 # workhorse of Boltzmann generators: chapter 03 trains them from the energy alone, and
-# chapter 06 reweights their samples, and both need log q(x).
+# chapter 07 reweights their samples, and both need log q(x).
 #
 # After this chapter you can
 # - write log q(x) by the **change of variables** and check it three ways (autograd's

@@ -403,7 +403,7 @@ if not SMOKE:
 #   each rung (printed above) is the thing to watch, and a rung with a tiny ESS fits the
 #   flow to a handful of samples.
 # - **Energies must be differentiable and finite** wherever q samples: a flow that samples
-#   two overlapping Lennard-Jones particles meets an energy of 10^24. Chapter 05 deals
+#   two overlapping Lennard-Jones particles meets an energy of 10^24. Chapter 06 deals
 #   with that.
 #
 # ## Summary
@@ -414,7 +414,7 @@ if not SMOKE:
 #   (0.034 nats), so whether a run fills it is up to the run.
 # - Importance weights w = e^{−E/kT}/q turn a flow into an estimator of free energies: the
 #   average weight is an unbiased estimate of Z, its logarithm (log Z, ΔF) is biased at
-#   finite n (chapter 06 measures it), and only where q has samples: ESS alone does not show
+#   finite n (chapter 07 measures it), and only where q has samples: ESS alone does not show
 #   a missing well.
 # - Mixing in maximum likelihood, or annealing from a high temperature with reweighted
 #   maximum likelihood, covered (nearly) all 40 modes, and annealing gave the double well's

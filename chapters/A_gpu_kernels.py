@@ -19,7 +19,7 @@
 #
 # ## Aim
 #
-# Chapters 04 and 05 call `boltzlab.kernels.mc_score_estimate` thousands of times: it is the
+# Chapters 05 and 06 call `boltzlab.kernels.mc_score_estimate` thousands of times: it is the
 # Monte Carlo score target of DEM/iDEM, and nearly all of their compute. This appendix opens
 # it up. You will
 #
@@ -111,7 +111,7 @@ print(describe(S))
 # Every exponent is $\le 0$, so nothing overflows even for $l_k = -10^{24}$, and the memory is
 # $O(B\cdot\dim)$ instead of $O(B\cdot K\cdot\dim)$. The same trick makes FlashAttention work.
 #
-# **Two estimates from one pass.** iDEM's training target (chapter 05) blends this force form
+# **Two estimates from one pass.** iDEM's training target (chapter 06) blends this force form
 # with the noise form $\sum_k w_k\,\varepsilon_k/\sigma$, which has the same weights. So the
 # kernel keeps one more running sum, $\mathbf n' = \mathbf n\,e^{m - m'} + \sum_k e^{l_k - m'}\,
 # \varepsilon_k$, beside $\mathbf a$ (`mc_score_estimate(..., noise_form=True)`). That is
@@ -295,7 +295,7 @@ else:
 # - **Memory is the first wall.** The autograd estimator's memory grows with
 #   $B\cdot K\cdot N^2$: at the full LJ-13 size it needs about 10 GB, so on a GPU it forces
 #   small batches or small $K$, and $K$ is exactly what controls the bias of the estimator
-#   (chapter 04). The streamed estimator's memory does not grow with $K$ at all.
+#   (chapter 05). The streamed estimator's memory does not grow with $K$ at all.
 # - **Float32 and huge energies.** With overlapping particles the energies reach $10^{24}$; in
 #   float32 they carry absolute rounding errors of $10^{17}$, so two correct implementations
 #   disagree wildly in $l_k$ while agreeing on the weights (all on the best copy). The

@@ -1,221 +1,199 @@
-"""The chapter 06 checks accept correct answers and name the mistake in wrong ones."""
+"""The chapter 06 checks accept correct EGNN layers and refills, and name the mistake in wrong ones."""
 
 from __future__ import annotations
-
-import math
 
 import pytest
 import torch
 
-from boltzlab.grading.checks_ch06 import check_bar_free_energy, check_log_z_bootstrap
+from boltzlab.diffusion import reverse_sde_sample, sample_prior
+from boltzlab.grading.checks_ch06 import check_egnn_layer, check_refill
 from boltzlab.grading.feedback import CheckFailed, ExerciseNotAttempted
 
-softplus = torch.nn.functional.softplus
-
-
 # ----------------------------------------------------------------------------------------
-# BAR
+# EGNN layer: one implementation with switches for the mistakes (einsum-based, unlike the check's loop)
 # ----------------------------------------------------------------------------------------
 
 
-def _bisect(g, lo=-2000.0, hi=2000.0, iters=200):
-    for _ in range(iters):
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if g(mid) < 0 else (lo, mid)
-    return 0.5 * (lo + hi)
+def _layer(h, x, phi_e, phi_x, phi_h, *, diag=False, norm_by_n=False, sign=1.0, damp="sqrt", d_input="d2",
+           h_res=True, x_res=True, receiver_first=True):
+    B, n, H = h.shape
+    diff = sign * (x[:, :, None] - x[:, None, :])
+    d2 = torch.einsum("bijk,bijk->bij", diff, diff)[..., None]
+    feature = d2 if d_input == "d2" else d2.sqrt()
+    hi, hj = h[:, :, None].expand(B, n, n, H), h[:, None, :].expand(B, n, n, H)
+    pair = torch.cat([hi, hj, feature] if receiver_first else [hj, hi, feature], -1)
+    keep = torch.ones(n, n, dtype=x.dtype) if diag else 1.0 - torch.eye(n, dtype=x.dtype)
+    m = phi_e(pair) * keep[..., None]
+    denom = {"sqrt": (d2 + 1).sqrt(), "none": 1.0, "d+1": d2.sqrt() + 1}[damp]
+    dx = torch.einsum("bijk,bij->bik", diff, (phi_x(m) / denom)[..., 0] * keep) / (n if norm_by_n else n - 1)
+    x_new = x + dx if x_res else dx
+    if phi_h is None:
+        return h, x_new
+    dh = phi_h(torch.cat([h, m.sum(2) / (n if norm_by_n else n - 1)], -1))
+    return (h + dh if h_res else dh), x_new
 
 
-def _bar(du0, du1, m):
-    return _bisect(lambda df: float(torch.logsumexp(-softplus(m + du0 - df), 0)
-                                    - torch.logsumexp(-softplus(-m - du1 + df), 0)))
+def good_layer(h, x, phi_e, phi_x, phi_h):
+    return _layer(h, x, phi_e, phi_x, phi_h)
 
 
-def bar_correct(du0, du1):
-    return _bar(du0.double(), du1.double(), math.log(du0.numel() / du1.numel()))
+def good_layer_loop(h, x, phi_e, phi_x, phi_h):
+    """Another correct layer: an explicit loop over receivers."""
+    n = x.shape[1]
+    hs, xs = [], []
+    for i in range(n):
+        others = [j for j in range(n) if j != i]
+        diff = x[:, i : i + 1] - x[:, others]  # (B, n - 1, d)
+        d2 = (diff**2).sum(-1, keepdim=True)
+        m = phi_e(torch.cat([h[:, i : i + 1].expand_as(h[:, others]), h[:, others], d2], -1))
+        xs.append(x[:, i] + (diff * phi_x(m) / torch.sqrt(1 + d2)).mean(1))
+        hs.append(h[:, i] if phi_h is None else h[:, i] + phi_h(torch.cat([h[:, i], m.mean(1)], -1)))
+    return torch.stack(hs, 1), torch.stack(xs, 1)
 
 
-def bar_scipy(du0, du1):
-    """Another formulation: Bennett's constant C = ΔF - M solves Σ f(du0 - C) = Σ f(C - du1),
-    found by scipy's brentq with log f(z) = -logaddexp(0, z); returns a 0-d tensor."""
-    from scipy.optimize import brentq
+def _wrong(**flags):
+    def fn(h, x, phi_e, phi_x, phi_h):
+        return _layer(h, x, phi_e, phi_x, phi_h, **flags)
 
-    zero = torch.zeros((), dtype=torch.float64)
-
-    def h(c: float) -> float:
-        left = torch.logsumexp(-torch.logaddexp(zero, du0 - c), 0)
-        right = torch.logsumexp(-torch.logaddexp(zero, c - du1), 0)
-        return float(left - right)
-
-    c = brentq(h, -3000.0, 3000.0, xtol=1e-13, rtol=1e-15)
-    return torch.tensor(c + math.log(du0.numel() / du1.numel()), dtype=torch.float64)
+    return fn
 
 
-def bar_naive(du0, du1):
-    m = math.log(du0.numel() / du1.numel())
-    return _bisect(lambda df: float(torch.log((1 / (1 + torch.exp(m + du0 - df))).sum())
-                                    - torch.log((1 / (1 + torch.exp(-m - du1 + df))).sum())), -50.0, 50.0)
+def absolute_positions(h, x, phi_e, phi_x, phi_h):
+    """Adds a term in |x_i|^2 along (1, 1, 1): neither rotation nor translation equivariant."""
+    h_new, x_new = good_layer(h, x, phi_e, phi_x, phi_h)
+    return h_new, x_new + 0.01 * x.pow(2).sum(-1, keepdim=True)
 
 
-def bar_sign(du0, du1):
-    return -bar_correct(du0, du1)
+def particle_index(h, x, phi_e, phi_x, phi_h):
+    """Weights each particle by its index: breaks permutation equivariance only."""
+    h_new, x_new = good_layer(h, x, phi_e, phi_x, phi_h)
+    weight = torch.arange(x.shape[1], dtype=x.dtype)[None, :, None]
+    return h_new, x + (x_new - x) * (1 + 0.1 * weight)
 
 
-def bar_no_m(du0, du1):
-    return _bar(du0.double(), du1.double(), 0.0)
+def swapped_outputs(h, x, phi_e, phi_x, phi_h):
+    h_new, x_new = good_layer(h, x, phi_e, phi_x, phi_h)
+    return x_new, h_new
 
 
-def bar_m_flipped(du0, du1):
-    return _bar(du0.double(), du1.double(), math.log(du1.numel() / du0.numel()))
+def updates_h_without_phi_h(h, x, phi_e, phi_x, phi_h):
+    """A last layer (phi_h None) that still adds the mean message to h."""
+    if phi_h is not None:
+        return good_layer(h, x, phi_e, phi_x, phi_h)
+    return good_layer(h, x, phi_e, phi_x, lambda z: z[..., h.shape[-1]:])
 
 
-def fep_forward(du0, du1):
-    return -(torch.logsumexp(-du0, 0) - math.log(du0.numel()))
-
-
-def fep_reverse(du0, du1):
-    return torch.logsumexp(du1, 0) - math.log(du1.numel())
-
-
-def bar_coarse(du0, du1):
-    """Stops bisecting far too early."""
-    m = math.log(du0.numel() / du1.numel())
-    return _bisect(lambda df: float(torch.logsumexp(-softplus(m + du0 - df), 0)
-                                    - torch.logsumexp(-softplus(-m - du1 + df), 0)), -1.0, 7.0, iters=5)
-
-
-@pytest.mark.parametrize("fn", [bar_correct, bar_scipy])
-def test_correct_bar_passes(fn, capsys):
-    check_bar_free_energy(fn)
-    assert "All checks passed for bar_free_energy" in capsys.readouterr().out
+@pytest.mark.parametrize("fn", [good_layer, good_layer_loop])
+def test_correct_layers_pass(fn, capsys):
+    check_egnn_layer(fn)
+    assert "All checks passed for egnn_layer" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("fn, match", [
-    (bar_sign, "sign is flipped"),
-    (fep_forward, "forward FEP"),
-    (fep_reverse, "reverse FEP"),
-    (bar_no_m, "left out M"),
-    (bar_m_flipped, "M has the wrong sign"),
-    (bar_naive, "overflow"),
-    (bar_coarse, "off by"),
+    (_wrong(diag=True), "include j = i"),
+    (_wrong(norm_by_n=True), "divide by n - 1"),
+    (_wrong(sign=-1.0), "wrong way"),
+    (_wrong(damp="none"), "1/sqrt\\(d_ij\\^2 \\+ 1\\) is missing"),
+    (_wrong(damp="d+1"), "divided by d_ij \\+ 1"),
+    (_wrong(d_input="d"), "SQUARED distance"),
+    (_wrong(h_res=False), "without adding h"),
+    (_wrong(x_res=False), "without adding x"),
+    (_wrong(receiver_first=False), "receiving particle i first"),
+    (absolute_positions, "not equivariant under rotations and translations"),
+    (particle_index, "not permutation equivariant"),
+    (swapped_outputs, "shape \\(3, 5, 3\\), expected \\(3, 5, 8\\)"),
+    (updates_h_without_phi_h, "return h unchanged"),
 ])
-def test_bar_mistakes_are_named(fn, match):
+def test_layer_mistakes_are_named(fn, match):
     with pytest.raises(CheckFailed, match=match):
-        check_bar_free_energy(fn)
+        check_egnn_layer(fn)
 
 
-# ----------------------------------------------------------------------------------------
-# bootstrap
-# ----------------------------------------------------------------------------------------
-
-
-def boot_correct(log_w, n_boot, generator):
-    n = log_w.numel()
-    lw = log_w.double()
-    reps = torch.logsumexp(lw[torch.randint(n, (n_boot, n), generator=generator)], 1) - math.log(n)
-    q = torch.quantile(reps, torch.tensor([0.025, 0.975], dtype=torch.float64))
-    return float(torch.logsumexp(lw, 0)) - math.log(n), float(reps.std()), float(q[0]), float(q[1])
-
-
-def boot_multinomial_loop(log_w, n_boot, generator):
-    """A loop with counts from a multinomial: the same bootstrap, written differently; tensors out."""
-    n = log_w.numel()
-    lw = log_w.double()
-    reps = []
-    for _ in range(n_boot):
-        counts = torch.multinomial(torch.ones(n), n, replacement=True, generator=generator).bincount(minlength=n)
-        keep = counts > 0
-        reps.append(torch.logsumexp(lw[keep] + counts[keep].double().log(), 0) - math.log(n))
-    reps = torch.stack(reps)
-    est = torch.logsumexp(lw, 0) - math.log(n)
-    s = reps.sort().values
-    return est, reps.std(), s[int(0.025 * n_boot)], s[int(0.975 * n_boot) - 1]
-
-
-def boot_permutation(log_w, n_boot, generator):
-    n = log_w.numel()
-    reps = torch.stack([torch.logsumexp(log_w.double()[torch.randperm(n, generator=generator)], 0) - math.log(n)
-                        for _ in range(n_boot)])
-    est = float(torch.logsumexp(log_w.double(), 0)) - math.log(n)
-    return est, float(reps.std()), est - 1.96 * float(reps.std()), est + 1.96 * float(reps.std())
-
-
-def boot_sum(log_w, n_boot, generator):
-    est, se, lo, hi = boot_correct(log_w, n_boot, generator)
-    return est + math.log(log_w.numel()), se, lo, hi
-
-
-def boot_mean_log(log_w, n_boot, generator):
-    _, se, lo, hi = boot_correct(log_w, n_boot, generator)
-    return float(log_w.double().mean()), se, lo, hi
-
-
-def boot_naive_se(log_w, n_boot, generator):
-    est, _, lo, hi = boot_correct(log_w, n_boot, generator)
-    return est, float(log_w.double().std()) / math.sqrt(log_w.numel()), lo, hi
-
-
-def boot_half(log_w, n_boot, generator):
-    n = log_w.numel()
-    lw = log_w.double()
-    reps = torch.logsumexp(lw[torch.randint(n, (n_boot, n // 2), generator=generator)], 1) - math.log(n // 2)
-    q = torch.quantile(reps, torch.tensor([0.025, 0.975], dtype=torch.float64))
-    return float(torch.logsumexp(lw, 0)) - math.log(n), float(reps.std()), float(q[0]), float(q[1])
-
-
-def boot_no_generator(log_w, n_boot, generator):
-    return boot_correct(log_w, n_boot, None)
-
-
-def boot_overflow(log_w, n_boot, generator):
-    n = log_w.numel()
-    w = log_w.double().exp()
-    reps = torch.log(w[torch.randint(n, (n_boot, n), generator=generator)].mean(1))
-    q = torch.quantile(reps, torch.tensor([0.025, 0.975], dtype=torch.float64))
-    return float(torch.log(w.mean())), float(reps.std()), float(q[0]), float(q[1])
-
-
-def boot_swapped(log_w, n_boot, generator):
-    est, se, lo, hi = boot_correct(log_w, n_boot, generator)
-    return se, est, lo, hi
-
-
-def boot_three(log_w, n_boot, generator):
-    return boot_correct(log_w, n_boot, generator)[:3]
-
-
-@pytest.mark.parametrize("fn", [boot_correct, boot_multinomial_loop])
-def test_correct_bootstrap_passes(fn, capsys):
-    check_log_z_bootstrap(fn)
-    assert "All checks passed for log_z_bootstrap" in capsys.readouterr().out
-
-
-@pytest.mark.parametrize("fn, match", [
-    (boot_permutation, "WITH replacement"),
-    (boot_sum, "subtract log n"),
-    (boot_mean_log, "mean of log w"),
-    (boot_naive_se, "sd\\(log w\\)/sqrt\\(n\\)"),
-    (boot_half, "sqrt\\(2\\)"),
-    (boot_no_generator, "generator=generator"),
-    (boot_overflow, "overflows"),
-    (boot_swapped, "log Ẑ of 50 equal log-weights"),
-    (boot_three, "four numbers"),
-])
-def test_bootstrap_mistakes_are_named(fn, match):
-    with pytest.raises(CheckFailed, match=match):
-        check_log_z_bootstrap(fn)
-
-
-def test_untouched_and_crashing():
+def test_layer_untouched_and_bad_return():
     def untouched(*args):
         raise NotImplementedError()
 
     with pytest.raises(ExerciseNotAttempted):
-        check_bar_free_energy(untouched)
+        check_egnn_layer(untouched)
+    with pytest.raises(CheckFailed, match="must return a pair"):
+        check_egnn_layer(lambda h, x, *nets: x)
+
+
+# ----------------------------------------------------------------------------------------
+# refill
+# ----------------------------------------------------------------------------------------
+
+
+def _euler(buffer, score, schedule, n, n_steps, project, generator, *, sign=1.0, g2=True, sqrt_dt=True,
+           reverse=True, at_start=True, with_noise=True, use_project=True, add=1, noise_first=False):
+    P = project if (project is not None and use_project) else (lambda v: v)
+    if noise_first:
+        torch.randn(n, buffer.dim, generator=generator)
+    x = sample_prior(schedule, n, buffer.dim, project=project if use_project else None, generator=generator)
+    dt = 1.0 / n_steps
+    times = torch.linspace(1.0, 0.0, n_steps + 1) if reverse else torch.linspace(0.0, 1.0, n_steps + 1)
+    for k in range(n_steps):
+        t = times[k if at_start else k + 1].repeat(n)
+        a = schedule.g2(t)[:, None] if g2 else schedule.g(t)[:, None]
+        b = schedule.g(t)[:, None] * (dt**0.5 if sqrt_dt else dt)
+        z = P(torch.randn(x.shape, generator=generator)) if with_noise else 0.0
+        x = P(x + sign * a * score(x, t) * dt + b * z)
+    for _ in range(add):
+        buffer.add(x)
+    return x
+
+
+def good_refill(buffer, score, schedule, n, n_steps, project=None, generator=None):
+    return _euler(buffer, score, schedule, n, n_steps, project, generator)
+
+
+def _wrong_refill(**flags):
+    def refill(buffer, score, schedule, n, n_steps, project=None, generator=None):
+        return _euler(buffer, score, schedule, n, n_steps, project, generator, **flags)
+
+    return refill
+
+
+def uses_the_package(buffer, score, schedule, n, n_steps, project=None, generator=None):
+    x1 = sample_prior(schedule, n, buffer.dim, project=project, generator=generator)
+    x = reverse_sde_sample(score, schedule, x1, n_steps, project=project, generator=generator)
+    buffer.add(x)
+    return x
+
+
+def adds_other_states(buffer, score, schedule, n, n_steps, project=None, generator=None):
+    x = _euler(buffer, score, schedule, n, n_steps, project, generator, add=0)
+    buffer.add(x.flip(0))
+    return x
+
+
+def test_correct_refill_passes(capsys):
+    check_refill(good_refill)
+    assert "All checks passed for refill" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("fn, match", [
+    (_wrong_refill(sign=-1.0), "wrong sign"),
+    (_wrong_refill(g2=False), "uses g\\(t\\)\\^2"),
+    (_wrong_refill(sqrt_dt=False), "scale like sqrt\\(dt\\)"),
+    (_wrong_refill(reverse=False), "time runs backwards"),
+    (_wrong_refill(at_start=False), "START of each step"),
+    (_wrong_refill(with_noise=False), "noise term .* is missing"),
+    (_wrong_refill(use_project=False), "not centre-of-mass free"),
+    (_wrong_refill(add=0), "should hold 3 \\+ 64 .* it holds 3"),
+    (_wrong_refill(add=2), "it holds 131"),
+    (_wrong_refill(noise_first=True), "draw x_1 = sample_prior"),
+    (adds_other_states, "not the samples you returned"),
+    (uses_the_package, "write the Euler-Maruyama loop yourself"),
+])
+def test_refill_mistakes_are_named(fn, match):
+    with pytest.raises(CheckFailed, match=match):
+        check_refill(fn)
+
+
+def test_refill_untouched():
+    def untouched(*args):
+        raise NotImplementedError()
+
     with pytest.raises(ExerciseNotAttempted):
-        check_log_z_bootstrap(untouched)
-
-    def crashes(log_w, n_boot, generator):
-        return log_w[n_boot * 1000]
-
-    with pytest.raises(CheckFailed, match="raised IndexError"):
-        check_log_z_bootstrap(crashes)
+        check_refill(untouched)

@@ -1,4 +1,4 @@
-"""The chapter 07 checks accept correct solutions and name the mistake in wrong ones."""
+"""The chapter 07 checks accept correct answers and name the mistake in wrong ones."""
 
 from __future__ import annotations
 
@@ -7,155 +7,202 @@ import math
 import pytest
 import torch
 
-from boltzlab.grading.checks_ch07 import check_best_of_n, check_soft_optimal_weights
+from boltzlab.grading.checks_ch07 import check_bar_free_energy, check_log_z_bootstrap
 from boltzlab.grading.feedback import CheckFailed, ExerciseNotAttempted
 
+softplus = torch.nn.functional.softplus
+
+
 # ----------------------------------------------------------------------------------------
-# soft-optimal weights
+# BAR
 # ----------------------------------------------------------------------------------------
 
 
-def weights_softmax(rewards, alpha):
-    z = rewards / alpha
-    return torch.softmax(z, 1), alpha * (torch.logsumexp(z, 1) - math.log(z.shape[1]))
+def _bisect(g, lo=-2000.0, hi=2000.0, iters=200):
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if g(mid) < 0 else (lo, mid)
+    return 0.5 * (lo + hi)
 
 
-def weights_manual_shift(rewards, alpha):
-    z = rewards / alpha
-    m = z.max(1, keepdim=True).values
-    e = (z - m).exp()
-    return e / e.sum(1, keepdim=True), alpha * (m[:, 0] + e.mean(1).log())
+def _bar(du0, du1, m):
+    return _bisect(lambda df: float(torch.logsumexp(-softplus(m + du0 - df), 0)
+                                    - torch.logsumexp(-softplus(-m - du1 + df), 0)))
 
 
-def alpha_multiplies(rewards, alpha):
-    z = rewards * alpha
-    return torch.softmax(z, 1), (torch.logsumexp(z, 1) - math.log(z.shape[1])) / alpha
+def bar_correct(du0, du1):
+    return _bar(du0.double(), du1.double(), math.log(du0.numel() / du1.numel()))
 
 
-def value_without_alpha(rewards, alpha):
-    w, v = weights_softmax(rewards, alpha)
-    return w, v / alpha
+def bar_scipy(du0, du1):
+    """Another formulation: Bennett's constant C = ΔF - M solves Σ f(du0 - C) = Σ f(C - du1),
+    found by scipy's brentq with log f(z) = -logaddexp(0, z); returns a 0-d tensor."""
+    from scipy.optimize import brentq
+
+    zero = torch.zeros((), dtype=torch.float64)
+
+    def h(c: float) -> float:
+        left = torch.logsumexp(-torch.logaddexp(zero, du0 - c), 0)
+        right = torch.logsumexp(-torch.logaddexp(zero, c - du1), 0)
+        return float(left - right)
+
+    c = brentq(h, -3000.0, 3000.0, xtol=1e-13, rtol=1e-15)
+    return torch.tensor(c + math.log(du0.numel() / du1.numel()), dtype=torch.float64)
 
 
-def value_of_sum(rewards, alpha):
-    return torch.softmax(rewards / alpha, 1), alpha * torch.logsumexp(rewards / alpha, 1)
+def bar_naive(du0, du1):
+    m = math.log(du0.numel() / du1.numel())
+    return _bisect(lambda df: float(torch.log((1 / (1 + torch.exp(m + du0 - df))).sum())
+                                    - torch.log((1 / (1 + torch.exp(-m - du1 + df))).sum())), -50.0, 50.0)
 
 
-def value_is_mean_reward(rewards, alpha):
-    return torch.softmax(rewards / alpha, 1), rewards.mean(1)
+def bar_sign(du0, du1):
+    return -bar_correct(du0, du1)
 
 
-def value_is_tilted_mean(rewards, alpha):
-    w = torch.softmax(rewards / alpha, 1)
-    return w, (w * rewards).sum(1)
+def bar_no_m(du0, du1):
+    return _bar(du0.double(), du1.double(), 0.0)
 
 
-def softmax_over_batch(rewards, alpha):
-    return torch.softmax(rewards / alpha, 0), weights_softmax(rewards, alpha)[1]
+def bar_m_flipped(du0, du1):
+    return _bar(du0.double(), du1.double(), math.log(du1.numel() / du0.numel()))
 
 
-def naive_exp(rewards, alpha):
-    e = torch.exp(rewards / alpha)
-    return e / e.sum(1, keepdim=True), alpha * torch.log(e.mean(1))
+def fep_forward(du0, du1):
+    return -(torch.logsumexp(-du0, 0) - math.log(du0.numel()))
 
 
-def returns_weights_only(rewards, alpha):
-    return torch.softmax(rewards / alpha, 1)
+def fep_reverse(du0, du1):
+    return torch.logsumexp(du1, 0) - math.log(du1.numel())
 
 
-@pytest.mark.parametrize("fn", [weights_softmax, weights_manual_shift])
-def test_correct_weights_pass(fn, capsys):
-    check_soft_optimal_weights(fn)
-    assert "All checks passed for soft_optimal_weights" in capsys.readouterr().out
+def bar_coarse(du0, du1):
+    """Stops bisecting far too early."""
+    m = math.log(du0.numel() / du1.numel())
+    return _bisect(lambda df: float(torch.logsumexp(-softplus(m + du0 - df), 0)
+                                    - torch.logsumexp(-softplus(-m - du1 + df), 0)), -1.0, 7.0, iters=5)
+
+
+@pytest.mark.parametrize("fn", [bar_correct, bar_scipy])
+def test_correct_bar_passes(fn, capsys):
+    check_bar_free_energy(fn)
+    assert "All checks passed for bar_free_energy" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("fn, match", [
-    (alpha_multiplies, "divided by alpha, not multiplied"),
-    (value_without_alpha, "multiply the log-mean-exp by alpha"),
-    (value_of_sum, "log of a SUM"),
-    (value_is_mean_reward, "plain mean reward"),
-    (value_is_tilted_mean, "mean reward under the tilted weights"),
-    (softmax_over_batch, "not over the batch"),
-    (naive_exp, "NaN or inf.*subtract the largest"),
-    (returns_weights_only, "should return a tuple"),
+    (bar_sign, "sign is flipped"),
+    (fep_forward, "forward FEP"),
+    (fep_reverse, "reverse FEP"),
+    (bar_no_m, "left out M"),
+    (bar_m_flipped, "M has the wrong sign"),
+    (bar_naive, "overflow"),
+    (bar_coarse, "off by"),
 ])
-def test_weight_mistakes_are_named(fn, match):
+def test_bar_mistakes_are_named(fn, match):
     with pytest.raises(CheckFailed, match=match):
-        check_soft_optimal_weights(fn)
+        check_bar_free_energy(fn)
 
 
 # ----------------------------------------------------------------------------------------
-# best-of-N
+# bootstrap
 # ----------------------------------------------------------------------------------------
 
 
-def bon_correct(sample, reward, n, batch):
-    x = sample(n * batch)
-    r = reward(x).reshape(batch, n)
-    return x.reshape(batch, n, -1)[torch.arange(batch), r.argmax(1)]
+def boot_correct(log_w, n_boot, generator):
+    n = log_w.numel()
+    lw = log_w.double()
+    reps = torch.logsumexp(lw[torch.randint(n, (n_boot, n), generator=generator)], 1) - math.log(n)
+    q = torch.quantile(reps, torch.tensor([0.025, 0.975], dtype=torch.float64))
+    return float(torch.logsumexp(lw, 0)) - math.log(n), float(reps.std()), float(q[0]), float(q[1])
 
 
-def bon_other_grouping(sample, reward, n, batch):
-    x = sample(n * batch)  # groups of stride batch instead of consecutive rows: just as valid
-    r = reward(x).reshape(n, batch)
-    return x.reshape(n, batch, -1)[r.argmax(0), torch.arange(batch)]
+def boot_multinomial_loop(log_w, n_boot, generator):
+    """A loop with counts from a multinomial: the same bootstrap, written differently; tensors out."""
+    n = log_w.numel()
+    lw = log_w.double()
+    reps = []
+    for _ in range(n_boot):
+        counts = torch.multinomial(torch.ones(n), n, replacement=True, generator=generator).bincount(minlength=n)
+        keep = counts > 0
+        reps.append(torch.logsumexp(lw[keep] + counts[keep].double().log(), 0) - math.log(n))
+    reps = torch.stack(reps)
+    est = torch.logsumexp(lw, 0) - math.log(n)
+    s = reps.sort().values
+    return est, reps.std(), s[int(0.025 * n_boot)], s[int(0.975 * n_boot) - 1]
 
 
-def bon_loop(sample, reward, n, batch):
-    out = []
-    for _ in range(batch):
-        x = sample(n)
-        out.append(x[reward(x).argmax()])
-    return torch.stack(out)
+def boot_permutation(log_w, n_boot, generator):
+    n = log_w.numel()
+    reps = torch.stack([torch.logsumexp(log_w.double()[torch.randperm(n, generator=generator)], 0) - math.log(n)
+                        for _ in range(n_boot)])
+    est = float(torch.logsumexp(log_w.double(), 0)) - math.log(n)
+    return est, float(reps.std()), est - 1.96 * float(reps.std()), est + 1.96 * float(reps.std())
 
 
-def bon_min(sample, reward, n, batch):
-    x = sample(n * batch)
-    r = reward(x).reshape(batch, n)
-    return x.reshape(batch, n, -1)[torch.arange(batch), r.argmin(1)]
+def boot_sum(log_w, n_boot, generator):
+    est, se, lo, hi = boot_correct(log_w, n_boot, generator)
+    return est + math.log(log_w.numel()), se, lo, hi
 
 
-def bon_top_of_pool(sample, reward, n, batch):
-    x = sample(n * batch)
-    return x[reward(x).topk(batch).indices]
+def boot_mean_log(log_w, n_boot, generator):
+    _, se, lo, hi = boot_correct(log_w, n_boot, generator)
+    return float(log_w.double().mean()), se, lo, hi
 
 
-def bon_too_few(sample, reward, n, batch):
-    x = sample((n - 1) * batch)
-    r = reward(x).reshape(batch, n - 1) if n > 1 else reward(x).reshape(batch, 1)
-    return x.reshape(batch, -1, x.shape[1])[torch.arange(batch), r.argmax(1)]
+def boot_naive_se(log_w, n_boot, generator):
+    est, _, lo, hi = boot_correct(log_w, n_boot, generator)
+    return est, float(log_w.double().std()) / math.sqrt(log_w.numel()), lo, hi
 
 
-def bon_mixed_coordinates(sample, reward, n, batch):
-    x = sample(n * batch).reshape(batch, n, -1)
-    best = reward(x.reshape(n * batch, -1)).reshape(batch, n).argmax(1)
-    out = x[torch.arange(batch), best].clone()
-    if out.shape[1] > 1:
-        out[:, 1] = x[:, 0, 1]  # second coordinate from the first candidate
-    return out
+def boot_half(log_w, n_boot, generator):
+    n = log_w.numel()
+    lw = log_w.double()
+    reps = torch.logsumexp(lw[torch.randint(n, (n_boot, n // 2), generator=generator)], 1) - math.log(n // 2)
+    q = torch.quantile(reps, torch.tensor([0.025, 0.975], dtype=torch.float64))
+    return float(torch.logsumexp(lw, 0)) - math.log(n), float(reps.std()), float(q[0]), float(q[1])
 
 
-def bon_no_selection(sample, reward, n, batch):
-    sample((n - 1) * batch)  # draws the right number but keeps the first candidate of each group
-    return sample(batch)
+def boot_no_generator(log_w, n_boot, generator):
+    return boot_correct(log_w, n_boot, None)
 
 
-@pytest.mark.parametrize("fn", [bon_correct, bon_other_grouping, bon_loop])
-def test_correct_best_of_n_passes(fn, capsys):
-    check_best_of_n(fn)
-    assert "All checks passed for best_of_n" in capsys.readouterr().out
+def boot_overflow(log_w, n_boot, generator):
+    n = log_w.numel()
+    w = log_w.double().exp()
+    reps = torch.log(w[torch.randint(n, (n_boot, n), generator=generator)].mean(1))
+    q = torch.quantile(reps, torch.tensor([0.025, 0.975], dtype=torch.float64))
+    return float(torch.log(w.mean())), float(reps.std()), float(q[0]), float(q[1])
+
+
+def boot_swapped(log_w, n_boot, generator):
+    est, se, lo, hi = boot_correct(log_w, n_boot, generator)
+    return se, est, lo, hi
+
+
+def boot_three(log_w, n_boot, generator):
+    return boot_correct(log_w, n_boot, generator)[:3]
+
+
+@pytest.mark.parametrize("fn", [boot_correct, boot_multinomial_loop])
+def test_correct_bootstrap_passes(fn, capsys):
+    check_log_z_bootstrap(fn)
+    assert "All checks passed for log_z_bootstrap" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("fn, match", [
-    (bon_min, "LOWEST reward"),
-    (bon_top_of_pool, "best `batch` samples of the whole pool"),
-    (bon_too_few, "drew 80000 samples"),
-    (bon_mixed_coordinates, "different candidates"),
-    (bon_no_selection, "like single samples"),
+    (boot_permutation, "WITH replacement"),
+    (boot_sum, "subtract log n"),
+    (boot_mean_log, "mean of log w"),
+    (boot_naive_se, "sd\\(log w\\)/sqrt\\(n\\)"),
+    (boot_half, "sqrt\\(2\\)"),
+    (boot_no_generator, "generator=generator"),
+    (boot_overflow, "overflows"),
+    (boot_swapped, "log Ẑ of 50 equal log-weights"),
+    (boot_three, "four numbers"),
 ])
-def test_best_of_n_mistakes_are_named(fn, match):
+def test_bootstrap_mistakes_are_named(fn, match):
     with pytest.raises(CheckFailed, match=match):
-        check_best_of_n(fn)
+        check_log_z_bootstrap(fn)
 
 
 def test_untouched_and_crashing():
@@ -163,12 +210,12 @@ def test_untouched_and_crashing():
         raise NotImplementedError()
 
     with pytest.raises(ExerciseNotAttempted):
-        check_soft_optimal_weights(untouched)
+        check_bar_free_energy(untouched)
     with pytest.raises(ExerciseNotAttempted):
-        check_best_of_n(untouched)
+        check_log_z_bootstrap(untouched)
 
-    def crashes(sample, reward, n, batch):
-        return sample(n * batch).reshape(batch, n)  # a shape error for dim 1 is fine; the argmax is missing
+    def crashes(log_w, n_boot, generator):
+        return log_w[n_boot * 1000]
 
-    with pytest.raises(CheckFailed, match="shape"):
-        check_best_of_n(crashes)
+    with pytest.raises(CheckFailed, match="raised IndexError"):
+        check_log_z_bootstrap(crashes)

@@ -77,8 +77,8 @@ def test_every_chapter_sets_threads_through_config():
 
 def test_describe_prints_every_size_on_short_lines(monkeypatch):
     monkeypatch.setenv("BOLTZLAB_BUDGET", "laptop")
-    text = config.describe(config.sizes("05"))
+    text = config.describe(config.sizes("06"))
     lines = text.splitlines()
     assert lines[0] == "budget: laptop" and all(len(line) <= 100 for line in lines)
-    for f in dataclasses.fields(config.Chapter05Sizes):
-        assert f"{f.name}={getattr(config.sizes('05'), f.name)}" in text
+    for f in dataclasses.fields(config.Chapter06Sizes):
+        assert f"{f.name}={getattr(config.sizes('06'), f.name)}" in text

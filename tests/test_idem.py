@@ -119,7 +119,7 @@ def test_pdem_trains_an_energy_network() -> None:
 
 
 def test_train_to_completion_continues_an_interrupted_run_and_keeps_its_baseline(tmp_path: Path) -> None:
-    """What chapter 05 does under ``full``: a run cut off after 2 of 4 outer iterations is
+    """What chapter 06 does under ``full``: a run cut off after 2 of 4 outer iterations is
     continued (not restarted) to the same weights as an uninterrupted run, its equal-budget
     baseline is written once for that run's evaluation count, and a second call trains nothing."""
     config = config_for("gmm40", **TINY)

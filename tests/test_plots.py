@@ -256,7 +256,7 @@ def test_panel_grid_shrinks_panels_to_fit_a_forced_number_of_columns():
 
 
 def test_smallest_text_px_counts_the_shrink_of_a_figure_wider_than_the_column():
-    fig, ax = plt.subplots(figsize=(19.0, 3.8), dpi=100)  # chapter 05's old four-panel figure
+    fig, ax = plt.subplots(figsize=(19.0, 3.8), dpi=100)  # chapter 06's old four-panel figure
     ax.set_xlabel("energy evaluations")  # 10 pt = 13.9 px at 100 dpi, shrunk by 968/1900
     assert P.smallest_text_px(fig) == pytest.approx(10 * 100 / 72 * P.COLUMN_PX / 1900)
     assert P.smallest_text_px(fig) < 10
@@ -291,7 +291,7 @@ def test_evaluation_curves_draw_each_metric_against_the_budget_with_baseline_and
 
 
 def test_evaluation_curves_with_one_point_get_a_linear_axis_with_readable_ticks(tmp_path):
-    """One evaluation on a log axis labels minor ticks that overlap (chapter 05's LJ-55)."""
+    """One evaluation on a log axis labels minor ticks that overlap (chapter 06's LJ-55)."""
     records = [{"energy_evaluations": 3.2e9, "energy_w2": 4.0}]
     axes = P.evaluation_curves(records, ["energy_w2"], baseline={"energy_evaluations": 3.2e9, "energy_w2": 9.0},
                                logy=["energy_w2"])

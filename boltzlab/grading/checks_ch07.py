@@ -1,14 +1,12 @@
-"""Checks for the chapter 07 exercises: soft-optimal roll-out weights and a best-of-N sampler.
+"""Checks for the chapter 07 exercises: importance sampling.
 
-1. ``soft_optimal_weights(rewards, alpha) -> (weights, value)``: rewards ``(B, M)``,
-   weights = softmax over the M completions of r/alpha, value = alpha log mean_m exp(r/alpha).
-   Compared, in float64, with a reference written here from the definition (explicit max shift),
-   on a generic case, at a second alpha, on rewards of size 1e4, and against the closed form of a
-   tilted Gaussian; a wrong answer is matched against known mistakes.
-2. ``best_of_n(sample, reward, n, batch) -> (batch, dim)``: checked by its distribution (for
-   uniform samples and reward x the best of n has CDF u^n: a Kolmogorov-Smirnov distance names
-   the distribution it matches instead), by the number of samples it draws, and by returning
-   whole samples (coordinates that belong together stay together).
+- :func:`check_bar_free_energy`: ΔF = F_1 - F_0 by the Bennett acceptance ratio from
+  Δu = u_1 - u_0 at samples of both states.
+- :func:`check_log_z_bootstrap`: log Ẑ with its bootstrap standard error and 95 % interval.
+
+Each check compares with an independent answer (a hand-solvable case, exact identities of
+the estimator, :mod:`boltzlab.importance` on the same data) and names the usual mistakes
+when it recognises them.
 """
 
 from __future__ import annotations
@@ -19,245 +17,200 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from boltzlab import importance
 from boltzlab.grading import write_yourself
 from boltzlab.grading.feedback import (
     CheckFailed,
     all_passed,
+    as_float,
     call_learner,
     expect_close,
-    expect_shape,
     passed,
 )
 
+BarFn = Callable[[Tensor, Tensor], object]
+BootstrapFn = Callable[[Tensor, int, torch.Generator], object]
 F64 = torch.float64
-WeightsFn = Callable[[Tensor, float], tuple[Tensor, Tensor]]
 
 
 # ----------------------------------------------------------------------------------------
-# exercise 1: soft-optimal weights and value
+# BAR
 # ----------------------------------------------------------------------------------------
 
 
-def _reference(rewards: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
-    r = rewards.to(F64) / alpha
-    top = r.max(dim=1, keepdim=True).values
-    e = torch.exp(r - top)
-    total = e.sum(dim=1, keepdim=True)
-    value = alpha * (top[:, 0] + torch.log(total[:, 0] / r.shape[1]))
-    return e / total, value
+def _gaussian_states(n0: int, n1: int, seed: int) -> tuple[Tensor, Tensor, float]:
+    """u_0 = x^2/2, u_1 = (x - 1)^2 / (2 * 0.8^2) + 0.3: samples of both, Δu at them, exact ΔF."""
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(n0, generator=g, dtype=F64)
+    x1 = 1.0 + 0.8 * torch.randn(n1, generator=g, dtype=F64)
+
+    def du(x: Tensor) -> Tensor:
+        return (x - 1.0) ** 2 / (2 * 0.64) + 0.3 - x**2 / 2
+
+    return du(x0), du(x1), 0.3 - math.log(0.8)
 
 
-def _weight_mistakes(rewards: Tensor, alpha: float) -> dict[str, Tensor]:
-    r = rewards.to(F64)
-    return {
-        "alpha_multiplies": torch.softmax(alpha * r, dim=1),
-        "over_batch": torch.softmax(r / alpha, dim=0),
-        "unnormalised": torch.exp(r / alpha - (r / alpha).amax(1, keepdim=True)),
-        "uniform": torch.full_like(r, 1.0 / r.shape[1]),
-    }
+def _bar_with_m(du0: Tensor, du1: Tensor, m: float) -> float:
+    """The BAR root for a given constant M (M = log(n0/n1) is right; others are mistakes)."""
+    def g(df: float) -> float:
+        return float(torch.logsumexp(-torch.nn.functional.softplus(m + du0 - df), 0)
+                     - torch.logsumexp(-torch.nn.functional.softplus(-m - du1 + df), 0))
+    both = torch.cat([du0, du1])
+    lo, hi = float(both.min()) - 50.0, float(both.max()) + 50.0  # ΔF lies between the FEP estimates, inside
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if g(mid) < 0 else (lo, mid)
+    return 0.5 * (lo + hi)
 
 
-_WEIGHT_HINTS = {
-    "alpha_multiplies": "the weights are exp(r / alpha), divided by alpha, not multiplied: a large alpha should "
-    "make the weights more uniform (less tilt), a small alpha sharper",
-    "over_batch": "normalise over the M completions of each state (dim=1 of the (B, M) rewards), not over the batch",
-    "unnormalised": "the weights of each state must sum to one: divide exp(r/alpha - max) by its sum over the M "
-    "completions (torch.softmax(..., dim=1) does both)",
-    "uniform": "all your weights are 1/M: the rewards must enter, w_m ∝ exp(r_m / alpha)",
-}
-
-
-def _value_mistakes(rewards: Tensor, alpha: float) -> dict[str, Tensor]:
-    r = rewards.to(F64)
-    lse = torch.logsumexp(r / alpha, dim=1)
-    w = torch.softmax(r / alpha, dim=1)
-    return {
-        "no_alpha": lse - math.log(r.shape[1]),
-        "no_mean": alpha * lse,
-        "mean_reward": r.mean(1),
-        "max_reward": r.amax(1),
-        "tilted_mean_reward": (w * r).sum(1),
-        "alpha_inside": torch.logsumexp(alpha * r, dim=1) / alpha - math.log(r.shape[1]) / alpha,
-    }
-
-
-_VALUE_HINTS = {
-    "no_alpha": "the value is alpha * log mean exp(r/alpha): multiply the log-mean-exp by alpha so that V has the "
-    "units of the reward",
-    "no_mean": "you took alpha * logsumexp(r/alpha), the log of a SUM: the value is the log of the MEAN, subtract "
-    "alpha * log(M)",
-    "mean_reward": "you returned the plain mean reward: that is the value only in the limit alpha -> infinity; use "
-    "alpha * log mean exp(r/alpha)",
-    "max_reward": "you returned the best reward: that is the value only in the limit alpha -> 0; use "
-    "alpha * log mean exp(r/alpha)",
-    "tilted_mean_reward": "you returned sum_m w_m r_m, the mean reward under the tilted weights; the soft value is "
-    "alpha * log mean exp(r/alpha) (it also pays for the KL of the tilt, so it is smaller)",
-    "alpha_inside": "the tilt is exp(r / alpha), not exp(alpha * r)",
-}
-
-
-def _name(got: Tensor, variants: dict[str, Tensor], hints: dict[str, str], default: str) -> str:
-    for key, wrong in variants.items():
-        if got.shape == wrong.shape and torch.allclose(got.to(F64), wrong, rtol=1e-5, atol=1e-7):
-            return hints[key]
-    return default
-
-
-def _weights_case(fn: WeightsFn, rewards: Tensor, alpha: float, label: str) -> tuple[Tensor, Tensor]:
-    out = call_learner(fn, rewards.clone(), alpha, name="soft_optimal_weights")
-    if not isinstance(out, tuple) or len(out) != 2:
-        raise CheckFailed(f"soft_optimal_weights on {label} should return a tuple (weights, value), got "
-                          f"{type(out).__name__}{'' if not isinstance(out, tuple) else f' of length {len(out)}'}")
-    weights, value = out
-    b, m = rewards.shape
-    expect_shape(f"weights on {label}", weights, (b, m))
-    expect_shape(f"value on {label}", value, (b,))
-    for name, t in (("weights", weights), ("value", value)):
-        if not bool(torch.isfinite(t).all()):
-            raise CheckFailed(
-                f"{name} on {label} contains NaN or inf. exp(r/alpha) overflows for large rewards. Hint: subtract "
-                "the largest r/alpha of each state before exponentiating (torch.softmax and torch.logsumexp do it)."
-            )
-    ref_w, ref_v = _reference(rewards, alpha)
-    if not torch.allclose(weights.to(F64), ref_w, rtol=1e-5, atol=1e-8):
-        hint = _name(weights, _weight_mistakes(rewards, alpha), _WEIGHT_HINTS,
-                     "w_m = exp(r_m/alpha) / sum_m' exp(r_m'/alpha), for each state separately")
-        expect_close(f"weights on {label}", weights.to(F64), ref_w, rtol=1e-5, atol=1e-8, hint=hint)
-    if not torch.allclose(value.to(F64), ref_v, rtol=1e-5, atol=1e-6):
-        hint = _name(value, _value_mistakes(rewards, alpha), _VALUE_HINTS,
-                     "V = alpha * (logsumexp(r/alpha over the M completions) - log M)")
-        expect_close(f"value on {label}", value.to(F64), ref_v, rtol=1e-5, atol=1e-6, hint=hint)
-    return weights, value
-
-
-def check_soft_optimal_weights(fn: WeightsFn) -> None:
-    """Run the learner's ``soft_optimal_weights`` on four cases; raise :class:`CheckFailed` naming the mistake."""
-    g = torch.Generator().manual_seed(707)
-    rewards = 2.0 * torch.randn(4, 6, generator=g, dtype=F64)
-    _weights_case(fn, rewards, 0.7, "rewards (4, 6), alpha = 0.7")
-    passed("shapes (B, M) and (B,), weights and value at alpha = 0.7")
-
-    _weights_case(fn, rewards, 3.0, "the same rewards at alpha = 3")
-    passed("alpha enters the weights and the value correctly")
-
-    huge = torch.tensor([[1.0e4, 1.0e4 - 2.0, -5.0e3], [-2.0e4, -2.0e4 + 1.0, -2.0e4 + 3.0]], dtype=F64)
-    _weights_case(fn, huge, 1.0, "rewards of size 1e4")
-    passed("finite and correct for rewards of size 1e4 (logsumexp)")
-
-    # x ~ N(0, 1), r = a x: the tilt e^{r/alpha} gives N(a/alpha, 1), V = a^2 / (2 alpha)
-    a, alpha, m = 1.5, 2.0, 200_000
-    x = torch.randn(1, m, generator=g, dtype=F64)
-    weights, value = _weights_case(fn, a * x, alpha, f"{m} Gaussian samples with r = {a} x")
-    ess = 1.0 / float(weights.to(F64).pow(2).sum())
-    expect_close("tilted mean sum_m w_m x_m", float((weights.to(F64) * x).sum()), a / alpha,
-                 atol=5.0 / math.sqrt(ess), hint="the weights should tilt N(0, 1) to N(a/alpha, 1)")
-    expect_close("soft value", float(value), a**2 / (2 * alpha), atol=0.02,
-                 hint="alpha log E[exp(a x / alpha)] = a^2 / (2 alpha) for x ~ N(0, 1)")
-    passed("tilts a Gaussian to the exact tilted Gaussian, with the exact soft value")
-    all_passed("soft_optimal_weights")
-
-
-# ----------------------------------------------------------------------------------------
-# exercise 2: best-of-N
-# ----------------------------------------------------------------------------------------
-
-
-class _CountingSampler:
-    """Uniform samples on [0, 1]^dim (coordinate 2 = coordinate 1 + 10 when dim = 2), counting draws."""
-
-    def __init__(self, dim: int, seed: int) -> None:
-        self.dim, self.drawn, self.calls = dim, 0, 0
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def __call__(self, k: int) -> Tensor:
-        if isinstance(k, Tensor):
-            k = int(k)
-        self.calls += 1
-        self.drawn += int(k)
-        u = torch.rand(int(k), 1, generator=self.generator, dtype=F64)
-        return u if self.dim == 1 else torch.cat([u, u + 10.0], dim=1)
-
-
-def _first_coordinate(x: Tensor) -> Tensor:
-    return x[:, 0]
-
-
-def _ks(values: Tensor, cdf: Callable[[Tensor], Tensor]) -> float:
-    v = torch.sort(values.to(F64).flatten()).values
-    n = v.numel()
-    f = cdf(v.clamp(0.0, 1.0))
-    upper = torch.arange(1, n + 1, dtype=F64) / n
-    return float(torch.maximum((upper - f).abs(), (f - (upper - 1.0 / n)).abs()).max())
-
-
-def _run_bon(fn: Callable[..., Tensor], n: int, batch: int, dim: int, seed: int, label: str) -> tuple[Tensor, int]:
-    sampler = _CountingSampler(dim, seed)
-    out = call_learner(fn, sampler, _first_coordinate, n, batch, name="best_of_n")
-    expect_shape(f"best_of_n on {label}", out, (batch, dim))
-    if not bool(torch.isfinite(out).all()):
-        raise CheckFailed(f"best_of_n on {label} returned NaN or inf")
-    return out, sampler.drawn
-
-
-def check_best_of_n(fn: Callable[..., Tensor]) -> None:
-    """Run the learner's ``best_of_n(sample, reward, n, batch)``; raise :class:`CheckFailed` naming the mistake."""
-    n, batch = 5, 20_000
-    out, drawn = _run_bon(fn, n, batch, 1, 11, f"uniform samples, reward x, n = {n}, batch = {batch}")
-    if drawn != n * batch:
-        raise CheckFailed(
-            f"best_of_n drew {drawn} samples for {batch} outputs with n = {n}; it should draw exactly n * batch = "
-            f"{n * batch} (n fresh candidates per output). Hint: call sample(n * batch) once and group the result."
-        )
-    passed(f"shape (batch, dim) and exactly n * batch = {n * batch} draws")
-
-    tol = 1.63 / math.sqrt(batch)  # Kolmogorov-Smirnov at the 1% level
+def _name_bar_mistake(got: float, du0: Tensor, du1: Tensor, expected: float) -> str:
+    n0, n1 = du0.numel(), du1.numel()
     candidates = {
-        "correct": lambda u: u.pow(n),
-        "min": lambda u: 1 - (1 - u).pow(n),
-        "no_selection": lambda u: u,
-        "top_of_pool": lambda u: ((u - (1 - 1.0 / n)) * n).clamp(0.0, 1.0),
-        "n_minus_1": lambda u: u.pow(n - 1),
-        "n_plus_1": lambda u: u.pow(n + 1),
+        "the sign is flipped: ΔF = F_1 - F_0 = -log(Z_1/Z_0); check which side of the equation holds the "
+        "samples of state 0 (f(M + Δu - ΔF)) and which those of state 1 (f(-M - Δu + ΔF))": -expected,
+        "that is forward FEP, -log mean(exp(-Δu)) over the samples of state 0 alone: BAR uses the samples "
+        "of state 1 too": importance.fep_free_energy(du0, "forward").delta_f,
+        "that is reverse FEP, log mean(exp(Δu)) over the samples of state 1 alone: BAR uses the samples "
+        "of state 0 too": importance.fep_free_energy(du1, "reverse").delta_f,
     }
-    distances = {k: _ks(out[:, 0], cdf) for k, cdf in candidates.items()}
-    if distances["correct"] > tol:
-        closest = min(distances, key=distances.get)
-        hints = {
-            "min": "you kept the candidate with the LOWEST reward: use argmax, not argmin",
-            "no_selection": "your outputs are distributed like single samples: pick, for each output, the candidate "
-            "with the largest reward among its own n",
-            "top_of_pool": "you took the best `batch` samples of the whole pool: that is far more extreme than "
-            "best-of-n; group the n * batch candidates into `batch` groups of n and take the best of EACH group",
-            "n_minus_1": "your result looks like the best of n - 1: each group must hold n candidates",
-            "n_plus_1": "your result looks like the best of n + 1: each group must hold n candidates",
-            "correct": "",
-        }
-        hint = hints[closest] if closest != "correct" else "group the candidates into batch groups of n and take argmax"
-        raise CheckFailed(
-            f"for uniform samples and reward x the best of n = {n} has CDF u^{n}; your outputs are at Kolmogorov-Smirnov "
-            f"distance {distances['correct']:.4f} from it (allowed {tol:.4f}). Hint: {hint}"
-        )
-    expect_close("mean of the best of 5 uniforms", float(out.mean()), n / (n + 1), atol=0.01)
-    passed(f"the best of {n} uniforms has CDF u^{n} (Kolmogorov-Smirnov {distances['correct']:.4f})")
+    if n0 != n1:
+        candidates["you left out M = log(n_0/n_1) (or set it to 0): it matters when the two states have "
+                   "different numbers of samples"] = _bar_with_m(du0, du1, 0.0)
+        candidates["M has the wrong sign: M = log(n_0/n_1), with n_0 the number of samples of state 0 "
+                   "(the length of du0)"] = _bar_with_m(du0, du1, math.log(n1 / n0))
+    for message, value in candidates.items():
+        if abs(got - value) < 1e-4 * max(1.0, abs(value)):
+            return message
+    return ("solve Σ_i f(M + du0_i - ΔF) = Σ_j f(-M - du1_j + ΔF) with f(z) = 1/(1 + e^z) and M = log(n0/n1); "
+            "bisect until the interval is below 1e-8")
 
-    out1, _ = _run_bon(fn, 1, 5_000, 1, 12, "n = 1")
-    if _ks(out1[:, 0], lambda u: u) > 1.63 / math.sqrt(5_000):
-        raise CheckFailed("with n = 1 best_of_n should return plain samples (uniform here), but the outputs are not "
-                          "uniform. Hint: the best of one candidate is that candidate.")
-    passed("n = 1 returns plain samples")
 
-    out2, _ = _run_bon(fn, 4, 3_000, 2, 13, "2-D samples (x, x + 10), n = 4")
-    if not torch.allclose(out2[:, 1] - out2[:, 0], torch.full((3_000,), 10.0, dtype=out2.dtype), atol=1e-6):
+def _bar_case(fn: BarFn, du0: Tensor, du1: Tensor, label: str, tol: float = 1e-6, hint: str | None = None) -> float:
+    expected = importance.bar_free_energy(du0, du1).delta_f
+    got = as_float(f"bar_free_energy on {label}", call_learner(fn, du0.clone(), du1.clone(), name="bar_free_energy"))
+    if not math.isfinite(got):
         raise CheckFailed(
-            "best_of_n returned rows whose coordinates come from different candidates (the test samples are "
-            "(u, u + 10), so every returned row must have x2 - x1 = 10). Hint: select whole rows: "
-            "x.reshape(batch, n, dim)[torch.arange(batch), best]."
+            f"bar_free_energy on {label} returned {got}. Large Δu (here up to {float(torch.cat([du0, du1]).abs().max()):.0f}) "
+            "overflow exp(); write log f(z) = -softplus(z) and compare the two sides with torch.logsumexp."
         )
-    passed("returns whole samples of dimension 2")
-    all_passed("best_of_n")
+    if abs(got - expected) > tol * max(1.0, abs(expected)):
+        expect_close(f"bar_free_energy on {label}", got, expected, rtol=tol, atol=tol,
+                     hint=hint or _name_bar_mistake(got, du0, du1, expected))
+    return got
+
+
+def check_bar_free_energy(fn: BarFn) -> None:
+    """Check ``fn(du0 (n0,), du1 (n1,)) -> ΔF = F_1 - F_0`` in units of kT."""
+    name = "bar_free_energy"
+    # by hand: Δu = c at every sample of both states (equal counts) gives ΔF = c exactly
+    got = as_float(f"{name} (Δu = 0.7 everywhere)",
+                   call_learner(fn, torch.full((5,), 0.7, dtype=F64), torch.full((5,), 0.7, dtype=F64), name=name))
+    if abs(got + 0.7) < 1e-6:
+        raise CheckFailed(f"{name}: the sign is flipped. With Δu = u_1 - u_0 = 0.7 everywhere, state 1 is higher by "
+                          f"0.7 kT and ΔF = F_1 - F_0 = +0.7; you gave {got:.4f}")
+    expect_close(f"{name} with Δu = 0.7 at every sample of both states", got, 0.7, rtol=1e-6, atol=1e-6,
+                 hint="when Δu is the same constant c everywhere, both sides balance at ΔF = c")
+    passed("Δu constant: ΔF equals it")
+
+    du0, du1, exact = _gaussian_states(400, 400, seed=606)
+    _bar_case(fn, du0, du1, "two Gaussian states, 400 samples each")
+    passed(f"two Gaussian states, equal sample sizes (exact ΔF = {exact:.4f})")
+
+    du0, du1, _ = _gaussian_states(600, 150, seed=607)
+    _bar_case(fn, du0, du1, "two Gaussian states, 600 and 150 samples")
+    passed("unequal sample sizes (M = log(n0/n1))")
+
+    _bar_case(fn, du0 + 1000.0, du1 + 1000.0, "the same states with u_1 raised by 1000 kT",
+              hint="raising u_1 by a constant raises ΔF by the same constant, and your answer was right before the "
+              "shift: exp() of Δu near 1000 overflows (or its Fermi function underflows to 0), or your search "
+              "interval for ΔF is too narrow. Write log f(z) = -softplus(z), compare the two sides with "
+              "torch.logsumexp, and widen the interval until the sign of the difference changes")
+    passed("finite and correct when Δu is about 1000 (log space)")
+    all_passed(name)
+
+
+# ----------------------------------------------------------------------------------------
+# bootstrap of log Z
+# ----------------------------------------------------------------------------------------
+
+
+def _four_floats(label: str, out: object) -> tuple[float, float, float, float]:
+    if not isinstance(out, (tuple, list)) or len(out) != 4:
+        kind = f"a {type(out).__name__} of length {len(out)}" if isinstance(out, (tuple, list)) else type(out).__name__
+        raise CheckFailed(f"{label} should return four numbers (estimate, standard error, low, high), got {kind}")
+    return tuple(as_float(f"{label}[{k}]", v) for k, v in enumerate(out))  # type: ignore[return-value]
+
+
+def check_log_z_bootstrap(fn: BootstrapFn) -> None:
+    """Check ``fn(log_w (n,), n_boot, generator) -> (log Ẑ, SE, low, high)``."""
+    name = "log_z_bootstrap"
+    # equal weights: every replicate is the same, so SE = 0 and the interval is a point
+    flat = torch.full((50,), -1.3, dtype=F64)
+    est, se, low, high = _four_floats(name, call_learner(fn, flat, 100, torch.Generator().manual_seed(0), name=name))
+    if abs(est - (-1.3 + math.log(50))) < 1e-6:
+        raise CheckFailed(f"{name}: for 50 equal log-weights -1.3 you gave log Ẑ = {est:.4f} = -1.3 + log 50: "
+                          "you summed the weights; Ẑ is their mean, subtract log n")
+    expect_close(f"{name}: log Ẑ of 50 equal log-weights -1.3", est, -1.3, rtol=1e-9, atol=1e-9,
+                 hint="log Ẑ = logsumexp(log w) - log n")
+    expect_close(f"{name}: the standard error for equal weights (every replicate is the same)", se, 0.0, atol=1e-9)
+    if not (abs(low + 1.3) < 1e-9 and abs(high + 1.3) < 1e-9):
+        raise CheckFailed(f"{name}: with equal weights every replicate is -1.3, so the interval is [-1.3, -1.3]; "
+                          f"you gave [{low:.4g}, {high:.4g}]")
+    passed("equal weights: log Ẑ exact, zero standard error")
+
+    g = torch.Generator().manual_seed(64)
+    lw = 2.0 + 0.9 * torch.randn(600, generator=g, dtype=F64)
+    n = lw.numel()
+    est, se, low, high = _four_floats(name, call_learner(fn, lw.clone(), 2000, torch.Generator().manual_seed(5),
+                                                         name=name))
+    exact_est = float(torch.logsumexp(lw, 0)) - math.log(n)
+    if abs(est - exact_est) > 1e-9:
+        mistakes = {float(lw.mean()): "that is the mean of log w (a lower bound on log Z by Jensen), not the log of "
+                                      "the mean weight: log Ẑ = logsumexp(log w) - log n",
+                    exact_est + math.log(n): "you summed the weights; Ẑ is their mean, subtract log n"}
+        hint = next((m for v, m in mistakes.items() if abs(est - v) < 1e-6), "log Ẑ = logsumexp(log w) - log n")
+        expect_close(f"{name}: log Ẑ", est, exact_est, rtol=1e-9, atol=1e-9, hint=hint)
+    reference = importance.log_z_bootstrap(lw, n_boot=4000, generator=torch.Generator().manual_seed(6))
+    if se < 0.2 * reference.standard_error:
+        raise CheckFailed(f"{name}: your standard error {se:.4g} is far below the bootstrap's "
+                          f"{reference.standard_error:.4g}: your replicates barely vary. Draw the n indices WITH "
+                          "replacement (torch.randint), not a permutation: a permutation of the weights always "
+                          "gives the same log Ẑ")
+    if abs(se - float(lw.std()) / math.sqrt(n)) < 1e-6:
+        raise CheckFailed(f"{name}: your standard error is sd(log w)/sqrt(n), the error of a mean of log w, not of "
+                          "log Ẑ: take the standard deviation of the bootstrap replicates of log Ẑ")
+    if abs(se / reference.standard_error - math.sqrt(2)) < 0.15:
+        raise CheckFailed(f"{name}: your standard error is about sqrt(2) times the bootstrap's "
+                          f"({se:.4g} vs {reference.standard_error:.4g}): each replicate must draw n indices, as many "
+                          "as there are weights, not fewer")
+    expect_close(f"{name}: bootstrap standard error with n_boot = 2000", se, reference.standard_error, rtol=0.12,
+                 hint="the standard deviation of n_boot replicates, each log Ẑ of n weights drawn with replacement")
+    passed("log Ẑ exact, standard error within 12 % of a 4000-replicate bootstrap")
+
+    if not low < est < high:
+        raise CheckFailed(f"{name}: the interval [{low:.4g}, {high:.4g}] should contain the estimate {est:.4g}: "
+                          "return (estimate, se, low, high) in this order, low the 2.5 % quantile")
+    for label, got, want in (("low (2.5 % quantile)", low, reference.low), ("high (97.5 % quantile)", high, reference.high)):
+        if abs(got - want) > 0.35 * reference.standard_error:
+            raise CheckFailed(f"{name}: {label} is {got:.4f}, the bootstrap gives about {want:.4f} (standard error "
+                              f"{reference.standard_error:.4f}). Hint: torch.quantile of the replicates at 0.025 and 0.975")
+    passed("95 % interval from the replicates' quantiles")
+
+    again = _four_floats(name, call_learner(fn, lw.clone(), 200, torch.Generator().manual_seed(7), name=name))
+    repeat = _four_floats(name, call_learner(fn, lw.clone(), 200, torch.Generator().manual_seed(7), name=name))
+    if again != repeat:
+        raise CheckFailed(f"{name}: two calls with identically seeded generators gave different answers "
+                          f"({again[1]:.6g} vs {repeat[1]:.6g}): draw the indices with generator=generator")
+    big = (5000.0 + torch.randn(200, generator=g)).float()
+    out = _four_floats(name, call_learner(fn, big, 100, torch.Generator().manual_seed(8), name=name))
+    if not all(math.isfinite(v) for v in out):
+        raise CheckFailed(f"{name}: log-weights near 5000 gave {out}: exp(5000) overflows; use torch.logsumexp")
+    passed("reproducible with the generator, finite for log-weights near 5000")
+    all_passed(name)
 
 
 # The package functions each exercise asks the learner to write: inside the exercise's check
 # they refuse to run (boltzlab.grading.write_yourself), in the notebook and the grader alike.
-WRITE_YOURSELF = {"soft_optimal_weights": ("boltzlab.finetune.soft_optimal_weights",)}
+WRITE_YOURSELF = {"bar_free_energy": ("boltzlab.importance.bar_free_energy",),
+                  "log_z_bootstrap": ("boltzlab.importance.log_z_bootstrap",)}
 write_yourself.register(WRITE_YOURSELF)

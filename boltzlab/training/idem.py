@@ -1,4 +1,4 @@
-r"""iDEM and pDEM: training a diffusion sampler from the energy alone (chapter 05).
+r"""iDEM and pDEM: training a diffusion sampler from the energy alone (chapter 06).
 
 iDEM (Akhound-Sadegh et al. 2024) alternates two loops.
 
@@ -11,7 +11,7 @@ iDEM (Akhound-Sadegh et al. 2024) alternates two loops.
   or, by default, its blend with the noise form sum_k w_k u_k / sigma_t
   (:func:`boltzlab.estimators.blended_score`), which is far quieter at large sigma_t:
   for DW-4 at sigma = 1 the mean squared error of K = 500 targets drops from 176 to 2.4
-  (chapter 05 measures it);
+  (chapter 06 measures it);
       L(theta) = E_t,x_t [ lambda(t) || s_theta(x_t, t) - clip(S_K(x_t, t)) ||^2 ],
       lambda(t) = sigma_t^2 + local_scale^2   (with :class:`~boltzlab.diffusion.ScaledScore`,
       an order-one loss at every noise level);
@@ -25,13 +25,13 @@ Monte Carlo estimate of E_t(x) = -kT log E_u[exp(-E(x + sigma_t u)/kT)],
       Ê_K(x_t, t) = -kT [ logsumexp_k(-E(x_t + sigma_t u_k)/kT) - log K ],
 
 and sampling uses its score -∇E_theta / kT. (The log of an average is biased for finite K,
-like the score estimator; chapter 04 measures that bias.)
+like the score estimator; chapter 05 measures that bias.)
 
 Everything that makes a run reproducible and honest is here: a dataclass config per
 target (:data:`CONFIGS`), one ``torch.Generator`` for all randomness, resumable
 checkpoints (stop and continue equals an uninterrupted run with the same seed), and
 ``energy_evaluations``, the number of target-energy evaluations spent on training, which
-chapter 05 gives to MCMC as its budget. With ``--procs P`` (or under ``torchrun``) the loop
+chapter 06 gives to MCMC as its budget. With ``--procs P`` (or under ``torchrun``) the loop
 runs data-parallel with :class:`~torch.nn.parallel.DistributedDataParallel` (NCCL on GPUs,
 gloo on CPUs) at the same global sizes (:func:`train_idem`); every regression target comes
 from one fused, streamed pass of :func:`boltzlab.kernels.mc_score_estimate`.

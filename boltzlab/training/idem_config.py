@@ -43,7 +43,7 @@ class IDEMConfig:
     sigma_min: float = 0.01
     sigma_max: float = 1.0
     n_mc: int = 500  # K: Monte Carlo copies per score target
-    estimator: str = "blended"  # "lse" (chapter 04's force form) or "blended" (force + noise form)
+    estimator: str = "blended"  # "lse" (chapter 05's force form) or "blended" (force + noise form)
     max_norm: float | None = None  # clip targets (per particle for particle systems)
     batch_size: int = 256
     lr: float = 5e-4

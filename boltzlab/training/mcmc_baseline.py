@@ -1,4 +1,4 @@
-"""The honest baseline of chapter 05: MCMC given the same number of target-energy
+"""The honest baseline of chapter 06: MCMC given the same number of target-energy
 evaluations as a trained iDEM sampler, saved beside its checkpoint, and the command that trains
 a run to completion and then runs it.
 """

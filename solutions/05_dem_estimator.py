@@ -15,9 +15,9 @@
 # ---
 
 # %% [markdown]
-# # Exercise 04 · The logsumexp Monte Carlo score estimator
+# # Exercise 05 · The logsumexp Monte Carlo score estimator
 #
-# From chapter 04 "DEM score estimation". Write your code where it says
+# From chapter 05 "DEM score estimation". Write your code where it says
 # `raise NotImplementedError()`, run the cell, then run the check cell below it: it tells
 # you what is wrong, specifically.
 
@@ -63,7 +63,7 @@ def mc_score(energy, x_t: torch.Tensor, sigma: float, eps: torch.Tensor) -> torc
 
 
 # %% nbgrader={"grade": true, "grade_id": "mc_score", "locked": true, "points": 4, "schema_version": 3, "solution": false}
-from boltzlab.grading.checks_ch04 import check_mc_score
+from boltzlab.grading.checks_ch05 import check_mc_score
 
 check_mc_score(mc_score)
 ### BEGIN HIDDEN TESTS

@@ -15,18 +15,18 @@
 # ---
 
 # %% [markdown]
-# # 05 · iDEM on LJ-13 and LJ-55
+# # 06 · iDEM on LJ-13 and LJ-55
 #
 # ## Aim
 #
-# Chapter 04 built the Monte Carlo estimate of the noised score from the energy alone. Here
+# Chapter 05 built the Monte Carlo estimate of the noised score from the energy alone. Here
 # it becomes a sampler: **iterated denoising energy matching** (iDEM) regresses a score
 # network onto that estimate, at points that the network's own reverse SDE produced, and
 # alternates the two. After this chapter you can
 #
 # - write down the bi-level loop (inner regression, outer buffer refill) and say why the
 #   outer loop is needed;
-# - compare two Monte Carlo estimators of the regression target (chapter 04's force form and the
+# - compare two Monte Carlo estimators of the regression target (chapter 05's force form and the
 #   noise form) and the blend of both that the shipped configs use, by their error on DW-4;
 # - explain why an E(3) × S_n-equivariant, centre-of-mass-free network (the EGNN) is the right
 #   score model for identical particles, and **measure** that it is;
@@ -89,7 +89,7 @@ from boltzlab.widgets import DEFAULT_WINDOWS, reverse_sde_widget
 SEED = 0
 torch.manual_seed(SEED)
 set_torch_threads()  # the networks are small: one thread is faster than several (no synchronisation)
-S = sizes("05")
+S = sizes("06")
 TARGET_NAMES = ("gmm40", "dw4", "lj13", "lj55")
 print(describe(S))
 
@@ -99,7 +99,7 @@ print(describe(S))
 # ### The regression target
 #
 # The VE diffusion noises a sample as $x_t = x_0 + \sigma_t\epsilon$, so $p_t = p * \mathcal N(0, \sigma_t^2 I)$,
-# i.e. $p_t(x) = \mathbb E_u[p(x + \sigma_t u)]$ with $u \sim \mathcal N(0, I)$. Chapter 04 estimated its score from
+# i.e. $p_t(x) = \mathbb E_u[p(x + \sigma_t u)]$ with $u \sim \mathcal N(0, I)$. Chapter 05 estimated its score from
 # $K$ copies $x_k = x_t + \sigma_t u_k$ with softmax (logsumexp) weights $w_k = \operatorname{softmax}_k(-E(x_k)/kT)$:
 #
 # $$S_F(x_t, t) = \sum_{k=1}^K w_k\,\frac{F(x_k)}{kT} \qquad\text{(force form)}.$$
@@ -122,7 +122,7 @@ print(describe(S))
 dw, dw_config = get_target("dw4"), CONFIGS["dw4"]
 g_est = torch.Generator().manual_seed(SEED)
 x0_est = load_reference("dw4", S.estimator_points, g_est).double()
-FORMS = {"force form (ch. 04)": {"estimator": "lse"},
+FORMS = {"force form (ch. 05)": {"estimator": "lse"},
          "noise form": {"estimator": "blended", "local_scale": 1e-9},  # a = 0: the noise form alone
          "blend (shipped)": {"estimator": "blended", "local_scale": dw_config.local_scale}}
 EST_SIGMAS = (0.1, 0.3, 1.0, 3.0)
@@ -147,7 +147,7 @@ ax.set(xlabel=r"noise level $\sigma_t$", ylabel="MSE of the regression target", 
 ax.legend(fontsize="small")
 plt.tight_layout()
 mse_at = {form: dict(zip(EST_SIGMAS, values)) for form, values in target_mse.items()}
-assert mse_at["blend (shipped)"][1.0] < mse_at["force form (ch. 04)"][1.0] / 10  # the force form explodes
+assert mse_at["blend (shipped)"][1.0] < mse_at["force form (ch. 05)"][1.0] / 10  # the force form explodes
 assert mse_at["blend (shipped)"][0.1] < mse_at["noise form"][0.1] / 5  # the noise form is noisy at small sigma
 force_mse, noise_mse, blend_mse = (target_mse[form] for form in FORMS)
 for sigma, f, b in zip(EST_SIGMAS, force_mse, blend_mse):
@@ -156,7 +156,7 @@ for sigma, f, b in zip(EST_SIGMAS, force_mse, blend_mse):
 for sigma, u, b in zip(EST_SIGMAS, noise_mse, blend_mse):
     a_share = 1.0 / (1.0 + (sigma / dw_config.local_scale) ** 4)  # as in estimators.blended_score
     print(f"sigma {sigma:g}: blend / noise form = {b / u:.2g} (force-form share a = {a_share:.2g},\n  "
-          f"so a^2 x its MSE = {a_share**2 * mse_at['force form (ch. 04)'][sigma]:.3g} leaks into the blend)")
+          f"so a^2 x its MSE = {a_share**2 * mse_at['force form (ch. 05)'][sigma]:.3g} leaks into the blend)")
 
 # %% [markdown]
 # iDEM trains a network $s_\theta(x, t)$ by **regression** onto the (clipped) target,
@@ -169,7 +169,7 @@ for sigma, u, b in zip(EST_SIGMAS, noise_mse, blend_mse):
 # quantity at every noise level. Unlike denoising score matching, the target depends on $x_t$ only,
 # not on the $x_0$ it came from: for *any* distribution of training points the minimiser is
 # $\mathbb E[\operatorname{clip}(S_K(x_t, t))]$ wherever there are points, which is $\nabla\log p_t$ only up
-# to the estimator's $O(1/K)$ self-normalisation bias (chapter 04) and the bias clipping adds where
+# to the estimator's $O(1/K)$ self-normalisation bias (chapter 05) and the bias clipping adds where
 # the score is large. And a network is only accurate where it was trained, and
 # it is used along its own reverse SDE. That is what the **bi-level loop** arranges:
 #
@@ -282,7 +282,7 @@ assert sym["MLP"]["rotation + translation"] > 1e-2 and sym["MLP"]["permutation"]
 # $E_\theta(x, t)$ is regressed onto $\hat E_K(x_t, t) = -kT\,[\operatorname{logsumexp}_k(-E(x_t + \sigma_t u_k)/kT) - \log K]$,
 # and sampling uses $-\nabla_x E_\theta / kT$ (by autograd). The score field is then conservative
 # by construction, and the target is one number per point rather than a vector of forces; the
-# price is that $\hat E_K$ is the log of an average, biased for finite $K$ (chapter 04), and that every
+# price is that $\hat E_K$ is the log of an average, biased for finite $K$ (chapter 05), and that every
 # score evaluation during sampling needs a backward pass. The package has it as
 # `config_for(target, method="pdem")` (with the MLP).
 #
@@ -778,7 +778,7 @@ assert abs(prior_spread / widget_config.schedule.prior_std - 1) < 0.15
 #   biases the target exactly where the energy is steep. The symptom is a shifted short-distance
 #   edge of the interatomic-distance histogram and a tail of high energies.
 # - **K too small at large t.** At small $\sigma_t$ the copies are close and the estimate is good; at
-#   large $\sigma_t$ the weights degenerate (chapter 04) and the targets are noisy. The loss then stays
+#   large $\sigma_t$ the weights degenerate (chapter 05) and the targets are noisy. The loss then stays
 #   high at large $t$ however long you train; more copies, or fewer but better-placed ones, help.
 # - **Buffer collapse.** The buffer holds the model's own samples, so a mode the model misses early
 #   is never trained on and can stay missed: watch the buffer plot and the mode count during
@@ -789,7 +789,7 @@ assert abs(prior_spread / widget_config.schedule.prior_std - 1) < 0.15
 #   table above; MALA given the same number can do as well or better (the table in section 4 says
 #   whether it does here). The case for a
 #   neural sampler is amortisation (new samples cost no energy evaluations) and, with a likelihood,
-#   reweighting (chapter 06), not a free lunch.
+#   reweighting (chapter 07), not a free lunch.
 # - **Correctors** (a few MALA steps, importance resampling) can close part of a gap, but they
 #   change what is being evaluated and cost evaluations: always report them as a separate line.
 #
@@ -806,7 +806,7 @@ assert abs(prior_spread / widget_config.schedule.prior_std - 1) < 0.15
 #
 # ## Exercises
 #
-# Open `exercises/05_idem.ipynb`: write one EGNN layer from its equations (checked against
+# Open `exercises/06_idem.ipynb`: write one EGNN layer from its equations (checked against
 # `boltzlab.models.EGNNLayer` with the same weights, and by rotating, translating and permuting
 # its input), and the outer loop's buffer refill, an Euler-Maruyama reverse SDE that adds
 # centre-of-mass-free samples to the replay buffer (checked against `boltzlab.diffusion` with

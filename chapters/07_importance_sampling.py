@@ -15,11 +15,11 @@
 # ---
 
 # %% [markdown]
-# # 06 · Importance sampling
+# # 07 · Importance sampling
 #
 # ## Aim
 # A sampler q that knows its own density (a flow, chapters 02-03; a diffusion sampler through
-# its probability-flow ODE, chapters 04-05) can be **corrected** toward the Boltzmann
+# its probability-flow ODE, chapters 04-06) can be **corrected** toward the Boltzmann
 # distribution p ∝ e^{−E/kT} by importance weights w = e^{−E/kT}/q. The same weights estimate
 # the partition function Z and free-energy differences, the numbers a sampler is ultimately
 # for. After this chapter you can
@@ -66,7 +66,7 @@ from boltzlab.widgets import log_z_spread_widget
 SEED = 0
 torch.manual_seed(SEED)
 set_torch_threads()  # one thread: see boltzlab.config.DEFAULT_TORCH_THREADS
-S = sizes("06")
+S = sizes("07")
 SMOKE = budget() == "smoke"  # smoke runs are too short to train well: they check that everything runs
 print(describe(S))
 
@@ -505,7 +505,7 @@ if not SMOKE:
 # We first reweight a diffusion sampler we can train in seconds and check every step of:
 # an EGNN score network fitted by denoising score matching to the shipped DW-4 reference
 # samples (4 particles in 2-D, 8 coordinates, 6 after removing the centre of mass). Section 8
-# then does the same with chapter 05's iDEM sampler on LJ-13. The recipe is the same for any
+# then does the same with chapter 06's iDEM sampler on LJ-13. The recipe is the same for any
 # score network:
 #
 # 1. sample with the **probability-flow ODE** (not the reverse SDE: its density is a different one);
@@ -536,7 +536,7 @@ assert check_errors[200] < 0.02 and check_errors[100] < check_errors[25] / 10
 # happens in a short stretch of time, so a few dozen steps are a minimum; doubling them and
 # comparing is the check to make on any model (we do it below).
 #
-# Now the DW-4 diffusion sampler. The schedule is chapter 05's for DW-4 (σ_max = 3).
+# Now the DW-4 diffusion sampler. The schedule is chapter 06's for DW-4 (σ_max = 3).
 
 # %%
 target = dw4()
@@ -637,9 +637,9 @@ if not SMOKE:
 #   that is not the density of the samples, and the estimate is biased, silently.
 
 # %% [markdown]
-# ### 8. The iDEM sampler of chapter 05 on LJ-13
+# ### 8. The iDEM sampler of chapter 06 on LJ-13
 #
-# Now the real thing: the LJ-13 checkpoint shipped with chapter 05 (an EGNN trained by iDEM from
+# Now the real thing: the LJ-13 checkpoint shipped with chapter 06 (an EGNN trained by iDEM from
 # the energy alone, with the training command `python -m boltzlab train lj13`). Same recipe:
 # probability-flow samples, Hutchinson likelihoods on the 36 effective coordinates, weights,
 # and the energy histogram before and after reweighting against our MCMC reference.
@@ -695,7 +695,7 @@ assert int(torch.unique(res_lj).numel()) <= int(finite_lj.sum())
 # low-energy packings it has not learnt), reweighting has nothing to move. On LJ-13 an
 # imperfect sampler plus 36 effective coordinates is exactly section 2's arithmetic: small
 # per-coordinate errors multiply into a collapsed ESS. Reweighting is a corrector for a sampler
-# that is already close, not a cure for one that is not; chapter 05's equal-budget MCMC
+# that is already close, not a cure for one that is not; chapter 06's equal-budget MCMC
 # comparison is the other half of that lesson.
 
 # %% [markdown]
@@ -736,5 +736,5 @@ assert int(torch.unique(res_lj).numel()) <= int(finite_lj.sum())
 #   moved the DW-4 energy histogram to the reference, at the price of the ESS.
 #
 # ## Exercises
-# Open `exercises/06_importance.ipynb` (solutions are for instructors). You write the Bennett
+# Open `exercises/07_importance.ipynb` (solutions are for instructors). You write the Bennett
 # acceptance ratio and the bootstrap of log Ẑ. Each has a check cell that tells you what is wrong.

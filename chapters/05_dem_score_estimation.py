@@ -15,7 +15,7 @@
 # ---
 
 # %% [markdown]
-# # 04 · DEM score estimation
+# # 05 · DEM score estimation
 #
 # ## Aim
 #
@@ -53,7 +53,7 @@ from boltzlab.widgets import slider_figure
 SEED = 0
 torch.manual_seed(SEED)
 set_torch_threads()  # one thread: see boltzlab.config.DEFAULT_TORCH_THREADS
-S = sizes("04")
+S = sizes("05")
 print(describe(S))
 
 # %% [markdown]
@@ -321,6 +321,6 @@ assert com_raw < 1e-4 * float(norms.max())  # the raw target lives in the COM-fr
 #
 # ## Exercises
 #
-# Open `exercises/04_dem_estimator.ipynb`: implement the logsumexp estimator. Its check
+# Open `exercises/05_dem_estimator.ipynb`: implement the logsumexp estimator. Its check
 # tells you if the weights are unnormalised, kT is missing, the force sign is flipped, or
 # your version overflows on a hard input.

@@ -15,7 +15,7 @@
 # ---
 
 # %% [markdown]
-# # 07 · Reward-guided fine-tuning by iterative distillation
+# # 08 · Reward-guided fine-tuning by iterative distillation
 #
 # ## Aim
 #
@@ -78,7 +78,7 @@ from boltzlab.widgets import slider_figure
 SEED = 0
 torch.manual_seed(SEED)
 set_torch_threads()  # one thread: see boltzlab.config.DEFAULT_TORCH_THREADS
-S = sizes("07")
+S = sizes("08")
 print(describe(S))
 CHAPTER_START = time.perf_counter()
 
@@ -101,7 +101,7 @@ CHAPTER_START = time.perf_counter()
 # $p_{kT_0}$, so the reachable optimum is $q_0 e^{r}/Z$; we measure how close that is to $p_{kT}$.
 #
 # **Iterative distillation.** The model is a score network $s_\theta(x,t) \approx \nabla\log p_t(x)$ of a
-# variance-exploding diffusion ($x_t = x_0 + \sigma_t\epsilon$, chapter 05). Round $k$ has a frozen
+# variance-exploding diffusion ($x_t = x_0 + \sigma_t\epsilon$, chapter 06). Round $k$ has a frozen
 # teacher $\tau$ (at first the pretrained model) and a tilt $1/\alpha_k$:
 #
 # 1. **Roll-in**: run the reverse SDE of the current student (here: the simplest choice; the pretrained
@@ -675,6 +675,6 @@ print(f"chapter ran in {elapsed:.0f} s under the {budget()} budget")
 #
 # ## Exercises
 #
-# Open `exercises/07_finetuning.ipynb`: (1) the soft-optimal roll-out weights and soft value, checked
+# Open `exercises/08_finetuning.ipynb`: (1) the soft-optimal roll-out weights and soft value, checked
 # against tilted Gaussians and huge rewards; (2) a best-of-N sampler, checked against the
 # order statistics of uniform samples.

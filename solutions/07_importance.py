@@ -15,7 +15,7 @@
 # ---
 
 # %% [markdown]
-# # Exercises 06 · Importance sampling
+# # Exercises 07 · Importance sampling
 #
 # Two estimators every reweighting needs: the Bennett acceptance ratio, which turns samples of
 # two states into their free-energy difference, and the bootstrap, which puts an interval on
@@ -23,7 +23,7 @@
 # then run the check cell below it: it tells you what is wrong, specifically. After each check
 # a short cell uses *your* function.
 #
-# Background: chapter 06, section Theory.
+# Background: chapter 07, section Theory.
 
 # %%
 import math
@@ -84,7 +84,7 @@ def bar_free_energy(du0: torch.Tensor, du1: torch.Tensor) -> float:
 
 
 # %% nbgrader={"grade": true, "grade_id": "bar_free_energy", "locked": true, "points": 3, "schema_version": 3, "solution": false}
-from boltzlab.grading.checks_ch06 import check_bar_free_energy
+from boltzlab.grading.checks_ch07 import check_bar_free_energy
 
 check_bar_free_energy(bar_free_energy)
 ### BEGIN HIDDEN TESTS
@@ -157,7 +157,7 @@ def log_z_bootstrap(log_w: torch.Tensor, n_boot: int, generator: torch.Generator
 
 
 # %% nbgrader={"grade": true, "grade_id": "log_z_bootstrap", "locked": true, "points": 3, "schema_version": 3, "solution": false}
-from boltzlab.grading.checks_ch06 import check_log_z_bootstrap
+from boltzlab.grading.checks_ch07 import check_log_z_bootstrap
 
 check_log_z_bootstrap(log_z_bootstrap)
 ### BEGIN HIDDEN TESTS

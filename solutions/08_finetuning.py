@@ -15,9 +15,9 @@
 # ---
 
 # %% [markdown]
-# # Exercise 07 · Soft-optimal weights and best-of-N
+# # Exercise 08 · Soft-optimal weights and best-of-N
 #
-# From chapter 07 "Reward-guided fine-tuning by iterative distillation". Write your code where it
+# From chapter 08 "Reward-guided fine-tuning by iterative distillation". Write your code where it
 # says `raise NotImplementedError()`, run the cell, then run the check cell below it: it tells you
 # what is wrong, specifically.
 
@@ -60,7 +60,7 @@ def soft_optimal_weights(rewards: torch.Tensor, alpha: float) -> tuple[torch.Ten
 
 
 # %% nbgrader={"grade": true, "grade_id": "soft_optimal_weights", "locked": true, "points": 3, "schema_version": 3, "solution": false}
-from boltzlab.grading.checks_ch07 import check_soft_optimal_weights
+from boltzlab.grading.checks_ch08 import check_soft_optimal_weights
 
 check_soft_optimal_weights(soft_optimal_weights)
 ### BEGIN HIDDEN TESTS
@@ -101,7 +101,7 @@ def best_of_n(sample, reward, n: int, batch: int) -> torch.Tensor:
 
 
 # %% nbgrader={"grade": true, "grade_id": "best_of_n", "locked": true, "points": 2, "schema_version": 3, "solution": false}
-from boltzlab.grading.checks_ch07 import check_best_of_n
+from boltzlab.grading.checks_ch08 import check_best_of_n
 
 check_best_of_n(best_of_n)
 ### BEGIN HIDDEN TESTS

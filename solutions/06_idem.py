@@ -15,9 +15,9 @@
 # ---
 
 # %% [markdown]
-# # Exercise 05 · iDEM: one EGNN layer, and the outer loop's buffer refill
+# # Exercise 06 · iDEM: one EGNN layer, and the outer loop's buffer refill
 #
-# From chapter 05 "iDEM on LJ-13 and LJ-55". Write your code where it says
+# From chapter 06 "iDEM on LJ-13 and LJ-55". Write your code where it says
 # `raise NotImplementedError()`, run the cell, then run the check cell below it: it tells
 # you what is wrong, specifically.
 
@@ -76,7 +76,7 @@ def egnn_layer(h: torch.Tensor, x: torch.Tensor, phi_e, phi_x, phi_h):
 
 
 # %% nbgrader={"grade": true, "grade_id": "egnn_layer", "locked": true, "points": 4, "schema_version": 3, "solution": false}
-from boltzlab.grading.checks_ch05 import check_egnn_layer
+from boltzlab.grading.checks_ch06 import check_egnn_layer
 
 check_egnn_layer(egnn_layer)
 ### BEGIN HIDDEN TESTS
@@ -162,7 +162,7 @@ def refill(buffer: ReplayBuffer, score, schedule: GeometricNoiseSchedule, n: int
 
 
 # %% nbgrader={"grade": true, "grade_id": "refill", "locked": true, "points": 3, "schema_version": 3, "solution": false}
-from boltzlab.grading.checks_ch05 import check_refill
+from boltzlab.grading.checks_ch06 import check_refill
 
 check_refill(refill)
 ### BEGIN HIDDEN TESTS
