@@ -1,4 +1,4 @@
-"""The shipped iDEM checkpoints against chapter 05's targets (boltzlab.training.published).
+"""The shipped iDEM checkpoints against chapter 06's targets (boltzlab.training.published).
 
 Each target is checked three ways, independently of the numbers the training run wrote: the
 metrics recomputed from the checkpoint's ``samples.pt`` (at least 2000 samples of the plain

@@ -7,7 +7,7 @@ clip norm, K, the network's width and depth, regression steps per refill, SDE st
 range, the sampler's diffusion scale, the loss weight, the batch, the optimiser's clipping and
 EMA. Every variant trains for the same CPU time (process time, so a loaded machine does not
 penalise one variant more than another) and is evaluated on the same number of fresh samples.
-The records are what chapter 05 plots; the command that writes them is
+The records are what chapter 06 plots; the command that writes them is
 
     python -m boltzlab ablate lj13 --out runs/ablation_lj13 --cpu-minutes 15
 

@@ -1,4 +1,4 @@
-"""The numbers chapter 05 measures its samplers against: the course's targets for the shipped
+"""The numbers chapter 06 measures its samplers against: the course's targets for the shipped
 iDEM checkpoints, and published results with their sources.
 
 Published numbers were measured on other reference and sample sets, some papers report W2 and
