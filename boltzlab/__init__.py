@@ -11,7 +11,7 @@ Modules, one concept each:
 - ``models``     small networks: MLPs, VAE encoder/decoders, GAN generator/critic, score
                  networks (time-embedded MLP, EGNN) and energy networks
 - ``diffusion``  VE noise schedule, reverse SDE, probability-flow ODE, replay buffer
-- ``training``   training loops: VAEs, GANs, WGANs (``generative``), iDEM/pDEM (``idem``)
+- ``training``   training loops: VAEs, GANs, WGANs (``generative``), iDEM, pDEM, NEM (``idem``)
 - ``flows``      coupling flows (RealNVP, rational-quadratic splines) and their training
 - ``estimators`` DEM Monte Carlo score estimators and the exact noised GMM score
 - ``importance`` importance weights, ESS, log Z with bootstrap error, FEP/BAR, CNF likelihoods

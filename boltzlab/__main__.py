@@ -5,7 +5,7 @@ Commands:
 - ``reference build {dw4,lj13,lj55,all}``  build the MCMC reference sets (boltzlab.reference)
 - ``exercises {build,check}``               write exercises/ from solutions/ (boltzlab.exercises)
 - ``grading grade SUBMISSIONS --out CSV``   grade submitted notebooks (boltzlab.grading)
-- ``train TARGET --out DIR [--resume]``      train an iDEM/pDEM sampler (boltzlab.training.idem)
+- ``train TARGET --out DIR [--resume]``      train an iDEM, pDEM or NEM sampler (boltzlab.training.idem)
 - ``ablate TARGET --out DIR``                 iDEM ablations at a fixed CPU budget (boltzlab.training.ablation)
 """
 

@@ -468,7 +468,7 @@ class ScaledScore(torch.nn.Module):
 
 
 class ScaledEnergy(torch.nn.Module):
-    r"""The energy counterpart of :class:`ScaledScore`, for networks that learn E_t (pDEM):
+    r"""The energy counterpart of :class:`ScaledScore`, for networks that learn E_t (NEM):
 
         E(x, t) = |x|^2 / (2 c_in(t)^2) + net(x / c_in(t), t),   c_in(t) = sqrt(data_scale^2 + sigma_t^2).
 

@@ -22,7 +22,7 @@ of order one (GMM-40 spans about ±40; an MLP on raw coordinates trains badly).
                                 sin/cos features of a diffusion time t in [0, 1]
 :class:`ScoreMLP`               time-conditioned score s(x, t) ``(B, dim), (B,) -> (B, dim)``
 :class:`EnergyMLP`              time-conditioned energy E(x, t) ``-> (B,)``
-:class:`EnergyScore`            s = -∇_x E(x, t) / kT, differentiable for training (pDEM)
+:class:`EnergyScore`            s = -∇_x E(x, t) / kT, differentiable for training (NEM)
 :class:`EGNNLayer`              one E(n)-equivariant message-passing layer on all pairs
 :class:`EGNN`                   E(n) x S_n-equivariant, COM-free score network for particles
 ==============================  ===========================================================
@@ -602,7 +602,7 @@ class EnergyScore(nn.Module):
     ``net(x, t)`` must return energies of shape ``(B,)`` (e.g. :class:`EnergyMLP`). The
     gradient is taken with ``create_graph=True`` whenever autograd is recording at the
     call (training), so a loss on the score, such as a regression onto a Monte Carlo score
-    estimate (pDEM), back-propagates into the energy's parameters. Under
+    estimate (NEM), back-propagates into the energy's parameters. Under
     ``torch.no_grad()`` (the samplers) the score comes back detached, without a graph.
     ``project`` (optional) is applied to the score.
     """

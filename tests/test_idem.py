@@ -111,11 +111,31 @@ def test_evaluation_metrics_on_exact_samples() -> None:
     assert collapsed["modes_covered"] <= 10 and collapsed["x_w2"] > good["x_w2"]
 
 
-def test_pdem_trains_an_energy_network() -> None:
-    config = config_for("gmm40", method="pdem", **TINY)
+def test_nem_trains_an_energy_network() -> None:
+    config = config_for("gmm40", method="nem", **TINY)
     state = train_idem(config, None, progress=False)
     assert state.history[-1]["loss"] < state.history[0]["loss"]
     assert hasattr(state.ema, "energy")
+
+
+def test_pdem_trains_at_prior_draws_without_a_buffer(monkeypatch: pytest.MonkeyPatch) -> None:
+    config = config_for("dw4", method="pdem", **TINY)
+    seen = []
+    real = idem.regression_target
+
+    def spy(config, energy, x0, generator, compile=None):
+        seen.append(x0.clone())
+        return real(config, energy, x0, generator, compile)
+
+    monkeypatch.setattr(idem, "regression_target", spy)
+    state = train_idem(config, None, progress=False)
+    assert len(state.buffer) == 0  # never refilled
+    x0 = torch.cat(seen)
+    # prior draws: centre-of-mass free, each coordinate of spread sigma_1 (projection removes 1/n of it)
+    assert x0.reshape(-1, 4, 2).mean(1).abs().max() < 1e-5
+    assert float(x0.std()) == pytest.approx(config.schedule.prior_std * (3 / 4) ** 0.5, rel=0.1)
+    # the energy budget is the regression targets' alone: no sampler runs counted
+    assert state.energy_evaluations == config.n_outer * config.inner_steps * config.batch_size * config.n_mc
 
 
 def test_train_to_completion_continues_an_interrupted_run_and_keeps_its_baseline(tmp_path: Path) -> None:

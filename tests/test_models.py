@@ -358,7 +358,7 @@ def test_energy_score_trains_through_the_gradient_and_detaches_under_no_grad():
     energy = Mo.EnergyMLP(2, hidden=8, n_layers=2, time_dim=4, seed=0).double()
     score = Mo.EnergyScore(energy)
     x, t = torch.randn(5, 2, dtype=torch.float64), torch.rand(5, dtype=torch.float64)
-    loss = (score(x, t) - 1.0).pow(2).sum()  # a regression on the score (as pDEM does)
+    loss = (score(x, t) - 1.0).pow(2).sum()  # a regression on the score (as NEM does)
     loss.backward()
     *weights, out_bias = energy.parameters()  # a constant offset of E does not change the score
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in weights)

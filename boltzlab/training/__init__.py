@@ -2,7 +2,7 @@
 
 - :mod:`boltzlab.training.generative`  VAE, GAN and WGAN on samples (chapter 01), and the
   generic :func:`run_training` loop with its :class:`TrainingHistory` that every loop shares
-- :mod:`boltzlab.training.idem`        iDEM and pDEM from the energy alone (chapter 06): the
+- :mod:`boltzlab.training.idem`        iDEM, pDEM and NEM from the energy alone (chapter 06): the
   regression targets, the two loops, resumable checkpoints and an energy-evaluation counter;
   beside it :mod:`~boltzlab.training.idem_config` (dataclass configs, the course and paper
   presets), :mod:`~boltzlab.training.parallel` (DistributedDataParallel ranks),

@@ -1,4 +1,4 @@
-"""``python -m boltzlab train TARGET ...``: train, resume, profile or baseline an iDEM/pDEM run
+"""``python -m boltzlab train TARGET ...``: train, resume, profile or baseline an iDEM, pDEM or NEM run
 (see ``python -m boltzlab train --help``)."""
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def _train_command(argv: list[str] | None) -> int:
     parser.add_argument("--stop-after", type=int, default=None, help="outer iterations to run in this call")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                        help="override a config field, e.g. --set n_outer=200 --set method=pdem")
+                        help="override a config field, e.g. --set n_outer=200 --set method=nem")
     parser.add_argument("--procs", type=int, default=1,
                         help="data-parallel processes (gloo, one thread each); 2 uses both cores of a 2-core machine")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,

@@ -1,4 +1,4 @@
-r"""iDEM and pDEM: training a diffusion sampler from the energy alone (chapter 06).
+r"""iDEM, pDEM and NEM: training a diffusion sampler from the energy alone (chapter 06).
 
 iDEM (Akhound-Sadegh et al. 2024) alternates two loops.
 
@@ -19,7 +19,12 @@ iDEM (Akhound-Sadegh et al. 2024) alternates two loops.
 - outer: run the reverse SDE of the current model (its exponential moving average) and
   add the samples to the buffer, so training points follow the model towards the target.
 
-pDEM learns the noised energy instead: a scalar network E_theta(x, t) is regressed onto the
+pDEM (``method="pdem"``, the iDEM paper's ablation) regresses onto the same targets at points
+drawn from the prior N(0, sigma_1^2 I) instead of the buffer: no outer loop, and training
+points that rarely come near the target's wells.
+
+NEM (``method="nem"``, noised energy matching) learns the noised energy instead: a scalar
+network E_theta(x, t) is regressed onto the
 Monte Carlo estimate of E_t(x) = -kT log E_u[exp(-E(x + sigma_t u)/kT)],
 
       Ê_K(x_t, t) = -kT [ logsumexp_k(-E(x_t + sigma_t u_k)/kT) - log K ],
@@ -108,15 +113,15 @@ def _projection(energy: Energy):
 def build_model(config: IDEMConfig, energy: Energy) -> nn.Module:
     """The score network of ``config``: ``model(x (B, dim), t (B,)) -> (B, dim)``.
 
-    pDEM wraps a scalar-energy network in :class:`~boltzlab.models.EnergyScore`, so the
+    NEM wraps a scalar-energy network in :class:`~boltzlab.models.EnergyScore`, so the
     model also has ``model.energy(x, t) -> (B,)``.
     """
     from boltzlab import models
 
     project = _projection(energy)
-    if config.method == "pdem":
+    if config.method == "nem":
         if config.network != "mlp":
-            raise TrainingConfigError("pDEM is implemented with the MLP energy network only; use network='mlp'")
+            raise TrainingConfigError("NEM is implemented with the MLP energy network only; use network='mlp'")
         energy_net = ScaledEnergy(models.EnergyMLP(energy.dim, config.hidden, config.n_layers), config.schedule,
                                   config.data_scale)
         return models.EnergyScore(energy_net, kT=energy.kT)
@@ -152,7 +157,7 @@ def regression_target(config: IDEMConfig, energy: Energy, x0: Tensor,
 
     Returns ``x_t`` (B, dim), ``t`` (B,) and the target: for iDEM the clipped Monte Carlo
     score (B, dim) from one streamed pass of the fused estimator (``compile`` as in
-    :func:`boltzlab.estimators.mc_score`); for pDEM the noised-energy estimate (B,). No
+    :func:`boltzlab.estimators.mc_score`); for NEM the noised-energy estimate (B,). No
     gradients; this is where every target-energy evaluation happens.
     """
     schedule = config.schedule
@@ -160,7 +165,7 @@ def regression_target(config: IDEMConfig, energy: Energy, x0: Tensor,
     x_t, _ = perturb(x0, t, schedule, project=_projection(energy), generator=generator)
     sigma = schedule.std(t)
     with torch.no_grad():
-        if config.method == "pdem":
+        if config.method == "nem":
             return x_t, t, noised_energy_estimate(energy, x_t, sigma, config.n_mc, generator)
         extra = {"local_scale": config.local_scale} if config.estimator == "blended" else {}
         target = mc_score(energy, x_t, sigma, config.n_mc, generator=generator, max_norm=config.max_norm,
@@ -173,10 +178,10 @@ def target_loss(model: nn.Module, config: IDEMConfig, energy: Energy, x_t: Tenso
     """The weighted regression of the model onto :func:`regression_target`'s targets (a scalar).
 
     iDEM: mean of lambda(t) |s_theta(x_t, t) - target|^2 with lambda = sigma_t^2 + local_scale^2
-    (:class:`~boltzlab.diffusion.ScaledScore`'s weight: an order-one loss at every t); pDEM:
+    (:class:`~boltzlab.diffusion.ScaledScore`'s weight: an order-one loss at every t); NEM:
     mean of (E_theta(x_t, t) - target)^2 / kT^2.
     """
-    if config.method == "pdem":
+    if config.method == "nem":
         inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         # energies in kT units, equally weighted over t (their scale does not blow up at small t)
         return ((inner.energy(x_t, t) - target).pow(2) / energy.kT**2).mean()
@@ -198,7 +203,7 @@ def sample_model(model: nn.Module, config: IDEMConfig, energy: Energy, n: int,
     x1 = sample_prior(config.schedule, n, energy.dim, project=project, generator=generator)
     was_training = model.training
     model.eval()
-    if config.method == "pdem":
+    if config.method == "nem":
         # the score of an energy network needs autograd even while sampling
         def score(x: Tensor, t: Tensor) -> Tensor:
             with torch.enable_grad():
@@ -441,10 +446,10 @@ def network_compiled(config: IDEMConfig, compile: bool | None) -> bool:
     """Whether a run of ``config`` puts its score network through torch.compile: ``compile``
     if given (or ``BOLTZLAB_COMPILE``), else for EGNN runs of at least
     :data:`~boltzlab.training.compiled.AUTO_COMPILE_MIN_STEPS` regression steps, where it was
-    measured to pay (:mod:`boltzlab.training.compiled`). Never for pDEM, whose sampler needs
+    measured to pay (:mod:`boltzlab.training.compiled`). Never for NEM, whose sampler needs
     autograd."""
     auto_steps = config.n_outer * config.inner_steps if config.network == "egnn" else 0
-    return compile_wanted(compile, auto_steps) and config.method == "idem"
+    return compile_wanted(compile, auto_steps) and config.method != "nem"
 
 
 PHASES: tuple[str, ...] = ("target", "network", "optimizer", "refill", "evaluation", "checkpoint")
@@ -480,7 +485,7 @@ class PhaseTimer:
 def train_idem(config: IDEMConfig, out_dir: str | Path | None = None, *, resume: bool = False,
                stop_after: int | None = None, progress: bool = True, compile: bool | None = None,
                cpu_budget_s: float | None = None) -> TrainingState:
-    """Run (or continue) iDEM/pDEM training under ``config``.
+    """Run (or continue) iDEM, pDEM or NEM training under ``config``.
 
     Args:
         out_dir: where checkpoints go (written after every outer iteration by rank 0);
@@ -525,7 +530,8 @@ def train_idem(config: IDEMConfig, out_dir: str | Path | None = None, *, resume:
     local_batch = config.batch_size // world
     local_refill = max(1, rank_share(config.n_refill, rank, world))
 
-    if len(state.buffer) == 0:
+    from_prior = config.method == "pdem"  # pDEM trains at prior draws: no buffer, no refill
+    if len(state.buffer) == 0 and not from_prior:
         # the untrained network's samples seed the buffer: no data is ever used
         state.buffer.add(sample_model(state.ema, config, energy, local_refill, state.generator))
     last = config.n_outer if stop_after is None else min(config.n_outer, state.outer + stop_after)
@@ -539,7 +545,11 @@ def train_idem(config: IDEMConfig, out_dir: str | Path | None = None, *, resume:
         losses = []
         for _ in range(config.inner_steps):
             with timer("target"):
-                x0 = state.buffer.sample(local_batch, state.generator)
+                if from_prior:
+                    x0 = sample_prior(config.schedule, local_batch, energy.dim, project=_projection(energy),
+                                      generator=state.generator)
+                else:
+                    x0 = state.buffer.sample(local_batch, state.generator)
                 # a long compiled run compiles the estimator's blocks too, whatever their size
                 x_t, t, target = regression_target(config, energy, x0, state.generator, compile=compiled or None)
             with timer("network"):
@@ -552,10 +562,11 @@ def train_idem(config: IDEMConfig, out_dir: str | Path | None = None, *, resume:
                 _ema_update(state.ema, state.model, config.ema_decay)
             losses.append(float(loss.detach()))
         state.energy_evaluations += int(all_sum(config.inner_steps * per_step))
-        with timer("refill"):
-            state.buffer.add(sample_model(state.ema, config, energy, local_refill, state.generator,
-                                          forward=sample_forward))
-        state.energy_evaluations += int(all_sum(sampling_energy_evaluations(config, local_refill)))
+        if not from_prior:
+            with timer("refill"):
+                state.buffer.add(sample_model(state.ema, config, energy, local_refill, state.generator,
+                                              forward=sample_forward))
+            state.energy_evaluations += int(all_sum(sampling_energy_evaluations(config, local_refill)))
         state.outer = outer + 1
         spent = cpu_budget_s is not None and all_sum(float(time.process_time() - cpu_start >= cpu_budget_s)) > 0
         if spent:

@@ -1,4 +1,4 @@
-"""The configuration of an iDEM/pDEM run: one frozen dataclass, the course's CPU configs per
+"""The configuration of an iDEM, pDEM or NEM run: one frozen dataclass, the course's CPU configs per
 target (:data:`CONFIGS`) and the public iDEM code's sizes (:data:`PAPER_CONFIGS`).
 
 ``python -m boltzlab train TARGET [--preset paper] [--set FIELD=VALUE ...]`` builds its config
@@ -14,7 +14,7 @@ from typing import Any
 
 from boltzlab.diffusion import SDE_INCREMENTS, GeometricNoiseSchedule
 
-METHODS = ("idem", "pdem")
+METHODS = ("idem", "pdem", "nem")  # buffer points; prior points; noised-energy regression
 LOSS_WEIGHTS = ("scaled", "one")
 SHIPPED_DIR = Path(__file__).resolve().parents[1] / "data" / "checkpoints"
 NETWORKS = ("mlp", "egnn")
@@ -31,7 +31,7 @@ class CheckpointError(FileNotFoundError):
 
 @dataclass(frozen=True)
 class IDEMConfig:
-    """Everything one iDEM/pDEM run depends on (saved beside every checkpoint)."""
+    """Everything one iDEM, pDEM or NEM run depends on (saved beside every checkpoint)."""
 
     target: str
     method: str = "idem"
