@@ -97,6 +97,44 @@ def rollin(
     return path[j, torch.arange(n)], t
 
 
+def rollin_states(
+    kind: str,
+    student: ScoreFn,
+    pretrained: ScoreFn,
+    schedule: GeometricNoiseSchedule,
+    n: int,
+    dim: int,
+    n_steps: int,
+    *,
+    student_fraction: float = 0.5,
+    project: Projection | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    r"""Roll-in states of iterative distillation from the model(s) that ``kind`` names.
+
+    ``"student"``: all n from the student's reverse SDE (on-policy); ``"pretrained"``: all from the
+    pretrained model's (off-policy, the same distribution every round); ``"mixture"``: the first
+    ceil(f n) from the student and the rest from the pretrained model, f = ``student_fraction``.
+    The mixture keeps states where the pretrained model puts mass (so the distilled score stays
+    right there) while following the student where it moves. Each part is :func:`rollin`.
+    Returns ``(x_t (n, dim), t (n,), from_student (n,) bool)``.
+    """
+    if kind not in ROLLIN_MODELS:
+        raise FinetuneInputError(f"unknown roll-in model {kind!r}; choose one of {', '.join(ROLLIN_MODELS)}")
+    if isinstance(student_fraction, bool) or not isinstance(student_fraction, (int, float)) \
+            or not 0.0 <= student_fraction <= 1.0:
+        raise FinetuneInputError(f"student_fraction must lie in [0, 1], got {student_fraction!r}")
+    n = _positive_int(n, "n")
+    n_student = {"student": n, "pretrained": 0}.get(kind, math.ceil(student_fraction * n))
+    parts = []
+    for is_student, model, count in ((True, student, n_student), (False, pretrained, n - n_student)):
+        if count:
+            x, t = rollin(model, schedule, count, dim, n_steps, project=project, generator=generator)
+            parts.append((x, t, torch.full((count,), is_student, dtype=torch.bool)))
+    x_t, t, source = (torch.cat(v) for v in zip(*parts))
+    return x_t, t, source
+
+
 def _score_and_jacobian_diagonal(score: ScoreFn, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
     """s(x, t) and the diagonal ∂s_i/∂x_i, both (B, dim), by one backward pass per coordinate."""
     with torch.enable_grad():
@@ -255,7 +293,8 @@ class DistillationConfig:
     Adam steps on minibatches of ``batch_size`` of those (state, target) pairs. The teacher is
     refreshed after every round. ``alphas`` (one per round) defaults to
     ``tempering_alphas(n_rounds, alpha_total)``. ``rollin``: which model's reverse SDE makes the
-    roll-in states (``"student"``, ``"pretrained"``, or ``"mixture"``: half each).
+    roll-in states (``"student"``, ``"pretrained"``, or ``"mixture"``: a fraction ``student_fraction``
+    from the student, the rest from the pretrained model; :func:`rollin_states`).
     ``control_variate``: use the teacher's score for the untilted part of the target (see
     :func:`tilted_score_target`); ``moment_matched``: moment-matched roll-out steps (see
     :func:`rollout`).
@@ -273,6 +312,7 @@ class DistillationConfig:
     rollout_steps: int = 50
     lr: float = 1e-3
     rollin: str = "student"
+    student_fraction: float = 0.5
     control_variate: bool = True
     moment_matched: bool = True
 
@@ -282,6 +322,9 @@ class DistillationConfig:
             _positive_int(getattr(self, name), name)
         _positive_float(self.alpha_total, "alpha_total")
         _positive_float(self.lr, "lr")
+        if isinstance(self.student_fraction, bool) or not isinstance(self.student_fraction, (int, float)) \
+                or not 0.0 <= self.student_fraction <= 1.0:
+            raise FinetuneInputError(f"student_fraction must lie in [0, 1], got {self.student_fraction!r}")
         if self.rollin not in ROLLIN_MODELS:
             raise FinetuneInputError(f"unknown roll-in model {self.rollin!r}; choose one of {', '.join(ROLLIN_MODELS)}")
         if self.alphas is not None:
@@ -360,18 +403,10 @@ def iterative_distillation(
     state: dict[str, Tensor | float] = {}
 
     def collect(round_k: int) -> None:
+        x_t, t, _ = rollin_states(config.rollin, student, frozen_pretrained, schedule, config.n_states, dim,
+                                  config.sde_steps, student_fraction=config.student_fraction, project=project,
+                                  generator=generator)
         n = config.n_states
-        if config.rollin == "student":
-            x_t, t = rollin(student, schedule, n, dim, config.sde_steps, project=project, generator=generator)
-        elif config.rollin == "pretrained":
-            x_t, t = rollin(frozen_pretrained, schedule, n, dim, config.sde_steps, project=project,
-                            generator=generator)
-        else:
-            half = n // 2
-            xa, ta = rollin(student, schedule, n - half, dim, config.sde_steps, project=project, generator=generator)
-            xb, tb = (rollin(frozen_pretrained, schedule, half, dim, config.sde_steps, project=project,
-                             generator=generator) if half else (xa[:0], ta[:0]))
-            x_t, t = torch.cat([xa, xb]), torch.cat([ta, tb])
         completions = rollout(teacher, schedule, x_t, t, config.rollout_steps, n_rollouts=config.n_rollouts,
                               moment_matched=config.moment_matched, project=project, generator=generator)
         with torch.no_grad():
