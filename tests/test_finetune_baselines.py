@@ -26,6 +26,7 @@ from boltzlab.finetune import (
     gaussian_chain_moments,
     gaussian_chain_objective,
     gaussian_chain_optimum,
+    iteration_cost,
     iterative_distillation,
     path_kl_terms,
     policy_gradient,
@@ -198,6 +199,7 @@ def test_policy_gradient_reaches_the_chain_optimum(chain_optimum):
     run = policy_gradient(pre, TEMPERING, SCHEDULE, 1, config, seed=0, progress=False)
     _assert_reaches_optimum(run.model, chain_optimum, tol_var=0.08)
     assert run.counter.rewards == 300 * 256
+    assert run.counter.rows == 300 * iteration_cost(config)["score_rows"] == 300 * 256 * 3 * K  # sample, KL, grad
     assert run.history.final("objective", 50) > chain_optimum[1] - 0.05
     assert float(pre.log_var.detach().exp()) == pytest.approx(KT0)  # the pretrained model is untouched
 
@@ -208,6 +210,7 @@ def test_reward_backprop_reaches_the_chain_optimum(chain_optimum, truncate, tol)
     config = RewardBackpropConfig(n_iterations=200, batch_size=256, sde_steps=K, lr=0.02, truncate=truncate)
     run = reward_backprop(pre, TEMPERING, SCHEDULE, 1, config, seed=0, progress=False)
     _assert_reaches_optimum(run.model, chain_optimum, tol_var=tol)
+    assert run.counter.rows == 200 * iteration_cost(config)["score_rows"] == 200 * 2 * 256 * K
 
 
 def test_truncated_reward_backprop_is_biased(chain_optimum):

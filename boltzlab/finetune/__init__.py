@@ -43,12 +43,30 @@ Keeping alpha_k = 1 would compound to exp(K r) (too cold). :func:`tempering_alph
 alpha_k with sum_k 1/alpha_k = 1/alpha_total, e.g. alpha_k = K for an exact overall tilt
 exp(r): a tempering curriculum kT0 -> ... -> kT (:func:`composed_alpha` checks it).
 
-**Baselines.** :func:`best_of_n` keeps the best of N pretrained samples; its density is
-N q0(x) F(r(x))^{N-1} with F the CDF of r under q0 (:func:`best_of_n_grid_probs`, on a
-grid) and KL(best-of-N || q0) = log N - (N - 1)/N (:func:`best_of_n_kl`): a sharpened q0, not
-q0 · exp(r). Reward-weighted regression fits the model by denoising score matching on
-pretrained samples resampled with self-normalised weights exp(r/alpha)
-(:func:`fit_score_model` with ``weights``; :func:`reward_weights`).
+**Baselines** (the methods VIDD is compared with).
+
+- :func:`best_of_n` keeps the best of N pretrained samples; its density is N q0(x) F(r(x))^{N-1}
+  with F the CDF of r under q0 (:func:`best_of_n_grid_probs`, on a grid or over a discrete
+  reward's values) and KL(best-of-N || q0) = log N - (N - 1)/N (:func:`best_of_n_kl`): a sharpened
+  q0, not q0 · exp(r).
+- Reward-weighted regression fits the model by denoising score matching on pretrained samples
+  resampled with self-normalised weights exp(r/alpha) (:func:`fit_score_model` with ``weights``;
+  :func:`reward_weights`).
+- On-policy policy gradient with a KL penalty (DDPO, Black et al. 2023; DPOK, Fan et al. 2023;
+  :func:`policy_gradient`) and reward backpropagation through the sampler, optionally truncated
+  to its last steps (DRaFT, Clark et al. 2023; :func:`reward_backprop`) both treat the
+  discretised reverse SDE as a Markov chain with Gaussian transitions (:mod:`.chain`) and maximise
+  E[r(x_K)] - alpha KL(P_theta || P_pre) over paths, whose optimum has the last-state marginal
+  q0 · exp(r/alpha) / Z and the value alpha log Z (:mod:`.policy`).
+
+**Checking them.** :mod:`.gaussian` gives the chain of a Gaussian score model in closed form, so
+the exact objective, its exact gradient and its exact optimum are known (:func:`gaussian_chain_objective`,
+:func:`gaussian_chain_optimum`). :func:`tilted_optimum` estimates the optimum's alpha log Z, reward and
+KL(q* || q0) by importance sampling from pretrained samples (:func:`discrete_tilted_optimum`: exactly,
+for a reward with finitely many values). :mod:`.tasks` sets up DW-4 with the course's iDEM
+checkpoint, a tempering reward and a piecewise-constant structural reward
+(:class:`InnerPairReward`); :mod:`.compare` runs every method on them
+(``python -m boltzlab.finetune.compare`` or ``benchmarks/finetune_compare.py``).
 
 Also here: :class:`PreconditionedScore` (a score network with O(1) inputs and outputs at every
 noise level), :func:`fit_score_model` (denoising score matching, optionally weighted: pretraining
@@ -56,10 +74,13 @@ and RWR), :func:`grid_kl` (KL between densities on a quadrature grid). Score fun
 :mod:`boltzlab.diffusion`: ``score(x (B, dim), t (B,)) -> (B, dim)``. Bad input raises
 :class:`FinetuneInputError` (a ``ValueError``) naming the problem.
 
-**Where things live.** :mod:`.vidd` (iterative distillation), :mod:`.baselines` (reward-weighted
-regression, best-of-N), :mod:`.rewards` (rewards with a known optimum), :mod:`.models`
+**Where things live.** :mod:`.vidd` (iterative distillation and its roll-ins), :mod:`.baselines`
+(reward-weighted regression, best-of-N), :mod:`.chain` and :mod:`.policy` (the sampler as a policy:
+policy gradient, reward backpropagation), :mod:`.rewards` (rewards and their optima),
+:mod:`.gaussian` (closed forms), :mod:`.tasks` and :mod:`.compare` (DW-4), :mod:`.models`
 (:class:`PreconditionedScore`), :mod:`.measures` (:func:`grid_kl`). Every public name is
-importable from ``boltzlab.finetune`` itself.
+importable from ``boltzlab.finetune`` itself (:mod:`.tasks` and :mod:`.compare` load the
+checkpoint and the reference data, so they are imported on demand).
 """
 
 from boltzlab.finetune._checks import FinetuneInputError, Reward

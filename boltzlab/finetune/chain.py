@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from boltzlab.diffusion import GeometricNoiseSchedule, Projection, ScoreFn, _identity, sample_prior
-from boltzlab.finetune._checks import FinetuneInputError, _positive_int, _tensor
+from boltzlab.finetune._checks import FinetuneInputError, Reward, _positive_int, _tensor
 
 
 def chain_grid(schedule: GeometricNoiseSchedule, n_steps: int,
@@ -158,7 +158,7 @@ class CountingScore(nn.Module):
 class CountingReward:
     """``reward`` with every evaluated state counted in ``counter.rewards``; keeps ``differentiable``."""
 
-    def __init__(self, reward, counter: EvaluationCounter) -> None:
+    def __init__(self, reward: Reward, counter: EvaluationCounter) -> None:
         self.reward = reward
         self.counter = counter
         self.differentiable = bool(getattr(reward, "differentiable", True))
