@@ -26,7 +26,7 @@ import math
 import platform
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -39,6 +39,7 @@ from boltzlab.finetune.measures import grid_kl
 from boltzlab.finetune.policy import PolicyGradientConfig, RewardBackpropConfig, policy_gradient, reward_backprop
 from boltzlab.finetune.tasks import TASK_NAMES, SamplerTask, dw4_tasks, evaluate_model
 from boltzlab.finetune.vidd import DistillationConfig, iterative_distillation
+from boltzlab.training import TrainingHistory
 
 METHODS = ("pretrained", "best_of_n", "rwr", "policy_gradient", "draft", "draft_truncated", "vidd_pretrained",
            "vidd_student", "vidd_mixture")
@@ -86,7 +87,7 @@ SIZES = {
 }
 
 
-def _evaluation(task: SamplerTask, n: int, seed: int):
+def _evaluation(task: SamplerTask, n: int, seed: int) -> Callable[[nn.Module], dict[str, float]]:
     generator = torch.Generator().manual_seed(10_000 + seed)
     return lambda model: evaluate_model(task, model, n, generator)
 
@@ -99,7 +100,7 @@ def _record(task: SamplerTask, method: str, seed: int, curve: list[dict[str, flo
             "sampler_steps_per_sample": per_sample_steps, "wall_s": wall, "settings": settings}
 
 
-def _curve_from_history(history) -> list[dict[str, float]]:
+def _curve_from_history(history: TrainingHistory) -> list[dict[str, float]]:
     names = list(history.evaluations)
     return [{"iteration": float(step), **{k: history.evaluations[k][i] for k in names}}
             for i, step in enumerate(history.eval_steps)]

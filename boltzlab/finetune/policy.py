@@ -139,7 +139,8 @@ def _setup(pretrained: nn.Module, reward: Reward, counter: EvaluationCounter | N
     return student, CountingScore(frozen, counter), CountingReward(reward, counter), counter
 
 
-def _evaluation(evaluate: Evaluate | None, student: CountingScore, counter: EvaluationCounter):
+def _evaluation(evaluate: Evaluate | None, student: CountingScore,
+                counter: EvaluationCounter) -> Callable[[], dict[str, float]] | None:
     if evaluate is None:
         return None
 
