@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -80,7 +81,8 @@ def test_task_optima_and_evaluation_are_consistent():
 def test_benchmark_script_runs(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "finetune_compare.py"), "--size", "smoke",
                            "--tasks", "inner_pairs", "--methods", "pretrained", "vidd_mixture", "--no-progress",
-                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})  # this checkout, whatever is installed
     assert proc.returncode == 0, proc.stderr[-2000:]
     records = json.loads((tmp_path / "records.json").read_text())["records"]
     assert [r["method"] for r in records] == ["pretrained", "vidd_mixture"]
