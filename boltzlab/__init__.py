@@ -15,7 +15,8 @@ Modules, one concept each:
 - ``flows``      coupling flows (RealNVP, rational-quadratic splines) and their training
 - ``estimators`` DEM Monte Carlo score estimators and the exact noised GMM score
 - ``importance`` importance weights, ESS, log Z with bootstrap error, FEP/BAR, CNF likelihoods
-- ``finetune``   reward-guided fine-tuning of a diffusion sampler by iterative distillation
+- ``finetune``   reward-guided fine-tuning of a diffusion sampler: iterative distillation and
+                 the baselines (RWR, best-of-N, policy gradient with KL, reward backpropagation)
 - ``metrics``    energy W2, distance histograms, x-W2, Kish ESS, log Z, mode coverage
 - ``plots``      histograms, densities, traces
 - ``widgets``    ipywidgets used in the chapters
