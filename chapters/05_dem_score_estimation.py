@@ -299,9 +299,10 @@ assert com_raw < 1e-4 * float(norms.max())  # the raw target lives in the COM-fr
 #   log-density. Its error does not fall with $K$; on a Gaussian its length is off by
 #   $(s^2 + \sigma^2)/s^2$. Cosine similarity hides this, so report norms or MSE too.
 # - **Dimension.** In high dimension the ESS of the copies drops to about 1 and the estimator
-#   becomes the noisy score of one copy; this is why iDEM works on LJ-13 (39 coordinates) with
-#   hundreds of copies but gets expensive on LJ-55, and why the noise schedule's largest
-#   $\sigma_t$ matters.
+#   becomes the noisy score of one copy. This is why iDEM's published LJ-13 runs use about a
+#   thousand copies (39 coordinates), why LJ-55 gets expensive, and why the noise schedule's
+#   largest $\sigma_t$ matters; chapter 06 measures how well it works on LJ-13 on a CPU, rather
+#   than assuming it.
 # - **Numerics.** The naive ratio is the same formula, but in float32 it fails on part
 #   of the LJ-55 configurations at every noise level above (all of them at the smallest); the
 #   logsumexp shift costs nothing and is the only practical choice.

@@ -45,6 +45,7 @@
 import json
 import math
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import ipywidgets  # noqa: F401  (the widget below is an ipywidgets.Box)
@@ -71,6 +72,8 @@ from boltzlab.plots import (
 )
 from boltzlab.reference import load_reference
 from boltzlab.tables import table
+from boltzlab.training.ablation import load_scaling_records
+from boltzlab.training.published import SAMPLER_TARGETS, published_for
 from boltzlab.training.idem import (
     CONFIGS,
     CheckpointError,
@@ -639,12 +642,11 @@ for name in ("lj13", "lj55"):
 # is MCMC given the final budget, the dotted line the target (next section).
 
 # %%
-TARGETS = {"gmm40": [("modes_covered", ">=", 40.0), ("x_w2", "<", 6.0)],
-           "dw4": [("energy_w2", "<", 0.3)],
-           "lj13": [("energy_w2", "<", 2.0), ("distance_tvd", "<", 0.05)],
-           "lj55": []}
+# GMM-40's targets are this chapter's; the particle systems' are boltzlab.training.published's
+TARGETS = {"gmm40": [("modes_covered", ">=", 40.0), ("x_w2", "<=", 6.0)],
+           **{name: [(key, "<=", bound) for key, bound in goals.items()] for name, goals in SAMPLER_TARGETS.items()}}
 CURVES = {"gmm40": ["modes_covered", "x_w2"], "dw4": ["energy_w2", "distance_tvd"],
-          "lj13": ["energy_w2", "distance_tvd"], "lj55": ["energy_w2", "distance_tvd"]}
+          "lj13": ["distance_w2", "energy_w2"], "lj55": ["distance_w2", "energy_w2"]}
 shown = [name for name in TARGET_NAMES if records[name] is not None and records[name]["evaluations"]]
 if shown:
     fig, flat_axes = panel_grid(2 * len(shown), ncols=2)
@@ -659,8 +661,11 @@ if shown:
 # %% [markdown]
 # ### 5. Targets
 #
-# The targets for the shipped checkpoints, against our reference sets. Each line below is computed
-# from the recomputed metrics; the assert after it checks every "met" it prints.
+# The targets for the shipped checkpoints (`boltzlab.training.published.SAMPLER_TARGETS`: DW-4
+# energy W2 at most 0.3; LJ-13 distance W2 at most 0.03, distance TVD at most 0.08 and energy W2
+# at most 3; LJ-55 distance W2 at most 0.1), for the plain sampler, against our reference sets.
+# Each line below is computed from the recomputed metrics; the assert after it checks every "met"
+# it prints. `tests/test_shipped_samplers.py` checks the same targets on the shipped samples.
 
 # %%
 verdicts = []
@@ -676,7 +681,7 @@ for name, goals in TARGETS.items():
               f"(MCMC: {cell(mcmc.get('distance_tvd'))})")
     for key, op, threshold in goals:
         value = ours[key]
-        met = value >= threshold if op == ">=" else value < threshold
+        met = value >= threshold if op == ">=" else value <= threshold
         verdicts.append((name, key, op, threshold, value, met))
         if met:
             text = "met"
@@ -692,41 +697,85 @@ for name, key, op, threshold, value, met in verdicts:
     recomputed = evaluated[name]["metrics"][key]
     assert value == recomputed
     if met:
-        assert (recomputed >= threshold) if op == ">=" else (recomputed < threshold), (name, key)
+        assert (recomputed >= threshold) if op == ">=" else (recomputed <= threshold), (name, key)
 print(f"{sum(v[-1] for v in verdicts)} of {len(verdicts)} targets met")
 
 # %% [markdown]
 # #### Where a target is missed
 #
-# The cell below prints, for every missed target, by how much it is missed, after how many
-# outer iterations and energy evaluations, what MCMC reaches with the same evaluations, and what
-# the MALA corrector (a separate line, with its extra evaluations counted) changes. Why the
-# misses happen here, and what would close them:
+# The cell after the next prints, for every missed target, by how much it is missed, after how
+# many outer iterations and energy evaluations, what MCMC reaches with the same evaluations, and
+# what the MALA corrector (a separate line, with its extra evaluations counted) changes. Why the
+# misses happen is a question for experiments, not for words; the two below are run from the
+# training command and shipped as records (`boltzlab/data/records/`), so this notebook plots them
+# without rerunning them.
 #
-# - **Compute.** Every checkpoint was trained by `python -m boltzlab train` on one core of a
-#   2-core CPU in well under an hour (the training time is in the table). Research runs of
-#   iDEM use a GPU, larger EGNNs (ours have 32-64 hidden units and 3 layers), more Monte Carlo
-#   copies K and more reverse-SDE steps (ours: 100-200). The runs are resumable:
-#   `python -m boltzlab train TARGET --out boltzlab/data/checkpoints/TARGET --resume --set n_outer=N`
-#   continues exactly where they stopped; whether longer training helps is not shown by the
-#   curves above: at LJ-13's last evaluation the energy W2 fell (90.5 to 88.2) while the
-#   distance TVD rose (0.688 to 0.690).
+# - **The recipe, not only compute.** The shipped LJ-13 checkpoint was trained with the course's
+#   first CPU recipe: a 32-wide EGNN, $K = 128$ copies, the blended target clipped at norm 150, the
+#   loss weighted by $\sigma_t^2 + \ell^2$. The record `lj13_recipe` is a run with the force-form
+#   target at $K = 1000$, the public code's clip norm 20 and weight $\lambda(t) = 1$, and a 64 x 4
+#   EGNN: its scaling curve below (metrics against regression steps, from the evaluations logged
+#   during training) reaches distance errors the shipped checkpoint never approaches, within a
+#   few thousand regression steps. Which of those changes matters is what the ablation at a
+#   fixed CPU budget (`python -m boltzlab ablate lj13`, one factor at a time) measures.
 # - **A shifted, not only a tailed, energy distribution.** The cell after the next one compares
 #   quantiles of the sample energies with the reference's and splits energy W2 into the shift of
-#   the median and what is left after removing it. For both DW-4 and LJ-13 the shift is
-#   nearly all of W2: the samples are too hot everywhere, not good samples with a few outliers.
-#   A small error in the learned score at the smallest noise levels leaves every particle a
-#   little off, and the steep pair potentials turn that into energy (for LJ-13 so much that the
-#   median sample energy is positive: most samples have a pair of particles too close).
-#   Integrating the same reverse SDE with four times as many steps moves the median by a small
-#   fraction of the shift, so the error is the network's, not the discretisation's. A few MALA
-#   steps (the corrector line) relax each sample locally and remove part of it; a score that is
-#   resolved at small noise (more training, a larger K there, a larger network) is the cure.
-# - **LJ-13 and LJ-55.** The score of a Lennard-Jones cluster at small noise is huge and
-#   varies quickly with the distances; a small EGNN trained for a few thousand steps does not
-#   resolve it, and the buffer then holds distorted clusters that the regression keeps
-#   learning from. Here the honest baseline matters most: MCMC with the same number of energy
-#   evaluations (the table) is the bar a neural sampler has to clear before it is useful.
+#   the median and what is left after removing it. When the shift is nearly all of W2 the samples
+#   are too hot everywhere, not good samples with a few outliers: small errors in the learned
+#   score at small and intermediate noise leave every particle a little off, and the steep pair
+#   potentials turn that into energy. Integrating the same reverse SDE with four times as many
+#   steps moves the median by a small fraction of the shift, so the error is the network's, not
+#   the discretisation's.
+# - **Cooler samplers are not better samplers.** The public code samples LJ-13 with its reverse
+#   SDE's noise scaled by 0.9 (`diffusion_scale`). That lowers the energies, and with them the
+#   energy W2 of hot samples, but the sampler no longer targets $p$. The cell below draws from the
+#   shipped DW-4 checkpoint with its noise scaled by 1 and by 0.8 (same random numbers): one metric
+#   improves while another gets worse. Report such a sampler as a different sampler, never as the
+#   same one.
+
+# %%
+if records.get("dw4") is not None:
+    n_scale = 200 if budget() == "smoke" else 2000
+    ref_scale = evaluation_reference("dw4", n_scale, torch.Generator().manual_seed(SEED + 3))
+    by_scale = {}
+    for c in (1.0, 0.8):
+        sampler_c = replace(records["dw4"]["sampler"], config=replace(records["dw4"]["config"], diffusion_scale=c))
+        with torch.no_grad():
+            x_c = sampler_c.sample(n_scale, torch.Generator().manual_seed(SEED + 4))
+        by_scale[c] = evaluate_samples(get_target("dw4"), x_c, ref_scale, torch.Generator().manual_seed(SEED))
+    display(table([{"noise scale": c, "energy W2": m["energy_w2"], "mean energy": m["mean_energy"],
+                    "distance W2": m["distance_w2"], "distance TVD": m["distance_tvd"]} for c, m in by_scale.items()],
+                  float_format=".3g", caption=f"shipped DW-4 checkpoint, {n_scale} samples each, same random numbers"))
+    if budget() != "smoke":
+        # colder: lower energies and energy W2, but the distances move away from the reference
+        assert by_scale[0.8]["mean_energy"] < by_scale[1.0]["mean_energy"]
+        assert by_scale[0.8]["energy_w2"] < by_scale[1.0]["energy_w2"]
+        assert by_scale[0.8]["distance_w2"] > by_scale[1.0]["distance_w2"]
+
+# %%
+scaling = {name: load_scaling_records(name) for name in ("dw4", "lj13")}
+curves = [(name, rec) for name, recs in scaling.items() for rec in recs]
+if curves:
+    keys = {"dw4": ["energy_w2", "distance_tvd"], "lj13": ["distance_w2", "distance_tvd"]}
+    fig, flat_axes = panel_grid(2 * len(curves), ncols=2)
+    for k, (name, rec) in enumerate(curves):
+        row = flat_axes[2 * k: 2 * k + 2]
+        evaluation_curves(rec["evaluations"], keys[name], x_key="regression_steps", label=rec["name"], axes=row,
+                          targets=SAMPLER_TARGETS[name], logy=keys[name], logx=False)
+        for ax in row:
+            ax.set_title(f"{name}: {rec['name']}")
+    plt.show()
+for name, rec in curves:
+    best = {key: min(e[key] for e in rec["evaluations"]) for key in SAMPLER_TARGETS[name]}
+    last = rec["evaluations"][-1]
+    verdict = "; ".join(f"{key} best {best[key]:.3g}, last {last[key]:.3g} (target <= {bound:g}: "
+                        f"{'met' if last[key] <= bound else f'missed by {last[key] - bound:.3g}'})"
+                        for key, bound in SAMPLER_TARGETS[name].items())
+    print(f"{name} {rec['name']} after {last['regression_steps']:.0f} regression steps, "
+          f"{last['energy_evaluations']:.3g} energy evaluations:\n  {verdict}")
+    if name == "lj13" and records.get("lj13") is not None:
+        # the new recipe's distances are far better than the shipped checkpoint's final ones
+        assert best["distance_w2"] < 0.5 * records["lj13"]["final"]["distance_w2"]
 
 # %%
 missed = [v for v in verdicts if not v[-1]]

@@ -689,14 +689,15 @@ assert torch.isfinite(lw_lj).all() and 1.0 <= ess_lj <= int(finite_lj.sum())
 assert int(torch.unique(res_lj).numel()) <= int(finite_lj.sum())
 
 # %% [markdown]
-# Read the numbers above together. The ESS is a small fraction of the samples: a few samples
-# carry the weight, and resampling repeats them. The reweighted histogram moves toward the
-# reference only as far as those few samples allow; where the sampler puts no samples (the
-# low-energy packings it has not learnt), reweighting has nothing to move. On LJ-13 an
-# imperfect sampler plus 36 effective coordinates is exactly section 2's arithmetic: small
-# per-coordinate errors multiply into a collapsed ESS. Reweighting is a corrector for a sampler
-# that is already close, not a cure for one that is not; chapter 06's equal-budget MCMC
-# comparison is the other half of that lesson.
+# Read the numbers above together with chapter 06's evaluation of this checkpoint. The ESS is a
+# small fraction of the samples: a few samples carry the weight, and resampling repeats them.
+# The reweighted histogram moves toward the reference only as far as those few samples allow;
+# where the sampler puts no samples, reweighting has nothing to move. And this sampler's errors
+# are not small: chapter 06 finds its clusters far from the reference's (its interatomic-distance
+# W2 and energy W2 are printed there), so the weights are not a product of small per-coordinate
+# errors (section 2's arithmetic) but of a proposal that mostly misses the target. Reweighting is
+# a corrector for a sampler that is already close, not a cure for one that is not; chapter 06's
+# equal-budget MCMC comparison is the other half of that lesson.
 
 # %% [markdown]
 # ## Discussion

@@ -58,3 +58,18 @@ def test_run_ablation_writes_records_once_and_sweeps_the_sampler(tmp_path: Path,
     # the sweep's row at the config's own sampler equals a plain evaluation of the checkpoint
     plain = ablation.evaluate_checkpoint(tmp_path / "base", 20)
     assert rows[3]["energy_w2"] == pytest.approx(plain["energy_w2"])
+
+
+def test_scaling_records_round_trip_with_regression_steps(tmp_path: Path) -> None:
+    config = config_for("dw4", **{**TINY, "n_outer": 4, "eval_every": 2})
+    run = tmp_path / "run"
+    train_idem(config, run, progress=False)
+    path = ablation.save_scaling_record(run, "dw4_tiny", records_dir=tmp_path / "records")
+    assert path.name == "scaling_dw4_tiny.json"
+    (record,) = ablation.load_scaling_records("dw4", records_dir=tmp_path / "records")
+    assert [e["outer"] for e in record["evaluations"]] == [2.0, 4.0]
+    assert [e["regression_steps"] for e in record["evaluations"]] == [2.0 * TINY["inner_steps"], 4.0 * TINY["inner_steps"]]
+    assert record["config"]["n_mc"] == TINY["n_mc"] and record["outer_iterations"] == 4
+    assert ablation.load_scaling_records("lj13", records_dir=tmp_path / "records") == []
+    with pytest.raises(FileNotFoundError):
+        ablation.scaling_record(tmp_path / "nowhere", "x")

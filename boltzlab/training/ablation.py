@@ -147,6 +147,37 @@ def sampler_sweep(path: str | Path, n: int, sde_steps: list[int], diffusion_scal
     return rows
 
 
+RECORDS_DIR = Path(__file__).resolve().parents[1] / "data" / "records"
+
+
+def scaling_record(run_dir: str | Path, name: str) -> dict[str, Any]:
+    """The logged evaluations of the training run in ``run_dir`` as a scaling curve: each with
+    ``regression_steps`` (outer iterations x inner steps) beside the energy evaluations spent,
+    plus the run's config and how far it got. ``name`` labels the curve."""
+    run = Path(run_dir)
+    summary = json.loads((run / "metrics.json").read_text())
+    config = IDEMConfig(**json.loads((run / "config.json").read_text()))
+    evaluations = [{**e, "regression_steps": e["outer"] * config.inner_steps} for e in summary["evaluations"]]
+    if not evaluations:
+        raise TrainingConfigError(f"{run} has no logged evaluations yet")
+    return {"name": name, "target": config.target, "config": asdict(config), "evaluations": evaluations,
+            "outer_iterations": summary["outer_iterations"], "energy_evaluations": summary["energy_evaluations"]}
+
+
+def save_scaling_record(run_dir: str | Path, name: str, records_dir: Path = RECORDS_DIR) -> Path:
+    """Write :func:`scaling_record` of ``run_dir`` to ``records_dir/scaling_NAME.json``."""
+    records_dir.mkdir(parents=True, exist_ok=True)
+    path = records_dir / f"scaling_{name}.json"
+    path.write_text(json.dumps(scaling_record(run_dir, name), indent=1) + "\n")
+    return path
+
+
+def load_scaling_records(target: str, records_dir: Path = RECORDS_DIR) -> list[dict[str, Any]]:
+    """The saved scaling curves of ``target`` (:func:`save_scaling_record`), sorted by name."""
+    records = [json.loads(p.read_text()) for p in sorted(records_dir.glob("scaling_*.json"))]
+    return [r for r in records if r["target"] == target]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m boltzlab ablate", description=__doc__.split("\n\n")[0])
     parser.add_argument("target", choices=sorted(ABLATION_BASE))
@@ -155,10 +186,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-eval", type=int, default=2000, help="fresh samples each variant is evaluated on")
     parser.add_argument("--only", nargs="+", choices=list(VARIANTS), help="run only these variants")
     parser.add_argument("--sweep", type=Path, help="instead: sweep SDE steps and diffusion scale on this checkpoint")
+    parser.add_argument("--record", type=Path, metavar="RUN_DIR",
+                        help="instead: save RUN_DIR's logged evaluations as the scaling curve named by --out's "
+                             "last part, in boltzlab/data/records/")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     if args.cpu_minutes <= 0 or args.n_eval < 2:
         parser.error("--cpu-minutes must be positive and --n-eval at least 2")
+    if args.record is not None:
+        print(save_scaling_record(args.record, args.out.name))
+        return 0
     if args.sweep is not None:
         rows = sampler_sweep(args.sweep, args.n_eval, [25, 50, 100, 200, 400], [0.8, 0.9, 1.0])
         args.out.mkdir(parents=True, exist_ok=True)
