@@ -7,8 +7,11 @@ configurations of a particle system really fill.
 :func:`silverman_bandwidth`        the Gaussian-kernel bandwidth that minimises the
                                    asymptotic mean integrated squared error for Gaussian data
 :func:`kde_log_density`            log of a Gaussian kernel density estimate at query points
+:func:`gaussian_kde_mse`           its mean squared log-density error on a standard Gaussian
+:func:`power_law_fit`              y ≈ c x^b by least squares in log-log: the exponent b
 :func:`twonn_dimension`            intrinsic dimension from the ratio of the two nearest-
                                    neighbour distances (TwoNN, Facco et al., Sci. Rep. 2017)
+:func:`twonn_by_scale`             TwoNN on disjoint subsets of several sizes (coarser scales)
 :func:`pca_spectrum`               eigenvalues of the sample covariance, largest first
 :func:`rigid_motion_dof`           degrees of freedom removed by translations and rotations
 :func:`distance_jacobian_rank`     rank of d(pair distances)/dx at a configuration: the
@@ -33,7 +36,10 @@ __all__ = [
     "ManifoldInputError",
     "silverman_bandwidth",
     "kde_log_density",
+    "gaussian_kde_mse",
+    "power_law_fit",
     "twonn_dimension",
+    "twonn_by_scale",
     "pca_spectrum",
     "rigid_motion_dof",
     "distance_jacobian_rank",
@@ -99,6 +105,44 @@ def kde_log_density(query: Tensor, samples: Tensor, bandwidth: float | None = No
     return torch.cat(out) + const
 
 
+def gaussian_kde_mse(dim: int, sizes: list[int] | tuple[int, ...], n_query: int, repeats: int = 1,
+                     generator: torch.Generator | None = None) -> Tensor:
+    r"""Mean squared error of the KDE's log-density of the standard Gaussian N(0, I_dim),
+
+        MSE(n) = mean over queries y and repeats of ( log p̂_n(y) - log N(y; 0, I) )²,
+
+    for each n in ``sizes`` (samples x ~ N(0, I), Silverman's bandwidth), at ``n_query``
+    held-out points y ~ N(0, I) drawn once, averaged over ``repeats`` independent sample
+    sets. Returns float64 ``(len(sizes),)``. At a fixed y the log error is the relative error
+    of the density, so the textbook rate of the KDE's squared error, n^{-4/(4+d)}, applies.
+    """
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        raise ManifoldInputError(f"dim must be a positive int, got {dim!r}")
+    if not sizes or any(isinstance(n, bool) or not isinstance(n, int) or n < 2 for n in sizes):
+        raise ManifoldInputError(f"sizes must be ints >= 2, got {sizes!r}")
+    if n_query < 1 or repeats < 1:
+        raise ManifoldInputError(f"n_query and repeats must be positive, got {n_query}, {repeats}")
+    y = torch.randn(n_query, dim, generator=generator, dtype=torch.float64)
+    exact = -0.5 * (y**2).sum(1) - 0.5 * dim * LOG_2PI
+    out = torch.zeros(len(sizes), dtype=torch.float64)
+    for k, n in enumerate(sizes):
+        for _ in range(repeats):
+            x = torch.randn(n, dim, generator=generator, dtype=torch.float64)
+            out[k] += ((kde_log_density(y, x) - exact) ** 2).mean() / repeats
+    return out
+
+
+def power_law_fit(x: Tensor, y: Tensor) -> tuple[float, float]:
+    r"""Least-squares fit of log y = log c + b log x: returns (b, log c). ``x``, ``y`` positive,
+    ``(k,)`` with k >= 2."""
+    x, y = torch.as_tensor(x, dtype=torch.float64).reshape(-1), torch.as_tensor(y, dtype=torch.float64).reshape(-1)
+    if x.numel() != y.numel() or x.numel() < 2 or not bool((x > 0).all() and (y > 0).all()):
+        raise ManifoldInputError("power_law_fit needs two positive 1-D tensors of the same length >= 2")
+    design = torch.stack([x.log(), torch.ones_like(x)], 1)
+    b, log_c = torch.linalg.lstsq(design, y.log()[:, None]).solution[:, 0].tolist()
+    return b, log_c
+
+
 def _two_nearest(x: Tensor, chunk: int = 1024) -> Tensor:
     """Distances to the first and second nearest other point, ``(n, 2)``."""
     n = x.shape[0]
@@ -140,6 +184,25 @@ def twonn_dimension(x: Tensor, discard_fraction: float = 0.1) -> float:
     lx = mu[:keep].log()
     ly = -torch.log1p(-f_emp[:keep])
     return float((lx * ly).sum() / (lx * lx).sum())
+
+
+def twonn_by_scale(x: Tensor, sizes: list[int] | tuple[int, ...], generator: torch.Generator | None = None,
+                   max_subsets: int = 20) -> Tensor:
+    r"""TwoNN dimension of ``x`` ``(n, D)`` seen at coarser scales: for each m in ``sizes``,
+    the mean of :func:`twonn_dimension` over up to ``max_subsets`` disjoint random subsets of
+    m points. Fewer points are farther apart (distances grow like m^{-1/d}), so a small m
+    looks at the data from farther away (Facco et al. call this decimation). Returns float64
+    ``(len(sizes),)``.
+    """
+    x = _points(x, "x", min_rows=8)
+    perm = torch.randperm(x.shape[0], generator=generator)
+    out = []
+    for m in sizes:
+        if isinstance(m, bool) or not isinstance(m, int) or not 8 <= m <= x.shape[0]:
+            raise ManifoldInputError(f"subset sizes must be ints between 8 and {x.shape[0]}, got {m!r}")
+        k = min(max_subsets, x.shape[0] // m)
+        out.append(sum(twonn_dimension(x[perm[i * m : (i + 1) * m]]) for i in range(k)) / k)
+    return torch.tensor(out, dtype=torch.float64)
 
 
 def pca_spectrum(x: Tensor) -> Tensor:

@@ -10,6 +10,9 @@ from boltzlab.manifold import (
     ManifoldInputError,
     StiffBond,
     distance_jacobian_rank,
+    gaussian_kde_mse,
+    power_law_fit,
+    twonn_by_scale,
     kde_log_density,
     pca_spectrum,
     rigid_motion_dof,
@@ -150,3 +153,27 @@ def test_stiff_bond_rejects_bad_parameters():
         StiffBond(k_bond=0.0)
     with pytest.raises(ManifoldInputError, match="2-D"):
         StiffBond().energy(torch.zeros(3, 3))
+
+
+def test_power_law_fit_recovers_the_exponent():
+    x = torch.tensor([10.0, 100.0, 1000.0, 1e4])
+    b, log_c = power_law_fit(x, 3.0 * x**-0.4)
+    assert b == pytest.approx(-0.4, abs=1e-6) and log_c == pytest.approx(math.log(3.0), abs=1e-5)
+    with pytest.raises(ManifoldInputError, match="positive"):
+        power_law_fit(x, -x)
+
+
+def test_gaussian_kde_mse_falls_at_about_the_textbook_rate_in_one_dimension():
+    sizes = (100, 1000, 10_000)
+    mse = gaussian_kde_mse(1, sizes, 400, repeats=3, generator=_gen(30))
+    slope, _ = power_law_fit(torch.tensor(sizes, dtype=torch.float64), mse)
+    assert slope == pytest.approx(-0.8, abs=0.2), (slope, mse)
+
+
+def test_twonn_by_scale_on_a_thin_band():
+    g = _gen(31)
+    x = torch.stack([torch.rand(8000, generator=g), 1e-3 * torch.rand(8000, generator=g)], 1).double()
+    fine, coarse = twonn_by_scale(x, [8000, 100], generator=g).tolist()
+    assert fine > 1.7 and coarse < 1.3
+    with pytest.raises(ManifoldInputError, match="subset sizes"):
+        twonn_by_scale(x, [4])
