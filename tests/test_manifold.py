@@ -170,6 +170,15 @@ def test_gaussian_kde_mse_falls_at_about_the_textbook_rate_in_one_dimension():
     assert slope == pytest.approx(-0.8, abs=0.2), (slope, mse)
 
 
+def test_gaussian_kde_median_error_is_below_the_mean_and_checked():
+    g1, g2 = _gen(32), _gen(32)
+    mean = gaussian_kde_mse(4, (200,), 300, generator=g1)
+    median = gaussian_kde_mse(4, (200,), 300, generator=g2, statistic="median")
+    assert 0 < median.item() < mean.item()  # same draws; squared errors are right-skewed
+    with pytest.raises(ManifoldInputError, match="statistic"):
+        gaussian_kde_mse(4, (200,), 10, statistic="max")
+
+
 def test_twonn_by_scale_on_a_thin_band():
     g = _gen(31)
     x = torch.stack([torch.rand(8000, generator=g), 1e-3 * torch.rand(8000, generator=g)], 1).double()
