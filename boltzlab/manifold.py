@@ -34,17 +34,17 @@ from torch import Tensor
 
 __all__ = [
     "ManifoldInputError",
-    "silverman_bandwidth",
-    "kde_log_density",
-    "gaussian_kde_mse",
-    "power_law_fit",
-    "twonn_dimension",
-    "twonn_by_scale",
-    "pca_spectrum",
-    "rigid_motion_dof",
-    "distance_jacobian_rank",
-    "sorted_pair_distances",
     "StiffBond",
+    "distance_jacobian_rank",
+    "gaussian_kde_mse",
+    "kde_log_density",
+    "pca_spectrum",
+    "power_law_fit",
+    "rigid_motion_dof",
+    "silverman_bandwidth",
+    "sorted_pair_distances",
+    "twonn_by_scale",
+    "twonn_dimension",
 ]
 
 LOG_2PI = math.log(2 * math.pi)
@@ -186,7 +186,7 @@ def twonn_dimension(x: Tensor, discard_fraction: float = 0.1) -> float:
         raise ManifoldInputError(f"x has {int((r[:, 0] <= 0).sum())} duplicated points (nearest distance 0)")
     mu = torch.sort(r[:, 1] / r[:, 0]).values
     n = mu.numel()
-    keep = max(2, int(math.floor(n * (1.0 - discard_fraction))))
+    keep = max(2, math.floor(n * (1.0 - discard_fraction)))
     f_emp = torch.arange(1, n + 1, dtype=torch.float64) / n
     lx = mu[:keep].log()
     ly = -torch.log1p(-f_emp[:keep])

@@ -63,7 +63,7 @@ from boltzlab.manifold import (
 )
 from boltzlab.metrics import energy_w2, kish_ess, mode_coverage
 from boltzlab.models import VAE, Critic, Discriminator, Generator
-from boltzlab.plots import axis_label, density_2d, energy_histogram, panel_grid, samples_2d, training_curve
+from boltzlab.plots import density_2d, energy_histogram, panel_grid, samples_2d, training_curve
 from boltzlab.reference import load_reference
 from boltzlab.tables import table
 from boltzlab.training import (
@@ -666,7 +666,7 @@ if not SMOKE:  # a smoke-budget VAE hardly visits the shallow well: see the cave
 # and 16, built on n samples with Silverman's bandwidth: at each of `S.kde_queries`
 # held-out points we measure the squared error of log p̂ against the exact log-density,
 # averaged over `S.kde_repeats` sample sets, for n from 100 to `S.kde_n_max`. We take the
-# median over the points (written MSE below; the mean is dominated by a few far-tail points,
+# median over the points (written MSE below; the mean is sensitive to a few far-tail points,
 # where the asymptotic regime starts only at much larger n) and fit MSE ≈ c n^b.
 
 # %%
@@ -707,8 +707,9 @@ plt.show()
 # the same growth of the sample set that divides the 1-D error by a large factor divides
 # the 16-D error by a small one. The right panel extrapolates each fit to the n that
 # reaches MSE = 0.1: in low d it lies within the range of n we tried, in high d orders of
-# magnitude beyond the largest set, growing like ε^{−(d+4)/4}, exponentially in d. This is why no chapter estimates the density
-# of a particle system by counting samples, and why learned models must exploit structure.
+# magnitude beyond the largest set, growing like ε^{−(d+4)/4}, exponentially in d. This is
+# why no chapter estimates the density of a particle system by counting samples, and why
+# learned models must exploit structure.
 
 # %%
 if not SMOKE:
@@ -778,13 +779,14 @@ plt.show()
 # as d zero eigenvalues (2 and 3). Rotations are not linear, so PCA cannot remove them: the
 # coordinates' spectrum stays nearly flat up to the COM-free dimension (smallest non-zero
 # eigenvalue within a factor 3 of the largest, asserted; sample eigenvalues of 36 equal
-# variances spread about that much with a few thousand samples). The sorted distances' spectrum
-# falls by more than an order of magnitude before the internal dimension (the table's last
-# row), without a step there: the internal directions are not equally soft. TwoNN agrees. For DW-4 the
-# sorted distances read close to the 5 internal degrees of freedom, like a 5-D Gaussian
-# with the same number of points. For LJ-13 they read far below the 33-D Gaussian's value:
-# at the scale of a few thousand samples, the LJ-13 cluster fills fewer effective
-# dimensions than it has degrees of freedom, because many of its directions are stiff. In
+# variances spread about that much with a few thousand samples). The sorted distances'
+# spectrum falls by more than an order of magnitude before the internal dimension (the
+# table's last row), without a step there: the internal directions are not equally soft.
+# TwoNN tells the same story. For DW-4 the sorted distances read close to the 5 internal
+# degrees of freedom, like a 5-D Gaussian with the same number of points. For LJ-13 they
+# read far below the 33-D Gaussian's value: at the scale of a few thousand samples, the
+# LJ-13 cluster fills fewer effective dimensions than it has degrees of freedom, consistent
+# with its distance spectrum, where a few soft directions carry most of the variance. In
 # Cartesian coordinates both read below their Gaussian calibration, and DW-4's even below
 # its sorted distances, although the coordinates carry one more (rotational) degree of
 # freedom. We have not measured why; take it as a caution that TwoNN assumes a locally
@@ -807,8 +809,9 @@ assert config_dims["LJ-13"]["TwoNN, sorted distances"] < 0.8 * config_dims["LJ-1
 # bonded to a fixed partner at the origin, E = k_bond/2 (r − 1)² + k_angle/2 θ² with
 # k_angle = 1 and kT = 1. Its samples lie within the bond's thermal width
 # σ = sqrt(kT / k_bond) of an arc of the unit circle, and its density is exact. For
-# stiffer and stiffer bonds we measure the width of r, E_p[log p] (the largest average
-# log-likelihood any model, a flow included, can reach on these samples) and the TwoNN
+# stiffer and stiffer bonds we measure the width of r, E_p[log p] (the largest expected
+# log-likelihood any model, a flow included, can reach on these samples: E_p log q ≤
+# E_p log p for every density q, Gibbs' inequality) and the TwoNN
 # dimension at several scales (subsets of fewer points see the set from farther away).
 
 # %%
@@ -829,16 +832,22 @@ print(f"E_p log p grows by {slope_log_p:.3f} × log k_bond (−log σ gives 0.5)
       f"{slope_log_p * math.log(10):.2f} nats per tenfold stiffer bond (½ log 10 = {0.5 * math.log(10):.2f})")
 
 # %% [markdown]
-# A 1-D latent cannot do better than a curve. We train a VAE with one latent dimension on
-# the k_bond = 1000 samples: its decoder mean, a deterministic map of z like a GAN's
-# generator, puts every sample on a curve, and its decoder noise sets how thick the
-# model's shell is.
+# A 1-D latent cannot do better than a curve. We train a VAE with one latent dimension
+# (`S.collapse_steps` Adam steps, the KL weight warmed up from 0 to 1 over the first half)
+# on samples with k_bond = 1000 and a stiffer angle,
+# k_angle = 4: a shorter arc, which a 1-D code can follow from end to end (try k_angle = 1,
+# whose arc nearly closes, and look at the decoder mean). The decoder mean, a deterministic
+# map of z like a GAN's generator, puts every sample on a curve, and the decoder noise sets
+# how thick the model's shell is.
 
 # %%
-K_VAE = 1_000.0
-x_toy = toy[K_VAE]["samples"].float()
+toy_target = StiffBond(k_bond=1_000.0, k_angle=4.0)
+x_toy = toy_target.sample(S.manifold_samples, generator=g_toy).float()
 vae_toy = VAE.gaussian(2, 1, H, data=x_toy, seed=SEED)
-train_vae(vae_toy, x_toy, S.collapse_steps, batch_size=S.batch_size, lr=5e-3, seed=SEED, progress=False)
+# the KL weight rises from 0 to 1 over the first half of training (a warm-up): with β = 1
+# from the start, some sample sets trap the 1-D code in a poor optimum
+train_vae(vae_toy, x_toy, S.collapse_steps, batch_size=S.batch_size, seed=SEED,
+          beta=lambda step: min(1.0, 2 * step / S.collapse_steps))
 with torch.no_grad():
     g_vt = torch.Generator().manual_seed(SEED + 950)
     toy_mean = vae_toy.sample(S.manifold_samples, g_vt, noise=False).double()
@@ -850,24 +859,29 @@ noise_var = vae_toy.decoder.log_var.detach().double().exp() * vae_toy.standardiz
 toy_vae = {
     "decoder noise along the bond": float(((radial**2) @ noise_var).mean().sqrt()),
     "reconstruction error (rms)": float((recon - x_toy.double()).norm(dim=1).pow(2).mean().sqrt()),
-    "thickness σ": toy[K_VAE]["sigma"],
+    "thickness σ": toy_target.thickness,
+    "decoder mean: mean |r − 1|": float((toy_mean.norm(dim=1) - 1).abs().mean()),
     "TwoNN, decoder mean": twonn_dimension(toy_mean),
     "TwoNN, with decoder noise": twonn_dimension(toy_noisy),
 }
 display(table([toy_vae], float_format=".3f"))
-print(f"decoder noise along the bond / thickness σ = {toy_vae['decoder noise along the bond'] / toy_vae['thickness σ']:.1f}")
+print(f"decoder noise along the bond / thickness σ = {toy_vae['decoder noise along the bond'] / toy_vae['thickness σ']:.2f}")
 
 # %%
 fig, axes = panel_grid(3)
-for ax, k in zip(axes[:2], (10.0, 1_000.0)):
-    samples_2d(toy[k]["samples"].float(), ax=ax, max_points=2000, size=2, color="C0", label="exact samples")
-    ax.set_aspect("equal")
-    ax.set_title(f"k_bond = {k:.0f}: σ = {toy[k]['sigma']:.3f}")
-    ax.set_xlabel("$x_1$")
-    ax.set_ylabel("$x_2$")
+for k, color in ((10.0, "C1"), (10_000.0, "C0")):
+    samples_2d(toy[k]["samples"].float(), ax=axes[0], max_points=1500, size=2, color=color,
+               label=f"k_bond = {k:.0f} (σ = {toy[k]['sigma']:.2f})")
+samples_2d(x_toy, ax=axes[1], max_points=1500, size=2, color="C0", label="exact, k_angle = 4")
 samples_2d(toy_noisy.float(), ax=axes[1], max_points=500, size=2, color="C3", label="1-D VAE")
 samples_2d(toy_mean.float(), ax=axes[1], max_points=500, size=2, color="k", label="its decoder mean")
-axes[1].legend(fontsize="small", markerscale=4)
+axes[0].set_title("stiff-bond samples")
+axes[1].set_title("k_bond = 1000: a VAE with a 1-D latent")
+for ax in axes[:2]:
+    ax.set_aspect("equal")
+    ax.set_xlabel("$x_1$")
+    ax.set_ylabel("$x_2$")
+    ax.legend(fontsize="small", markerscale=4)
 for k, r in toy.items():
     axes[2].semilogx(SCALE_SIZES, r["twonn"].tolist(), marker="o", label=f"k_bond = {k:.0f}")
 axes[2].set_xlabel("points per subset (fewer: coarser scale)")
@@ -881,8 +895,9 @@ plt.show()
 #   log-likelihood by ½ log 10 nats (printed), without bound. A flow that fits it must have
 #   log |det ∂f/∂x| growing the same way on the data: its generator x = f⁻¹(z) squeezes the
 #   latent Gaussian's volume into the shell. Real molecules have many such stiff
-#   directions (bonds), which is one reason Boltzmann generators work in internal
-#   coordinates or with constrained bonds.
+#   directions (bonds); the Boltzmann generators of Noé et al. (Science 365, 2019) map
+#   proteins in internal coordinates (bond lengths, angles, torsions), where a stiff bond is
+#   one narrow coordinate, not a thin curved shell.
 # - **TwoNN depends on the scale.** With soft bonds every scale sees 2-D. With stiff bonds
 #   the full sample (small distances) still sees the thickness, while the small subsets
 #   see a curve: the dimension falls towards 1. "Lies on a manifold" is a statement about
@@ -890,11 +905,12 @@ plt.show()
 # - **VAE and GAN.** The decoder mean is a map from one latent dimension, and its samples
 #   read as 1-D at every scale, as a GAN generator's would: such samples have no density
 #   in 2-D, so nothing can reweight them. The decoder noise turns them into a 2-D density
-#   again, and the noise along the bond is the model's thickness. Here the VAE misses: its
-#   noise along the bond is many times σ (printed; asserted above 5σ), of the size of its
-#   reconstruction error (within a factor of two, asserted), which the noise must cover. A
-#   VAE with a 1-D latent resolves a shell of thickness σ only if it reconstructs the curve
-#   to within σ, which this short training does not.
+#   again, and the noise along the bond is the model's thickness: the decoder mean lies on
+#   the unit circle to a fraction of σ, and the noise along the bond comes out within a
+#   small factor of σ (the printed ratio; asserted below 2.5 in the laptop budget), as large
+#   as the reconstruction error it has to cover (within a factor of two, asserted). The VAE
+#   found the manifold; its shell is thicker than the molecule's by as much as its
+#   reconstructions are inexact.
 
 # %%
 assert abs(slope_log_p - 0.5) < 0.05, slope_log_p
@@ -906,7 +922,8 @@ assert abs(toy_vae["TwoNN, decoder mean"] - 1) < 0.2, toy_vae
 if not SMOKE:
     ratio = toy_vae["decoder noise along the bond"] / toy_vae["reconstruction error (rms)"]
     assert 0.5 < ratio < 2 and toy_vae["TwoNN, with decoder noise"] > 1.5, toy_vae
-    assert toy_vae["decoder noise along the bond"] > 5 * toy_vae["thickness σ"], toy_vae
+    assert 0.7 < toy_vae["decoder noise along the bond"] / toy_vae["thickness σ"] < 2.5, toy_vae
+    assert toy_vae["decoder mean: mean |r − 1|"] < 0.5 * toy_vae["thickness σ"], toy_vae
 
 # %% [markdown]
 # ## Discussion

@@ -11,13 +11,13 @@ from boltzlab.manifold import (
     StiffBond,
     distance_jacobian_rank,
     gaussian_kde_mse,
-    power_law_fit,
-    twonn_by_scale,
     kde_log_density,
     pca_spectrum,
+    power_law_fit,
     rigid_motion_dof,
     silverman_bandwidth,
     sorted_pair_distances,
+    twonn_by_scale,
     twonn_dimension,
 )
 

@@ -6,7 +6,11 @@ import pytest
 import torch
 
 from boltzlab.models import VAE
-from boltzlab.vae_reweighting import VaeReweightingError, vae_joint_log_weights, weighted_mean
+from boltzlab.vae_reweighting import (
+    VaeReweightingError,
+    vae_joint_log_weights,
+    weighted_mean,
+)
 
 W = torch.tensor([[2.0], [1.0]], dtype=torch.float64)  # decoder mean W z + b (x_dim 2, z_dim 1)
 B = torch.tensor([1.0, -1.0], dtype=torch.float64)
