@@ -116,6 +116,11 @@ class Chapter01Sizes:
     beta_steps: int  # steps of each beta-VAE in the beta sweep
     eval_every: int  # steps between mode-coverage evaluations during GMM-40 training
     exercise_steps: int  # steps of the short runs in the exercise notebook
+    reweight_samples: int = 20_000  # (x, z) pairs drawn from the double-well VAE for the joint reweighting
+    kde_n_max: int = 20_000  # largest number of samples behind a kernel density estimate (sample complexity)
+    kde_queries: int = 500  # held-out points at which each KDE's log-density error is measured
+    kde_repeats: int = 3  # independent sample sets averaged per (dimension, n)
+    manifold_samples: int = 3_000  # reference configurations (DW-4, LJ-13) and toy samples for PCA and TwoNN
 
 
 @dataclass(frozen=True)
@@ -286,9 +291,14 @@ _REGISTRY: dict[str, dict[str, Any]] = {
         "full": Chapter00Sizes(300, 1_024, 100_000, 12, 10_000, 10_000),
     },
     "01": {
-        "smoke": Chapter01Sizes(4_000, 2_000, 256, 32, 300, 300, 100, 300, 150, 100, 60),
-        "laptop": Chapter01Sizes(20_000, 5_000, 256, 64, 4_000, 4_000, 2_500, 2_000, 2_000, 500, 400),
-        "full": Chapter01Sizes(100_000, 20_000, 512, 128, 30_000, 30_000, 20_000, 10_000, 10_000, 2_000, 2_000),
+        "smoke": Chapter01Sizes(4_000, 2_000, 256, 32, 300, 300, 100, 300, 150, 100, 60, reweight_samples=4_000,
+                                kde_n_max=3_000, kde_queries=200, kde_repeats=1, manifold_samples=1_000),
+        "laptop": Chapter01Sizes(20_000, 5_000, 256, 64, 4_000, 4_000, 2_500, 2_000, 2_000, 500, 400,
+                                 reweight_samples=20_000, kde_n_max=20_000, kde_queries=500, kde_repeats=3,
+                                 manifold_samples=3_000),
+        "full": Chapter01Sizes(100_000, 20_000, 512, 128, 30_000, 30_000, 20_000, 10_000, 10_000, 2_000, 2_000,
+                               reweight_samples=100_000, kde_n_max=100_000, kde_queries=2_000, kde_repeats=5,
+                               manifold_samples=10_000),
     },
     "02": {
         "smoke": Chapter02Sizes(n_train=2_000, n_test=2_000, n_eval=4_000, batch_size=128, hidden=32,
