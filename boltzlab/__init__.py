@@ -15,6 +15,9 @@ Modules, one concept each:
 - ``flows``      coupling flows (RealNVP, rational-quadratic splines) and their training
 - ``estimators`` DEM Monte Carlo score estimators and the exact noised GMM score
 - ``importance`` importance weights, ESS, log Z with bootstrap error, FEP/BAR, CNF likelihoods
+- ``vae_reweighting`` exact importance weights of a VAE on the joint (x, z)
+- ``manifold``   sample complexity of density estimates and the dimension of configurations
+                 (KDE error against n and d, TwoNN, PCA spectra, a stiff-bond toy)
 - ``finetune``   reward-guided fine-tuning of a diffusion sampler: iterative distillation and
                  the baselines (RWR, best-of-N, policy gradient with KL, reward backpropagation)
 - ``metrics``    energy W2, distance histograms, x-W2, Kish ESS, log Z, mode coverage
