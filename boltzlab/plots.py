@@ -650,13 +650,17 @@ def seed_curves(
     ax: Axes | None = None,
     xlabel: str = "path KL(q || pretrained)",
     ylabel: str = "mean reward E_q[r]",
+    colors: Mapping[str, str] | None = None,
+    legend: bool = True,
 ) -> Axes:
     """Reward against KL for several seeds of each method, with the spread of the final point.
 
     ``methods[name] = (curves, final)``: ``curves`` one (kl_values, reward_values) per seed, drawn as
     thin lines in the method's colour; ``final`` = (mean KL, sd of KL, mean reward, sd of reward) over
     seeds, drawn as a marker with error bars of one standard deviation (the legend entry).
-    ``optimum`` = (KL, reward) of the exact optimum, a black star.
+    ``optimum`` = (KL, reward) of the exact optimum, a black star. ``colors[name]``: a method's colour
+    (the same method in the same colour across panels); ``legend=False`` leaves the legend to the caller
+    (e.g. one ``fig.legend`` below several panels).
     """
     if not methods:
         raise ValueError("seed_curves: no methods to plot")
@@ -664,7 +668,7 @@ def seed_curves(
     for name, (seed_lines, final) in methods.items():
         if len(final) != 4:
             raise ValueError(f"seed_curves: {name!r} final must be (kl, kl_sd, reward, reward_sd), got {len(final)} values")
-        colour = None
+        colour = (colors or {}).get(name)
         for k, (kl, reward) in enumerate(seed_lines):
             x, y = _as_numpy_1d(kl, f"{name} kl"), _as_numpy_1d(reward, f"{name} reward")
             if x.size != y.size or x.size == 0:
@@ -677,7 +681,8 @@ def seed_curves(
         ax.plot([optimum[0]], [optimum[1]], "*", color="k", markersize=14, label="optimum (importance sampled)")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.legend(fontsize="small")
+    if legend:
+        ax.legend(fontsize="small")
     return ax
 
 

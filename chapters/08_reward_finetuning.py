@@ -701,12 +701,13 @@ ROLLIN = {"pretrained": "-", "best_of_n": "pretrained (N samples)", "rwr": "pret
           "policy_gradient": "student (on-policy)", "draft": "student (on-policy)",
           "draft_truncated": "student (on-policy)", "vidd_pretrained": "pretrained (off-policy)",
           "vidd_student": "student (on-policy)", "vidd_mixture": "mixture 1:1 (off-policy)"}
-print(f"DW-4 comparison, {records_source}: seeds {cmp_seeds}, {len(comparison_payload['records'])} runs")
+print(f"DW-4 comparison, {records_source}")
+print(f"seeds {cmp_seeds}, {len(comparison_payload['records'])} runs")
 for name, task in comparison_payload["tasks"].items():
     opt = task["optimum"]
     print(f"{name}: {task['description']}")
-    print(f"  optimum by IS from {opt['n']:.0f} pretrained samples (ESS {opt['ess']:.0f}): alpha log Z "
-          f"{opt['log_z']:.3f} ± {opt['log_z_se']:.3f}, E[r] {opt['reward']:.3f}, KL {opt['kl']:.3f}")
+    print(f"  optimum, IS from {opt['n']:.0f} pretrained samples (ESS {opt['ess']:.0f}):")
+    print(f"  alpha log Z {opt['log_z']:.3f} ± {opt['log_z_se']:.3f}, E[r] {opt['reward']:.3f}, KL {opt['kl']:.3f}")
 display(table([{"task": r["task"], "method": r["method"], "roll-in": ROLLIN[r["method"]], "seeds": r["seeds"],
                 "E[r]": r["reward"], "sd E[r]": r["reward_sd"], "KL": r["kl"], "sd KL": r["kl_sd"],
                 "gap": r["gap"], "gap min": r["gap_min"], "gap max": r["gap_max"], "diverged": r["diverged"],
@@ -720,6 +721,7 @@ CMP_LABELS = {"policy_gradient": "policy gradient + KL", "draft": "reward backpr
               "draft_truncated": "reward backprop, last 8 steps", "rwr": "reward-weighted regression",
               "vidd_pretrained": "VIDD, pretrained roll-in", "vidd_student": "VIDD, student roll-in",
               "vidd_mixture": "VIDD, mixture roll-in", "best_of_n": "best-of-N"}
+CMP_COLORS = {label: f"C{k}" for k, label in enumerate(CMP_LABELS.values())}  # one colour per method
 fig, axes = panel_grid(2)
 for ax, task in zip(axes, comparison_payload["tasks"]):
     opt = comparison_payload["tasks"][task]["optimum"]
@@ -730,9 +732,10 @@ for ax, task in zip(axes, comparison_payload["tasks"]):
             if r["method"] == "best_of_n":  # its curve runs over N; larger N leave the frame (table above)
                 lines = [(kl[:1], rw[:1]) for kl, rw in lines]
             by_method[CMP_LABELS[r["method"]]] = (lines, (r["kl"], r["kl_sd"], r["reward"], r["reward_sd"]))
-    seed_curves(by_method, optimum=(opt["kl"], opt["reward"]), ax=ax)
+    seed_curves(by_method, optimum=(opt["kl"], opt["reward"]), ax=ax, colors=CMP_COLORS, legend=False)
     ax.set_title(f"{task}: lines = seeds, dots = final ± sd", fontsize="medium")
-    ax.legend(fontsize="x-small", loc="lower right")
+handles, labels = axes[0].get_legend_handles_labels()  # the tempering panel has every method
+fig.legend(handles, labels, loc="upper center", ncol=3, fontsize="small", bbox_to_anchor=(0.5, 0.0))
 plt.show()
 
 # %%
@@ -742,7 +745,7 @@ for ax, task in zip(axes, comparison_payload["tasks"]):
                                     if rec["task"] == task and rec["method"] == m]
              for m in dict.fromkeys(r["method"] for r in cmp_rows if r["task"] == task)}
     seed_strip(strip, ax=ax, reference=0.0, xlabel="gap to the optimum")
-    ax.set_title(f"{task}: final gap per seed")
+    ax.set_title(f"{task}: final gap per seed", fontsize="medium")
 plt.tight_layout()
 plt.show()
 
@@ -777,31 +780,33 @@ for task in comparison_payload["tasks"]:
                          rollin_sd=float(np.mean([cmp_row(task, m)["gap_sd"] for m in VIDD])),
                          bon_gap=cmp_row(task, "best_of_n")["gap"])
     v = verdict[task]
-    print(f"{task}: pretrained gap {v['pre_gap']:.3f}; best fine-tuned {v['best']} {v['best_gap']:.3f} "
-          f"({100 * v['closed']:.0f}% of the gap closed); best-of-N {v['bon_gap']:.3f}")
-    print(f"  VIDD (student roll-in) minus policy gradient, gap: {v['d_pg']:+.3f} ± {v['se_pg']:.3f} "
-          f"(smaller on {v['wins_pg']} of {len(cmp_seeds)} seeds); score rows x{v['rows_ratio']:.2f}, "
-          f"reward evals x{v['evals_ratio']:.2f}")
+    print(f"{task}: pretrained gap {v['pre_gap']:.3f}; best-of-N {v['bon_gap']:.3f}")
+    print(f"  best fine-tuned: {v['best']} {v['best_gap']:.3f} ({100 * v['closed']:.0f}% of the gap closed)")
+    print(f"  gap of VIDD (student roll-in) - policy gradient: {v['d_pg']:+.3f} ± {v['se_pg']:.3f}, "
+          f"VIDD smaller on {v['wins_pg']} of {len(cmp_seeds)} seeds")
+    print(f"  VIDD / policy gradient: score rows x{v['rows_ratio']:.2f}, reward evals x{v['evals_ratio']:.2f}")
     print(f"  roll-ins: gaps within {v['rollin_range']:.3f} of each other; seed sd of a gap {v['rollin_sd']:.3f}")
 d_draft, se_draft, wins_draft = paired_gap_difference("tempering", "draft", "vidd_student")
-print(f"tempering, reward backprop minus VIDD (student), gap: {d_draft:+.3f} ± {se_draft:.3f} "
-      f"(smaller on {wins_draft} of {len(cmp_seeds)} seeds); reward evals x"
-      f"{cmp_row('tempering', 'draft')['reward_evals'] / cmp_row('tempering', 'vidd_student')['reward_evals']:.2f}")
+print(f"tempering, gap of reward backprop - VIDD (student): {d_draft:+.3f} ± {se_draft:.3f}")
+print(f"  backprop smaller on {wins_draft} of {len(cmp_seeds)} seeds")
+print("  reward evals, backprop / VIDD: "
+      f"x{cmp_row('tempering', 'draft')['reward_evals'] / cmp_row('tempering', 'vidd_student')['reward_evals']:.2f}")
 truncated = cmp_row("tempering", "draft_truncated")["gap"] / verdict["tempering"]["pre_gap"]
 rwr_pairs = cmp_row("inner_pairs", "rwr")
 opt_pairs_kl = comparison_payload["tasks"]["inner_pairs"]["optimum"]["kl"]
-print(f"truncated backprop keeps {100 * truncated:.0f}% of the pretrained gap; RWR on the pair count: KL "
-      f"{rwr_pairs['kl']:.3f} vs the optimum's {opt_pairs_kl:.3f}, gap {rwr_pairs['gap']:.3f}")
+print(f"truncated backprop keeps {100 * truncated:.0f}% of the pretrained gap")
+print(f"RWR on the pair count: KL {rwr_pairs['kl']:.3f} vs the optimum's {opt_pairs_kl:.3f}, "
+      f"gap {rwr_pairs['gap']:.3f}")
 spread = [r for r in cmp_rows if r["method"] in TUNED]
 worst_r, worst_kl = max(spread, key=lambda r: r["reward_sd"]), max(spread, key=lambda r: r["kl_sd"])
 n_diverged = sum(r["diverged"] for r in cmp_rows)
 vidd_kl = {task: cmp_row(task, "vidd_student")["kl"] for task in verdict}
-print("VIDD (student roll-in) final path KL to the pretrained model: "
+print("VIDD (student roll-in), final path KL to q_pre:\n  "
       + ", ".join(f"{task} {kl:.3f} (optimum {comparison_payload['tasks'][task]['optimum']['kl']:.3f})"
                   for task, kl in vidd_kl.items()))
-print(f"stability: {n_diverged} of {len(comparison_payload['records'])} runs diverged; largest seed sd of the final "
-      f"reward {worst_r['reward_sd']:.3f} ({worst_r['task']}, {worst_r['method']}), of the KL {worst_kl['kl_sd']:.3f} "
-      f"({worst_kl['task']}, {worst_kl['method']})")
+print(f"stability: {n_diverged} of {len(comparison_payload['records'])} runs diverged")
+print(f"  largest seed sd of a final reward {worst_r['reward_sd']:.3f} ({worst_r['task']}, {worst_r['method']}), "
+      f"of a KL {worst_kl['kl_sd']:.3f} ({worst_kl['task']}, {worst_kl['method']})")
 
 for task, v in verdict.items():
     assert v["best_gap"] > 0.03 and v["closed"] < 0.75  # nothing reaches the optimum at this budget

@@ -389,6 +389,14 @@ def test_seed_curves_draws_every_seed_and_the_final_spread(tmp_path):
     ax.figure.savefig(tmp_path / "seeds.png")
 
 
+def test_seed_curves_fixed_colours_and_no_legend():
+    lines = [([0.0, 0.1], [1.0, 1.5])]
+    ax = P.seed_curves({"a": (lines, (0.1, 0.0, 1.5, 0.0)), "b": (lines, (0.1, 0.0, 1.5, 0.0))},
+                       colors={"a": "#ff0000", "b": "#00ff00"}, legend=False)
+    assert ax.get_legend() is None
+    assert [ln.get_color() for ln in ax.lines if ln.get_alpha() == 0.35] == ["#ff0000", "#00ff00"]
+
+
 def test_seed_curves_bad_input():
     with pytest.raises(ValueError, match="no methods"):
         P.seed_curves({})
