@@ -29,11 +29,13 @@ def test_saved_comparison_is_complete_with_every_method_and_seed(payload):
             assert {r["seed"] for r in payload["records"] if r["task"] == task and r["method"] == method} == seeds
 
 
-def test_final_table_agrees_with_the_summary_written_by_the_run(payload):
-    if "summary" not in payload:  # a merged payload has none
-        pytest.skip("merged payload: no run-time summary")
+def test_final_table_agrees_with_the_comparison_s_own_summary(payload):
+    from boltzlab.finetune.compare import summarize
+
     rows = {(r["task"], r["method"]): r for r in final_table(payload)}
-    for s in payload["summary"]:
+    summary = summarize(payload["records"])
+    assert len(summary) == len(rows)
+    for s in summary:
         row = rows[(s["task"], s["method"])]
         for key in ("reward", "kl", "objective", "gap", "reward_sd", "kl_sd", "score_rows", "reward_evals"):
             assert row[key] == pytest.approx(s[key], rel=1e-12, abs=1e-12)
