@@ -775,13 +775,14 @@ for task in comparison_payload["tasks"]:
     best = min(tuned, key=lambda r: r["gap"])
     d_pg, se_pg, wins_pg = paired_gap_difference(task, "vidd_student", "policy_gradient")
     rollin_gaps = [cmp_row(task, m)["gap"] for m in VIDD]
-    verdict[task] = dict(pre_gap=pre_gap, best=best["method"], best_gap=best["gap"], closed=1 - best["gap"] / pre_gap,
-                         d_pg=d_pg, se_pg=se_pg, wins_pg=wins_pg,
-                         rows_ratio=cmp_row(task, "vidd_student")["score_rows"] / cmp_row(task, "policy_gradient")["score_rows"],
-                         evals_ratio=cmp_row(task, "vidd_student")["reward_evals"] / cmp_row(task, "policy_gradient")["reward_evals"],
-                         rollin_range=max(rollin_gaps) - min(rollin_gaps),
-                         rollin_sd=float(np.mean([cmp_row(task, m)["gap_sd"] for m in VIDD])),
-                         bon_gap=cmp_row(task, "best_of_n")["gap"])
+    vidd_row, pg_row = cmp_row(task, "vidd_student"), cmp_row(task, "policy_gradient")
+    verdict[task] = {"pre_gap": pre_gap, "best": best["method"], "best_gap": best["gap"],
+                     "closed": 1 - best["gap"] / pre_gap, "d_pg": d_pg, "se_pg": se_pg, "wins_pg": wins_pg,
+                     "rows_ratio": vidd_row["score_rows"] / pg_row["score_rows"],
+                     "evals_ratio": vidd_row["reward_evals"] / pg_row["reward_evals"],
+                     "rollin_range": max(rollin_gaps) - min(rollin_gaps),
+                     "rollin_sd": float(np.mean([cmp_row(task, m)["gap_sd"] for m in VIDD])),
+                     "bon_gap": cmp_row(task, "best_of_n")["gap"]}
     v = verdict[task]
     print(f"{task}: pretrained gap {v['pre_gap']:.3f}; best-of-N {v['bon_gap']:.3f}")
     print(f"  best fine-tuned: {v['best']} {v['best_gap']:.3f} ({100 * v['closed']:.0f}% of the gap closed)")

@@ -226,7 +226,8 @@ check_mixture_rollin(mixture_rollin)
 # instructor tests: the package's roll-in of two Gaussian score models; the states from each model
 # are distributed like that model's noised marginal
 from boltzlab.diffusion import GeometricNoiseSchedule
-from boltzlab.finetune import GaussianScore, rollin as _rollin
+from boltzlab.finetune import GaussianScore
+from boltzlab.finetune import rollin as _rollin
 
 _sched = GeometricNoiseSchedule(sigma_min=0.01, sigma_max=5.0)
 _student_g, _pre_g = GaussianScore([3.0, 0.0], 0.1, _sched), GaussianScore([-3.0, 0.0], 0.1, _sched)

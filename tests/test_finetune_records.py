@@ -9,7 +9,13 @@ import math
 import pytest
 
 from boltzlab.finetune import FinetuneInputError
-from boltzlab.finetune.records import curves, final_table, load_comparison, merge_payloads, records_path
+from boltzlab.finetune.records import (
+    curves,
+    final_table,
+    load_comparison,
+    merge_payloads,
+    records_path,
+)
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +64,7 @@ def test_merge_of_a_split_payload_gives_the_same_table(payload):
     merged = merge_payloads(parts)
     assert merged["seeds"] == seeds
     a, b = final_table(payload), final_table(merged)
-    key = lambda r: (r["task"], r["method"])  # noqa: E731
+    key = lambda r: (r["task"], r["method"])
     for ra, rb in zip(sorted(a, key=key), sorted(b, key=key)):
         assert ra == pytest.approx(rb)
     with pytest.raises(FinetuneInputError, match=r"seeds \[0\] appear in two payloads"):

@@ -492,7 +492,7 @@ def check_mixture_rollin(fn: Callable[..., tuple[Tensor, Tensor, Tensor]]) -> No
     passed("ceil(f n) states from the student, the same number every time")
 
     for fraction, expected in ((0.0, 0), (1.0, 7)):
-        n_student, rollin = _mixture_case(fn, 7, fraction, 51)
+        n_student, _ = _mixture_case(fn, 7, fraction, 51)
         if n_student != expected:
             raise CheckFailed(f"with student_fraction = {fraction} the student should make {expected} of 7 states, "
                               f"yours made {n_student}")
