@@ -107,7 +107,7 @@ CHAPTER_START = time.perf_counter()
 # $p_{kT_0}$, so the reachable optimum is $q_0 e^{r}/Z$; we measure how close that is to $p_{kT}$.
 #
 # **Iterative distillation.** The model is a score network $s_\theta(x,t) \approx \nabla\log p_t(x)$ of a
-# variance-exploding diffusion ($x_t = x_0 + \sigma_t\epsilon$, chapter 06). Round $k$ has a frozen
+# variance-exploding diffusion ($x_t = x_0 + \sigma_t\epsilon$, chapters 04 and 06). Round $k$ has a frozen
 # teacher $\tau$ (at first the pretrained model) and a tilt $1/\alpha_k$:
 #
 # 1. **Roll-in**: run a reverse SDE from $t=1$ and stop each trajectory at a random time $t$: states
