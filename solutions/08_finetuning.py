@@ -154,6 +154,7 @@ check_policy_gradient_loss(policy_gradient_loss)
 # instructor tests: the package's surrogate for a one-step chain x_1 = x_0 + s + z (increment 1) whose
 # student score is a free parameter: both losses must have the same gradient
 import boltzlab.finetune as _ft
+from boltzlab.finetune import policy_gradient_surrogate as _surrogate
 
 _g = torch.Generator().manual_seed(4242)
 
@@ -174,8 +175,8 @@ _r = -(_x1 - 1.0).pow(2).sum(-1)
 _delta = torch.ones(1, dtype=torch.float64)
 _s = _student(_x0, None)
 _kl_terms = _ft.step_kl(_s.detach(), _pre.expand_as(_x0), _delta[0])[None]
-_ref = _ft.policy_gradient_surrogate(_student, _pre.expand_as(_x0)[None], _kl_terms, torch.stack([_x0, _x1]),
-                                     torch.tensor([1.0, 0.5], dtype=torch.float64), _delta, _r, 0.7)
+_ref = _surrogate(_student, _pre.expand_as(_x0)[None], _kl_terms, torch.stack([_x0, _x1]),
+                  torch.tensor([1.0, 0.5], dtype=torch.float64), _delta, _r, 0.7)
 _g_ref = torch.autograd.grad(_ref, _student.value)[0]
 _s = _student(_x0, None)
 _mine = policy_gradient_loss(_ft.transition_log_prob(_s, _x0, _x1, _delta[0]), _r, _ft.step_kl(_s, _pre.expand_as(_x0), _delta[0]), 0.7)
