@@ -642,3 +642,85 @@ def ablation_chart(
 
 
 __all__ += ["ablation_chart"]
+
+
+def seed_curves(
+    methods: Mapping[str, tuple[Sequence[tuple[Sequence[float], Sequence[float]]], tuple[float, float, float, float]]],
+    optimum: tuple[float, float] | None = None,
+    ax: Axes | None = None,
+    xlabel: str = "path KL(q || pretrained)",
+    ylabel: str = "mean reward E_q[r]",
+    colors: Mapping[str, str] | None = None,
+    legend: bool = True,
+) -> Axes:
+    """Reward against KL for several seeds of each method, with the spread of the final point.
+
+    ``methods[name] = (curves, final)``: ``curves`` one (kl_values, reward_values) per seed, drawn as
+    thin lines in the method's colour; ``final`` = (mean KL, sd of KL, mean reward, sd of reward) over
+    seeds, drawn as a marker with error bars of one standard deviation (the legend entry).
+    ``optimum`` = (KL, reward) of the exact optimum, a black star. ``colors[name]``: a method's colour
+    (the same method in the same colour across panels); ``legend=False`` leaves the legend to the caller
+    (e.g. one ``fig.legend`` below several panels).
+    """
+    if not methods:
+        raise ValueError("seed_curves: no methods to plot")
+    ax = _axes(ax, figsize=(6.5, 4.5))
+    for name, (seed_lines, final) in methods.items():
+        if len(final) != 4:
+            raise ValueError(f"seed_curves: {name!r} final must be (kl, kl_sd, reward, reward_sd), got {len(final)} values")
+        colour = (colors or {}).get(name)
+        for k, (kl, reward) in enumerate(seed_lines):
+            x, y = _as_numpy_1d(kl, f"{name} kl"), _as_numpy_1d(reward, f"{name} reward")
+            if x.size != y.size or x.size == 0:
+                raise ValueError(f"seed_curves: {name!r} seed {k} has {x.size} KL values and {y.size} rewards")
+            (line,) = ax.plot(x, y, "-", color=colour, alpha=0.35, linewidth=1)
+            colour = line.get_color()
+        ax.errorbar([final[0]], [final[2]], xerr=[final[1]], yerr=[final[3]], fmt="o", color=colour, capsize=3,
+                    markersize=6, label=name)
+    if optimum is not None:
+        ax.plot([optimum[0]], [optimum[1]], "*", color="k", markersize=14, label="optimum (importance sampled)")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if legend:
+        ax.legend(fontsize="small")
+    return ax
+
+
+def seed_strip(
+    values: Mapping[str, Sequence[float]],
+    ax: Axes | None = None,
+    xlabel: str = "gap to the optimum, alpha log Z - (E[r] - alpha KL)",
+    reference: float | None = None,
+) -> Axes:
+    """One row per method, one dot per seed, and the mean as a bar: the spread over seeds at a glance.
+
+    ``values[name]`` = the per-seed numbers; a non-finite one (a diverged run) is drawn as a red
+    cross at the right edge and counted in the row's label. ``reference``: a vertical dotted line.
+    """
+    if not values:
+        raise ValueError("seed_strip: nothing to plot")
+    ax = _axes(ax, figsize=(6.5, 0.4 * len(values) + 1.2))
+    names = list(values)
+    finite_all = [v for vs in values.values() for v in _as_numpy_1d(vs, "values") if np.isfinite(v)]
+    right = max(finite_all) if finite_all else 1.0
+    labels = []
+    for row, name in enumerate(names):
+        v = _as_numpy_1d(values[name], f"{name} values")
+        if v.size == 0:
+            raise ValueError(f"seed_strip: {name!r} has no values")
+        ok = np.isfinite(v)
+        ax.plot(v[ok], np.full(ok.sum(), row), "o", color="C0", alpha=0.7, markersize=5)
+        if ok.any():
+            ax.plot([v[ok].mean()] * 2, [row - 0.3, row + 0.3], "-", color="k", linewidth=2)
+        if (~ok).any():
+            ax.plot([right] * int((~ok).sum()), [row] * int((~ok).sum()), "x", color="red", markersize=8)
+        labels.append(name if ok.all() else f"{name} ({int((~ok).sum())} diverged)")
+    if reference is not None:
+        ax.axvline(reference, linestyle=":", color="0.4")
+    ax.set_yticks(range(len(names)), labels)
+    ax.invert_yaxis()
+    ax.set_xlabel(xlabel)
+    return ax
+
+
+__all__ += ["seed_curves", "seed_strip"]

@@ -7,7 +7,12 @@ import math
 import pytest
 import torch
 
-from boltzlab.grading.checks_ch08 import check_best_of_n, check_soft_optimal_weights
+from boltzlab.grading.checks_ch08 import (
+    check_best_of_n,
+    check_mixture_rollin,
+    check_policy_gradient_loss,
+    check_soft_optimal_weights,
+)
 from boltzlab.grading.feedback import CheckFailed, ExerciseNotAttempted
 
 # ----------------------------------------------------------------------------------------
@@ -172,3 +177,215 @@ def test_untouched_and_crashing():
 
     with pytest.raises(CheckFailed, match="shape"):
         check_best_of_n(crashes)
+
+
+# ----------------------------------------------------------------------------------------
+# policy-gradient loss
+# ----------------------------------------------------------------------------------------
+
+
+def _loo(r):
+    return r - (r.sum() - r) / (r.shape[0] - 1)
+
+
+def pg_correct(log_probs, rewards, kl, alpha):
+    r = rewards.detach()
+    return -(_loo(r) * log_probs - alpha * kl).mean()
+
+
+def pg_loop(log_probs, rewards, kl, alpha):
+    b = rewards.shape[0]
+    terms = []
+    for i in range(b):
+        others = torch.cat([rewards[:i], rewards[i + 1:]]).detach()
+        terms.append((rewards[i].detach() - others.mean()) * log_probs[i] - alpha * kl[i])
+    return -torch.stack(terms).sum() / b
+
+
+def pg_no_baseline(log_probs, rewards, kl, alpha):
+    return -(rewards.detach() * log_probs - alpha * kl).mean()
+
+
+def pg_mean_with_self(log_probs, rewards, kl, alpha):
+    r = rewards.detach()
+    return -((r - r.mean()) * log_probs - alpha * kl).mean()
+
+
+def pg_kl_sign(log_probs, rewards, kl, alpha):
+    return -(_loo(rewards.detach()) * log_probs + alpha * kl).mean()
+
+
+def pg_no_kl(log_probs, rewards, kl, alpha):
+    return -(_loo(rewards.detach()) * log_probs).mean()
+
+
+def pg_ascent(log_probs, rewards, kl, alpha):
+    return (_loo(rewards.detach()) * log_probs - alpha * kl).mean()
+
+
+def pg_sum(log_probs, rewards, kl, alpha):
+    return -(_loo(rewards.detach()) * log_probs - alpha * kl).sum()
+
+
+def pg_not_detached(log_probs, rewards, kl, alpha):
+    return -(_loo(rewards) * log_probs - alpha * kl).mean()
+
+
+def pg_per_sample(log_probs, rewards, kl, alpha):
+    return -(_loo(rewards.detach()) * log_probs - alpha * kl)
+
+
+def pg_item(log_probs, rewards, kl, alpha):
+    return pg_correct(log_probs, rewards, kl, alpha).detach()
+
+
+def pg_uses_package(log_probs, rewards, kl, alpha):
+    import boltzlab.finetune as ft
+
+    ft.policy_gradient_surrogate(None, None, None, None, None, None, rewards, alpha)
+    return pg_correct(log_probs, rewards, kl, alpha)
+
+
+@pytest.mark.parametrize("fn", [pg_correct, pg_loop])
+def test_correct_policy_gradient_loss_passes(fn, capsys):
+    check_policy_gradient_loss(fn)
+    out = capsys.readouterr().out
+    assert "All checks passed for policy_gradient_loss" in out and "exact Gaussian gradient" in out
+
+
+@pytest.mark.parametrize("fn, match", [
+    (pg_no_baseline, "no baseline"),
+    (pg_mean_with_self, "including the sample itself"),
+    (pg_kl_sign, "KL term has the wrong sign"),
+    (pg_no_kl, "KL penalty is missing"),
+    (pg_ascent, "wrong way"),
+    (pg_sum, "B times too large"),
+    (pg_not_detached, "rewards.detach"),
+    (pg_per_sample, "should return a scalar tensor"),
+    (pg_item, "does not depend on theta"),
+    (pg_uses_package, "does not count"),
+])
+def test_policy_gradient_mistakes_are_named(fn, match):
+    with pytest.raises(CheckFailed, match=match):
+        check_policy_gradient_loss(fn)
+
+
+def test_policy_gradient_biased_baseline_fails_the_exact_gradient():
+    """A baseline built from the sample's own reward that the mistake list does not know is still caught:
+    it passes no fixed batch and is biased against the exact Gaussian gradient."""
+
+    def own_reward_baseline(log_probs, rewards, kl, alpha):
+        r = rewards.detach()
+        return -((r - 0.5 * r.max()) * log_probs - alpha * kl).mean()
+
+    with pytest.raises(CheckFailed, match="gradient of your loss on a batch of 6"):
+        check_policy_gradient_loss(own_reward_baseline)
+
+
+# ----------------------------------------------------------------------------------------
+# mixture roll-in
+# ----------------------------------------------------------------------------------------
+
+
+def mix_correct(rollin, student, pretrained, n, student_fraction):
+    k = math.ceil(student_fraction * n)
+    parts = [(rollin(m, c), flag) for m, c, flag in ((student, k, True), (pretrained, n - k, False)) if c > 0]
+    x = torch.cat([p[0][0] for p in parts])
+    t = torch.cat([p[0][1] for p in parts])
+    flags = torch.cat([torch.full((p[0][1].shape[0],), p[1]) for p in parts])
+    return x, t, flags
+
+
+def mix_pretrained_first(rollin, student, pretrained, n, student_fraction):
+    k = math.ceil(student_fraction * n)
+    xs, ts, fs = [], [], []
+    if n - k:
+        x, t = rollin(pretrained, n - k)
+        xs, ts, fs = [x], [t], [torch.zeros(n - k, dtype=torch.bool)]
+    if k:
+        x, t = rollin(student, k)
+        xs, ts, fs = xs + [x], ts + [t], fs + [torch.ones(k, dtype=torch.bool)]
+    return torch.cat(xs), torch.cat(ts), torch.cat(fs)
+
+
+def mix_round(rollin, student, pretrained, n, student_fraction):
+    k = round(student_fraction * n)
+    parts = [(rollin(m, c), flag) for m, c, flag in ((student, k, True), (pretrained, n - k, False)) if c > 0]
+    return (torch.cat([p[0][0] for p in parts]), torch.cat([p[0][1] for p in parts]),
+            torch.cat([torch.full((p[0][1].shape[0],), p[1]) for p in parts]))
+
+
+def mix_swapped_fraction(rollin, student, pretrained, n, student_fraction):
+    x, t, f = mix_correct(rollin, pretrained, student, n, student_fraction)
+    return x, t, ~f
+
+
+def mix_inverted_labels(rollin, student, pretrained, n, student_fraction):
+    x, t, f = mix_correct(rollin, student, pretrained, n, student_fraction)
+    return x, t, ~f
+
+
+_BERNOULLI = torch.Generator().manual_seed(0)  # seeded: the test must not depend on luck
+
+
+def mix_bernoulli(rollin, student, pretrained, n, student_fraction):
+    choose = torch.rand(n, generator=_BERNOULLI) < student_fraction
+    k = int(choose.sum())
+    return mix_correct(rollin, student, pretrained, n, k / n)
+
+
+def mix_wasteful(rollin, student, pretrained, n, student_fraction):
+    k = math.ceil(student_fraction * n)
+    xs, ts = rollin(student, n)
+    xp, tp = rollin(pretrained, n)
+    return (torch.cat([xs[:k], xp[: n - k]]), torch.cat([ts[:k], tp[: n - k]]),
+            torch.cat([torch.ones(k, dtype=torch.bool), torch.zeros(n - k, dtype=torch.bool)]))
+
+
+def mix_calls_zero(rollin, student, pretrained, n, student_fraction):
+    k = math.ceil(student_fraction * n)
+    xs, ts = rollin(student, k)
+    xp, tp = rollin(pretrained, n - k)
+    return torch.cat([xs, xp]), torch.cat([ts, tp]), torch.cat([torch.ones(k, dtype=torch.bool),
+                                                               torch.zeros(n - k, dtype=torch.bool)])
+
+
+def mix_shuffled_times(rollin, student, pretrained, n, student_fraction):
+    x, t, f = mix_correct(rollin, student, pretrained, n, student_fraction)
+    return x, t.flip(0), f
+
+
+def mix_float_labels(rollin, student, pretrained, n, student_fraction):
+    x, t, f = mix_correct(rollin, student, pretrained, n, student_fraction)
+    return x, t, f.float()
+
+
+@pytest.mark.parametrize("fn", [mix_correct, mix_pretrained_first])
+def test_correct_mixture_rollin_passes(fn, capsys):
+    check_mixture_rollin(fn)
+    assert "All checks passed for mixture_rollin" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("fn, match", [
+    (mix_round, "round\\(\\) and int\\(\\) give 2 here"),
+    (mix_swapped_fraction, "fraction from the pretrained model"),
+    (mix_inverted_labels, "inverted"),
+    (mix_bernoulli, "changes from call to call|should make 2 states"),
+    (mix_wasteful, "asked rollin for 16 states in all to return 8"),
+    (mix_calls_zero, "asked for 0 states"),
+    (mix_shuffled_times, "t do not belong to your x_t rows"),
+    (mix_float_labels, "should be a bool tensor"),
+])
+def test_mixture_rollin_mistakes_are_named(fn, match):
+    with pytest.raises(CheckFailed, match=match):
+        check_mixture_rollin(fn)
+
+
+def test_new_exercises_untouched():
+    def untouched(*args):
+        raise NotImplementedError()
+
+    with pytest.raises(ExerciseNotAttempted):
+        check_policy_gradient_loss(untouched)
+    with pytest.raises(ExerciseNotAttempted):
+        check_mixture_rollin(untouched)

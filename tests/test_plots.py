@@ -368,3 +368,55 @@ def test_reward_kl_tradeoff_bad_input():
         P.reward_kl_tradeoff({"rwr": ([0.1, 0.2], [1.0])})
     with pytest.raises(ValueError, match="frontier has 2 KL values and 3 rewards"):
         P.reward_kl_tradeoff({"rwr": ([0.1], [1.0])}, frontier=([0.0, 1.0], [1.0, 2.0, 3.0]))
+
+
+# ----------------------------------------------------------------------------- seeds of fine-tuning runs
+
+
+def test_seed_curves_draws_every_seed_and_the_final_spread(tmp_path):
+    lines = [([0.0, 0.1, 0.2], [1.0, 1.5, 1.8]), ([0.0, 0.12, 0.25], [1.0, 1.4, 1.9])]
+    ax = P.seed_curves({"vidd": (lines, (0.22, 0.03, 1.85, 0.05)), "pg": ([([0.0, 0.3], [1.0, 1.6])], (0.3, 0.0, 1.6, 0.0))},
+                       optimum=(0.3, 2.0))
+    thin = [ln for ln in ax.lines if ln.get_linestyle() == "-" and ln.get_alpha() == 0.35]
+    assert len(thin) == 3  # one line per seed
+    np.testing.assert_allclose(thin[1].get_ydata(), [1.0, 1.4, 1.9])
+    assert thin[0].get_color() == thin[1].get_color() != thin[2].get_color()  # a colour per method
+    texts = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert sorted(texts) == ["optimum (importance sampled)", "pg", "vidd"]
+    bars = [c for c in ax.containers]  # errorbar containers, one per method
+    assert len(bars) == 2
+    np.testing.assert_allclose(np.asarray(bars[0].lines[0].get_xdata(), dtype=float), [0.22])
+    ax.figure.savefig(tmp_path / "seeds.png")
+
+
+def test_seed_curves_fixed_colours_and_no_legend():
+    lines = [([0.0, 0.1], [1.0, 1.5])]
+    ax = P.seed_curves({"a": (lines, (0.1, 0.0, 1.5, 0.0)), "b": (lines, (0.1, 0.0, 1.5, 0.0))},
+                       colors={"a": "#ff0000", "b": "#00ff00"}, legend=False)
+    assert ax.get_legend() is None
+    assert [ln.get_color() for ln in ax.lines if ln.get_alpha() == 0.35] == ["#ff0000", "#00ff00"]
+
+
+def test_seed_curves_bad_input():
+    with pytest.raises(ValueError, match="no methods"):
+        P.seed_curves({})
+    with pytest.raises(ValueError, match="'pg' seed 0 has 2 KL values and 1 rewards"):
+        P.seed_curves({"pg": ([([0.0, 0.1], [1.0])], (0.1, 0.0, 1.0, 0.0))})
+    with pytest.raises(ValueError, match=r"final must be \(kl, kl_sd, reward, reward_sd\)"):
+        P.seed_curves({"pg": ([([0.0], [1.0])], (0.1, 1.0))})
+
+
+def test_seed_strip_marks_means_and_diverged_seeds(tmp_path):
+    ax = P.seed_strip({"a": [0.1, 0.2, 0.3], "b": [0.05, float("nan"), 0.07]}, reference=0.0)
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert labels == ["a", "b (1 diverged)"]
+    dots_a = ax.lines[0]
+    np.testing.assert_allclose(dots_a.get_xdata(), [0.1, 0.2, 0.3])
+    np.testing.assert_allclose(ax.lines[1].get_xdata(), [0.2, 0.2])  # the mean bar of row a
+    crosses = [ln for ln in ax.lines if ln.get_marker() == "x"]
+    assert len(crosses) == 1 and list(crosses[0].get_xdata()) == [0.3]  # at the right edge
+    with pytest.raises(ValueError, match="nothing to plot"):
+        P.seed_strip({})
+    with pytest.raises(ValueError, match="'c' has no values"):
+        P.seed_strip({"c": []})
+    ax.figure.savefig(tmp_path / "strip.png")

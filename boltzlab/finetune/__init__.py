@@ -14,8 +14,9 @@ exactly p_kT, and every method can be scored against exact samples and an exact 
 **Iterative distillation** (:func:`iterative_distillation`). Round k has a frozen teacher
 tau_k (at first the pretrained model) and a tilt 1/alpha_k:
 
-1. *roll-in* (off-policy): run the reverse SDE of the student (or of the pretrained model)
-   from t = 1 and stop at a random time t: states x_t (:func:`rollin`);
+1. *roll-in*: run a reverse SDE from t = 1 and stop at a random time t: states x_t
+   (:func:`rollin`). From the current student it is on-policy; from the pretrained model, or a
+   mixture of the two, it is off-policy (:func:`rollin_states`);
 2. *roll-out*: from each x_t draw M completions x_0^(m) with the teacher's reverse SDE
    (:func:`rollout`), i.e. samples of the teacher's posterior tau(x_0 | x_t);
 3. *soft-optimal weights*: w_m = softmax_m(r(x_0^(m)) / alpha_k), soft value
@@ -34,7 +35,8 @@ tau_k (at first the pretrained model) and a tilt 1/alpha_k:
    (:func:`score_regression_loss`). By Girsanov, the KL between the path measures of the
    tilted teacher and the student is (1/2) ∫ g(t)^2 E|| s* - s_theta ||^2 dt, so this is the
    forward KL distilled state by state; its minimiser is s* wherever the roll-in puts mass,
-   whichever model produced the states: that is why the roll-in may be off-policy;
+   whichever model produced the states: that is why the roll-in may be off-policy
+   (the target is a function of the state, made by the teacher's roll-outs and their weights);
 5. *teacher refresh*: at the end of the round the teacher becomes a copy of the student.
 
 Refreshing changes the fixed point: round k distils tau_k · exp(r/alpha_k) and the next

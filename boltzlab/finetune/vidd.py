@@ -82,7 +82,8 @@ def rollin(
     project: Projection | None = None,
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor]:
-    r"""Off-policy roll-in: states x_t of the reverse SDE of ``score``, each stopped at its own time.
+    r"""Roll-in states x_t of the reverse SDE of ``score``, each stopped at its own time (on-policy when
+    ``score`` is the current student, off-policy when it is another model, e.g. the pretrained one).
 
     One reverse-SDE trajectory per state on the grid t_j = 1 - j/n_steps; state b is read at a
     uniformly drawn step j_b in {0, ..., n_steps - 1} (so t in {1, ..., 1/n_steps}, never 0).

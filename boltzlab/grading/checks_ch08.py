@@ -1,4 +1,5 @@
-"""Checks for the chapter 08 exercises: soft-optimal roll-out weights and a best-of-N sampler.
+"""Checks for the chapter 08 exercises: soft-optimal roll-out weights, a best-of-N sampler, the
+policy-gradient loss and the mixture roll-in.
 
 1. ``soft_optimal_weights(rewards, alpha) -> (weights, value)``: rewards ``(B, M)``,
    weights = softmax over the M completions of r/alpha, value = alpha log mean_m exp(r/alpha).
@@ -9,6 +10,15 @@
    uniform samples and reward x the best of n has CDF u^n: a Kolmogorov-Smirnov distance names
    the distribution it matches instead), by the number of samples it draws, and by returning
    whole samples (coordinates that belong together stay together).
+3. ``policy_gradient_loss(log_probs, rewards, kl, alpha) -> scalar``: for a Gaussian policy
+   N(theta, I) with pretrained N(theta0, I) and r = -|x - c|^2, the gradient of the loss in theta is
+   compared with the leave-one-out estimator's on fixed batches (a wrong one matched against known
+   mistakes: no baseline, a baseline that includes the sample, the KL's sign, summing, ...), with
+   rewards that carry a gradient (they must be constants), and averaged over many batches against
+   the exact gradient of E[r] - alpha KL.
+4. ``mixture_rollin(rollin, student, pretrained, n, student_fraction) -> (x_t, t, from_student)``:
+   with a fake ``rollin`` whose states say which model made them: ceil(f n) from the student, the
+   rest from the pretrained model, one call per model, labels and times that match the states.
 """
 
 from __future__ import annotations
@@ -257,7 +267,244 @@ def check_best_of_n(fn: Callable[..., Tensor]) -> None:
     all_passed("best_of_n")
 
 
+# ----------------------------------------------------------------------------------------
+# exercise 3: the policy-gradient loss with a leave-one-out baseline and a KL penalty
+# ----------------------------------------------------------------------------------------
+
+PGLossFn = Callable[[Tensor, Tensor, Tensor, float], Tensor]
+
+
+def _pg_reference(log_probs: Tensor, rewards: Tensor, kl: Tensor, alpha: float) -> Tensor:
+    r = rewards.detach()
+    b = r.shape[0]
+    advantage = r - (r.sum() - r) / (b - 1)
+    return -(advantage * log_probs - alpha * kl).mean()
+
+
+def _pg_mistakes(log_probs: Tensor, rewards: Tensor, kl: Tensor, alpha: float) -> dict[str, Tensor]:
+    r = rewards.detach()
+    b = r.shape[0]
+    loo = r - (r.sum() - r) / (b - 1)
+    return {
+        "no_baseline": -(r * log_probs - alpha * kl).mean(),
+        "mean_with_self": -((r - r.mean()) * log_probs - alpha * kl).mean(),
+        "kl_sign": -(loo * log_probs + alpha * kl).mean(),
+        "no_kl": -(loo * log_probs).mean(),
+        "kl_in_advantage": -((loo - alpha * kl.detach()) * log_probs).mean(),
+        "ascent": (loo * log_probs - alpha * kl).mean(),
+        "sum_over_batch": -(loo * log_probs - alpha * kl).sum(),
+        "not_detached": -((rewards - (rewards.sum() - rewards) / (b - 1)) * log_probs - alpha * kl).mean(),
+    }
+
+
+_PG_HINTS = {
+    "no_baseline": "your gradient is that of sum_b r_b log p_b with no baseline: subtract from each reward the mean "
+    "of the OTHER rewards of the batch (leave-one-out), A_b = r_b - mean_{b' != b} r_b'",
+    "mean_with_self": "you subtracted the batch mean including the sample itself: that baseline depends on the "
+    "sample's own reward and shrinks the gradient by (B-1)/B; leave the sample out, A_b = r_b - mean_{b' != b} r_b'",
+    "kl_sign": "the KL term has the wrong sign: the objective is E[r] - alpha KL, so the LOSS gets + alpha * kl",
+    "no_kl": "the KL penalty is missing: add alpha * kl (its mean over the batch) to the loss",
+    "kl_in_advantage": "the KL of this step enters through its own gradient (alpha * kl in the loss), not through the "
+    "advantage: it depends on theta directly, and the sample x_b does not change what it is",
+    "ascent": "your gradient points the wrong way: return the LOSS, minus the surrogate objective, so that "
+    "gradient DEScent raises E[r] - alpha KL",
+    "sum_over_batch": "your gradient is B times too large: average over the batch instead of summing",
+    "not_detached": "the rewards carried a gradient here (they were computed from reparameterised samples) and "
+    "it flowed into your loss: in the score-function estimator the advantage is a constant, use rewards.detach()",
+}
+
+
+def _pg_case(theta0: Tensor, c: Tensor, alpha: float, b: int, generator: torch.Generator,
+             reparameterised: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """One batch of the Gaussian policy N(theta, I), pretrained N(theta0, I), reward -|x - c|^2.
+
+    Returns theta (a leaf), log_probs (B,) and kl (B,) that depend on it, rewards (B,) and the samples."""
+    theta = (theta0 + 0.5).clone().requires_grad_(True)
+    z = torch.randn(b, theta0.shape[0], generator=generator, dtype=F64)
+    x = theta + z if reparameterised else theta.detach() + z
+    log_probs = -0.5 * (x.detach() - theta).pow(2).sum(-1)  # up to a constant that does not depend on theta
+    kl = (0.5 * (theta - theta0).pow(2).sum()).expand(b)  # KL(N(theta, I) || N(theta0, I))
+    rewards = -(x - c).pow(2).sum(-1)
+    return theta, log_probs, rewards, kl, x
+
+
+def _pg_gradient(fn: PGLossFn, theta: Tensor, log_probs: Tensor, rewards: Tensor, kl: Tensor, alpha: float,
+                 label: str) -> Tensor:
+    loss = call_learner(fn, log_probs, rewards, kl, alpha, name="policy_gradient_loss")
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+        raise CheckFailed(f"policy_gradient_loss on {label} should return a scalar tensor (the loss), got {shape}. "
+                          "Hint: average over the batch.")
+    if not loss.requires_grad:
+        raise CheckFailed(f"the loss on {label} does not depend on theta (no gradient): it must be built from "
+                          "log_probs and kl, which carry theta's gradient; do not detach them or call .item()")
+    (grad,) = torch.autograd.grad(loss.reshape(()), theta, allow_unused=True, retain_graph=True)
+    if grad is None:
+        raise CheckFailed(f"the loss on {label} does not depend on theta: build it from log_probs and kl")
+    if not bool(torch.isfinite(grad).all()):
+        raise CheckFailed(f"the gradient of your loss on {label} is not finite")
+    return grad
+
+
+def _pg_compare(fn: PGLossFn, theta: Tensor, log_probs: Tensor, rewards: Tensor, kl: Tensor, alpha: float,
+                label: str) -> Tensor:
+    grad = _pg_gradient(fn, theta, log_probs, rewards, kl, alpha, label)
+    (ref,) = torch.autograd.grad(_pg_reference(log_probs, rewards, kl, alpha), theta, retain_graph=True)
+    if not torch.allclose(grad.to(F64), ref, rtol=1e-6, atol=1e-9):
+        hint = "L = -(1/B) sum_b [A_b log p_b - alpha kl_b] with A_b = r_b - mean_{b' != b} r_b' (a constant)"
+        for key, wrong in _pg_mistakes(log_probs, rewards, kl, alpha).items():
+            (g_wrong,) = torch.autograd.grad(wrong, theta, retain_graph=True)
+            if torch.allclose(grad.to(F64), g_wrong, rtol=1e-6, atol=1e-9):
+                hint = _PG_HINTS[key]
+                break
+        expect_close(f"gradient of your loss on {label}", grad.to(F64), ref, rtol=1e-6, atol=1e-9, hint=hint)
+    return grad
+
+
+def check_policy_gradient_loss(fn: PGLossFn) -> None:
+    """Run the learner's ``policy_gradient_loss(log_probs, rewards, kl, alpha)``; raise :class:`CheckFailed`
+    naming the mistake. The policy is N(theta, I) in 2-D, the pretrained model N(theta0, I), r = -|x - c|^2."""
+    g = torch.Generator().manual_seed(808)
+    theta0, c = torch.tensor([0.0, 1.0], dtype=F64), torch.tensor([2.0, -1.0], dtype=F64)
+    theta, log_probs, rewards, kl, _ = _pg_case(theta0, c, 0.5, 6, g)
+    _pg_compare(fn, theta, log_probs, rewards, kl, 0.5, "a batch of 6, alpha = 0.5")
+    passed("the gradient of your loss is the leave-one-out policy gradient on a batch of 6")
+
+    theta, log_probs, rewards, kl, _ = _pg_case(theta0, c, 2.0, 3, g)
+    _pg_compare(fn, theta, log_probs, rewards, kl, 2.0, "a batch of 3, alpha = 2")
+    passed("alpha and the batch size enter correctly")
+
+    theta, log_probs, rewards, kl, _ = _pg_case(theta0, c, 0.5, 5, g, reparameterised=True)
+    _pg_compare(fn, theta, log_probs, rewards, kl, 0.5, "rewards that carry a gradient")
+    passed("the rewards are treated as constants")
+
+    # the estimator is unbiased: its mean over many batches is the exact gradient of
+    # J = E[r] - alpha KL = -(|theta - c|^2 + 2) - alpha |theta - theta0|^2 / 2, with any baseline
+    alpha, b, n_batches = 0.5, 4, 1500
+    theta_val = theta0 + 0.5
+    exact = -(2 * (theta_val - c) + alpha * (theta_val - theta0))
+    grads = []
+    for _ in range(n_batches):
+        theta, log_probs, rewards, kl, _ = _pg_case(theta0, c, alpha, b, g)
+        grads.append(-_pg_gradient(fn, theta, log_probs, rewards, kl, alpha, "a batch of 4").to(F64))
+    grads_t = torch.stack(grads)
+    se = grads_t.std(0) / math.sqrt(n_batches)
+    if not bool(((grads_t.mean(0) - exact).abs() <= 5 * se + 1e-9).all()):
+        raise CheckFailed(
+            f"averaged over {n_batches} batches of {b}, minus the gradient of your loss is {grads_t.mean(0).tolist()}, "
+            f"but the exact gradient of E[r] - alpha KL is {exact.tolist()} (standard error {se.max():.3f}). "
+            "Hint: the baseline must not depend on the sample's own reward (leave it out)."
+        )
+    passed(f"unbiased: over {n_batches} batches it averages to the exact Gaussian gradient {exact.tolist()}")
+    all_passed("policy_gradient_loss")
+
+
+# ----------------------------------------------------------------------------------------
+# exercise 4: the mixture roll-in
+# ----------------------------------------------------------------------------------------
+
+
+class _FakeRollin:
+    """rollin(model, k) for two labelled 1-D 'models': the student's states are positive, the pretrained
+    model's negative; t of state x is 1 / (1 + |x| / 1000), so a state and its time can be told apart."""
+
+    def __init__(self, seed: int) -> None:
+        self.calls: list[tuple[str, int]] = []
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, model: object, k: int) -> tuple[Tensor, Tensor]:
+        if isinstance(k, Tensor):
+            k = int(k)
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"rollin was asked for {k!r} states: call it only for a positive number of states")
+        name = getattr(model, "name", "?")
+        if name not in ("student", "pretrained"):
+            raise ValueError("rollin got something other than the student or the pretrained model")
+        self.calls.append((name, k))
+        magnitude = 1.0 + 999.0 * torch.rand(k, 1, generator=self.generator, dtype=F64)
+        x = magnitude if name == "student" else -magnitude
+        return torch.cat([x, 2 * x], dim=1), 1.0 / (1.0 + magnitude[:, 0] / 1000.0)
+
+
+class _Model:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"<{self.name} model>"
+
+
+def _mixture_case(fn: Callable[..., tuple[Tensor, Tensor, Tensor]], n: int, fraction: float, seed: int
+                  ) -> tuple[int, _FakeRollin]:
+    rollin = _FakeRollin(seed)
+    label = f"n = {n}, student_fraction = {fraction}"
+    out = call_learner(fn, rollin, _Model("student"), _Model("pretrained"), n, fraction, name="mixture_rollin")
+    if not isinstance(out, tuple) or len(out) != 3:
+        raise CheckFailed(f"mixture_rollin on {label} should return a tuple (x_t, t, from_student)")
+    x, t, from_student = out
+    expect_shape(f"x_t on {label}", x, (n, 2))
+    expect_shape(f"t on {label}", t, (n,))
+    expect_shape(f"from_student on {label}", from_student, (n,))
+    if from_student.dtype != torch.bool:
+        raise CheckFailed(f"from_student on {label} should be a bool tensor, got {from_student.dtype}")
+    drawn = sum(k for _, k in rollin.calls)
+    if drawn != n:
+        raise CheckFailed(f"mixture_rollin on {label} asked rollin for {drawn} states in all to return {n}: draw "
+                          "exactly ceil(f n) from the student and the rest from the pretrained model, nothing to "
+                          f"throw away (calls: {rollin.calls})")
+    if len({name for name, _ in rollin.calls}) != len(rollin.calls):
+        raise CheckFailed(f"mixture_rollin on {label} called rollin several times for one model ({rollin.calls}): "
+                          "one call per model, for all of its states")
+    is_student_state = x[:, 0] > 0
+    if not torch.allclose(t.to(F64), 1.0 / (1.0 + x[:, 0].abs().to(F64) / 1000.0)):
+        raise CheckFailed(f"on {label} your t do not belong to your x_t rows: keep each state with the time "
+                          "rollin returned for it (concatenate x_t and t in the same order)")
+    if bool((from_student == ~is_student_state).all()):
+        raise CheckFailed(f"from_student on {label} is True exactly for the pretrained model's states: it is inverted")
+    if not bool((from_student == is_student_state).all()):
+        raise CheckFailed(f"from_student on {label} does not say which model made each state ({int((from_student != is_student_state).sum())} "
+                          "of the rows are wrong): True for the student's states, False for the pretrained model's")
+    return int(is_student_state.sum()), rollin
+
+
+def check_mixture_rollin(fn: Callable[..., tuple[Tensor, Tensor, Tensor]]) -> None:
+    """Run the learner's ``mixture_rollin(rollin, student, pretrained, n, student_fraction)`` with a fake
+    ``rollin``; raise :class:`CheckFailed` naming the mistake."""
+    n_student, _ = _mixture_case(fn, 8, 0.25, 31)
+    if n_student != 2:
+        if n_student == 6:
+            hint = "you took the fraction from the pretrained model: student_fraction is the STUDENT's share"
+        else:
+            hint = "take exactly ceil(student_fraction * n) states from the student"
+        raise CheckFailed(f"with n = 8 and student_fraction = 0.25 the student should make 2 states, yours made "
+                          f"{n_student}. Hint: {hint}")
+    passed("shapes, one call per model, the student's share, and labels that match the states")
+
+    counts = {seed: _mixture_case(fn, 10, 0.25, seed)[0] for seed in (41, 42, 43)}
+    if len(set(counts.values())) > 1:
+        raise CheckFailed(f"with n = 10 and student_fraction = 0.25 the number of student states changes from call "
+                          f"to call ({sorted(counts.values())}): the mixture takes a fixed number, ceil(f n) = 3, "
+                          "not a random one per state")
+    if counts[41] != 3:
+        hint = "round() and int() give 2 here; use math.ceil" if counts[41] == 2 else "use math.ceil(f * n)"
+        raise CheckFailed(f"with n = 10 and student_fraction = 0.25 the student should make ceil(2.5) = 3 states, "
+                          f"yours made {counts[41]}. Hint: {hint}")
+    passed("ceil(f n) states from the student, the same number every time")
+
+    for fraction, expected in ((0.0, 0), (1.0, 7)):
+        n_student, _ = _mixture_case(fn, 7, fraction, 51)
+        if n_student != expected:
+            raise CheckFailed(f"with student_fraction = {fraction} the student should make {expected} of 7 states, "
+                              f"yours made {n_student}")
+    passed("student_fraction = 0 is the pretrained roll-in (off-policy), 1 the student's (on-policy)")
+    all_passed("mixture_rollin")
+
+
 # The package functions each exercise asks the learner to write: inside the exercise's check
 # they refuse to run (boltzlab.grading.write_yourself), in the notebook and the grader alike.
-WRITE_YOURSELF = {"soft_optimal_weights": ("boltzlab.finetune.soft_optimal_weights",)}
+WRITE_YOURSELF = {
+    "soft_optimal_weights": ("boltzlab.finetune.soft_optimal_weights",),
+    "policy_gradient_loss": ("boltzlab.finetune.policy_gradient_surrogate",),
+    "mixture_rollin": ("boltzlab.finetune.rollin_states",),
+}
 write_yourself.register(WRITE_YOURSELF)
