@@ -6,6 +6,7 @@ Commands:
 - ``exercises {build,check}``               write exercises/ from solutions/ (boltzlab.exercises)
 - ``grading grade SUBMISSIONS --out CSV``   grade submitted notebooks (boltzlab.grading)
 - ``train TARGET --out DIR [--resume]``      train an iDEM/pDEM sampler (boltzlab.training.idem)
+- ``train-flow TARGET --out DIR [--auto-resume]``  train the particle flow (boltzlab.flows.particle_training)
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ COMMANDS = {
     "exercises": "boltzlab.exercises",
     "grading": "boltzlab.grading.grader",
     "train": "boltzlab.training.cli",
+    "train-flow": "boltzlab.flows.particle_training",
 }
 
 
