@@ -334,6 +334,11 @@ def test_training_command_resumes_to_the_same_result(tmp_path):
     assert main(["train-flow", "dw4", "--out", str(tmp_path / "a"), "--auto-resume", *TINY,
                  "--set", "lr=0.5"]) == 2
     assert main(["train-flow", "dw4", "--out", str(tmp_path / "a"), *TINY]) == 2
+    # the evaluation's size may change on resume (a finished run is then only re-evaluated)
+    assert main(["train-flow", "dw4", "--out", str(tmp_path / "a"), "--auto-resume", *TINY,
+                 "--set", "n_eval=32"]) == 0
+    assert json.loads((tmp_path / "a" / "metrics.json").read_text())["n_eval"] == 32
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["n_eval"] == 32
 
 
 def test_config_rejects_bad_fields():

@@ -58,6 +58,7 @@ __all__ = [
 CHECKPOINT = "checkpoint.pt"
 TARGETS = ("dw4", "lj13")
 SHIPPED_DIR = Path(__file__).resolve().parents[1] / "data" / "checkpoints"
+EVAL_FIELDS = ("n_eval", "ode_steps", "eval_batch")  # fields a resumed run may change
 
 
 class ParticleFlowConfigError(ValueError):
@@ -273,14 +274,17 @@ def train_particle_flow(config: ParticleFlowConfig, out: Path, resume: bool = Fa
         if not ckpt_path.is_file():
             raise ParticleFlowConfigError(f"nothing to resume: {ckpt_path} does not exist")
         state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        if state["config"] != asdict(config):
-            diff = {k: (state["config"].get(k), v) for k, v in asdict(config).items() if state["config"].get(k) != v}
+        # the evaluation's sizes may change between sittings (they do not touch the training)
+        diff = {k: (state["config"].get(k), v) for k, v in asdict(config).items()
+                if k not in EVAL_FIELDS and state["config"].get(k) != v}
+        if diff:
             raise ParticleFlowConfigError(f"{ckpt_path} was trained with a different config: (saved, asked) {diff}")
+        state["config"] = asdict(config)
     else:
         if ckpt_path.exists():
             raise ParticleFlowConfigError(f"{ckpt_path} exists; resume it (--auto-resume) or choose another --out")
         state = None
-    prior_std = config.prior_std or float(train_x.pow(2).mean().sqrt())
+    prior_std = state["prior_std"] if state is not None else (config.prior_std or float(train_x.pow(2).mean().sqrt()))
     model = build_model(config, prior_std)
     ema = build_model(config, prior_std)
     ema.load_state_dict(model.state_dict())
@@ -295,6 +299,7 @@ def train_particle_flow(config: ParticleFlowConfig, out: Path, resume: bool = Fa
         sched.load_state_dict(state["scheduler"])
         gen.set_state(state["generator"])
         step, cpu_time, losses = state["step"], state["cpu_time_s"], state["losses"]
+        cfg_path.write_text(json.dumps({**asdict(config), "prior_std_used": state["prior_std"]}, indent=2) + "\n")
     else:
         cfg_path.write_text(json.dumps({**asdict(config), "prior_std_used": prior_std}, indent=2) + "\n")
 
