@@ -410,7 +410,8 @@ def importance_log_weights(cnf: EquivariantCNF, energy: Energy, n: int, n_steps:
         raise FlowInputError(f"energy {energy.name} has dim {energy.dim}, the flow {cnf.dim}")
     x, log_q = cnf.sample(n, n_steps, generator=generator, batch_size=batch_size, progress=progress)
     assert log_q is not None
-    return x, log_q, sampler_log_weights(energy, x, log_q)
+    # float64 energies: a near-overlap in a Lennard-Jones sample overflows d^-12 in float32
+    return x, log_q, sampler_log_weights(energy, x.double(), log_q)
 
 
 __all__ += ["importance_log_weights", "integrate"]

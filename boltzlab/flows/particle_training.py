@@ -200,9 +200,11 @@ def evaluate_particle_flow(cnf: EquivariantCNF, energy: PairPotential, heldout: 
     with torch.no_grad():
         x, log_q = cnf.sample(n_eval, ode_steps, generator=gen, batch_size=batch_size, progress=progress)
     assert log_q is not None
-    log_w = sampler_log_weights(energy, x, log_q)
+    # float64 energies: a near-overlap in a Lennard-Jones sample overflows d^-12 in float32
+    x64 = x.double()
+    log_w = sampler_log_weights(energy, x64, log_q)
     n = log_w.numel()
-    e_flow = energy.energy(x).double()
+    e_flow = energy.energy(x64)
     e_held = energy.energy(heldout).double()
     e_train = energy.energy(train[:heldout.shape[0]]).double()
     idx = importance_resample(log_w, n, generator=gen)
