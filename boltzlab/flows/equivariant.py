@@ -147,10 +147,11 @@ def com_free_gaussian_log_prob(z: Tensor, n_particles: int, spatial_dim: int, st
 # ----------------------------------------------------------------------------------------
 
 
-def _field_and_divergence(field: VectorField, x: Tensor, t: Tensor, basis: Tensor,
-                          need_div: bool) -> tuple[Tensor, Tensor | None]:
-    """v(x, t) ``(B, D)`` and div_U v = Σ_k b_kᵀ (∂v/∂x) b_k ``(B,)`` float64 (exact)."""
-    if not need_div:
+def _field_and_divergence(field: VectorField, x: Tensor, t: Tensor,
+                          basis: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """v(x, t) ``(B, D)`` and div_U v = Σ_k b_kᵀ (∂v/∂x) b_k ``(B,)`` float64 (exact; None
+    without a ``basis`` ``(d_eff, D)``)."""
+    if basis is None:
         with torch.no_grad():
             return field(x, t), None
     with torch.enable_grad():
@@ -171,12 +172,11 @@ def integrate(field: VectorField, x: Tensor, t0: float, t1: float, n_steps: int,
     ``(x(t1) (B, D), integral (B,) float64)``. Works backwards in time for t1 < t0."""
     h = (t1 - t0) / n_steps
     integral = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
-    need = basis is not None
     x = x.detach()
 
     def f(xs: Tensor, t: float) -> tuple[Tensor, Tensor]:
         tt = torch.full((xs.shape[0],), t, dtype=xs.dtype, device=xs.device)
-        v, d = _field_and_divergence(field, xs, tt, basis if basis is not None else xs, need)
+        v, d = _field_and_divergence(field, xs, tt, basis)
         return v, (d if d is not None else torch.zeros_like(integral))
 
     for k in tqdm(range(n_steps), desc="ODE", disable=not progress, leave=False):
