@@ -289,6 +289,29 @@ def test_alignment_costs_against_brute_force():
     torch.testing.assert_close(aligned.reshape(B, n, d).sum(1), torch.zeros(B, d, dtype=torch.float64))
 
 
+def test_equivariant_alignment_in_3d_against_scipy_rotations():
+    from scipy.spatial.transform import Rotation
+
+    n, d, B = 3, 3, 4
+    x1 = com_free(B, n, d, seed=22)
+    x0 = com_free(B, n, d, seed=23)
+    perms = list(itertools.permutations(range(n)))
+    pair = torch.empty(B, B, dtype=torch.float64)
+    for i in range(B):
+        for j in range(B):
+            best = math.inf
+            for p in perms:
+                a = x0[j].reshape(n, d)[list(p)].numpy()
+                rot, _ = Rotation.align_vectors(x1[i].reshape(n, d).numpy(), a)
+                best = min(best, float(((rot.apply(a) - x1[i].reshape(n, d).numpy()) ** 2).sum()))
+            pair[i, j] = best
+    brute = min(sum(float(pair[i, p[i]]) for i in range(B)) for p in itertools.permutations(range(B)))
+    aligned = F.align_pairs(x0, x1, n, d, "equivariant")
+    assert float((aligned - x1).pow(2).sum()) == pytest.approx(brute, rel=1e-6)
+    dist_a, dist_0 = _sorted_distances(aligned, n, d), _sorted_distances(x0, n, d)
+    assert float(torch.cdist(dist_a, dist_0).min(1).values.max()) < 1e-9
+
+
 def test_bad_input_is_named():
     cnf = small_cnf(4, 2)
     with pytest.raises(F.FlowInputError, match=r"shape \(B, 8\)"):
