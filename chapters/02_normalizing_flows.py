@@ -400,7 +400,8 @@ display(table([{"metric": k, "value": bg_metrics[k]} for k in
 # %% [markdown]
 # The shipped metrics were computed on 10,000 samples. Fresh samples from the same flow must
 # give a similar ESS (the smoke budget draws only a few, so its ESS is noisy). Each sample
-# costs 20 RK4 steps of the EGNN plus 6 backward passes per step for the exact divergence.
+# costs 20 RK4 steps of four EGNN evaluations each, and every evaluation 6 backward passes
+# for the exact divergence (one per degree of freedom).
 
 # %%
 dw = dw4()
@@ -429,7 +430,7 @@ plt.show()
 # the held-out set's 0.1% quantile of the closest pair, and the share of the weight they
 # keep. On DW-4 the wall is soft enough that the flow learns it and few samples fall
 # there; on LJ-13 the same excess costs far more, because a pair distance that is 10% too
-# short raises the d⁻¹² term by a factor of about 2.9, and the ESS collapses unless the
+# short raises the d⁻¹² term by a factor of about 3.5, and the ESS collapses unless the
 # flow learns the core very precisely.
 
 # %%
