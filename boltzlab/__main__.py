@@ -7,6 +7,7 @@ Commands:
 - ``grading grade SUBMISSIONS --out CSV``   grade submitted notebooks (boltzlab.grading)
 - ``train TARGET --out DIR [--resume]``      train an iDEM, pDEM or NEM sampler (boltzlab.training.idem)
 - ``ablate TARGET --out DIR``                 iDEM ablations at a fixed CPU budget (boltzlab.training.ablation)
+- ``train-flow TARGET --out DIR [--auto-resume]``  train the particle flow (boltzlab.flows.particle_training)
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ COMMANDS = {
     "grading": "boltzlab.grading.grader",
     "train": "boltzlab.training.cli",
     "ablate": "boltzlab.training.ablation",
+    "train-flow": "boltzlab.flows.particle_training",
 }
 
 

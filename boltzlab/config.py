@@ -136,6 +136,7 @@ class Chapter02Sizes:
     gmm_steps: int  # Adam steps of each flow on GMM-40
     grid: int  # cells per axis of the grids that plot and integrate densities
     widget_grid: int  # cells per axis of each frame of the coupling-layer widget
+    bg_fresh: int  # fresh samples (with their ODE likelihood) drawn from the shipped DW-4 flow
 
 
 @dataclass(frozen=True)
@@ -302,11 +303,11 @@ _REGISTRY: dict[str, dict[str, Any]] = {
     },
     "02": {
         "smoke": Chapter02Sizes(n_train=2_000, n_test=2_000, n_eval=4_000, batch_size=128, hidden=32,
-                                dw_steps=150, gmm_steps=200, grid=120, widget_grid=80),
+                                dw_steps=150, gmm_steps=200, grid=120, widget_grid=80, bg_fresh=100),
         "laptop": Chapter02Sizes(n_train=20_000, n_test=20_000, n_eval=50_000, batch_size=256, hidden=64,
-                                 dw_steps=1_500, gmm_steps=2_000, grid=300, widget_grid=150),
+                                 dw_steps=1_500, gmm_steps=2_000, grid=300, widget_grid=150, bg_fresh=2_000),
         "full": Chapter02Sizes(n_train=100_000, n_test=100_000, n_eval=200_000, batch_size=512, hidden=128,
-                               dw_steps=5_000, gmm_steps=10_000, grid=400, widget_grid=200),
+                               dw_steps=5_000, gmm_steps=10_000, grid=400, widget_grid=200, bg_fresh=10_000),
     },
     "03": {
         "smoke": Chapter03Sizes(batch_size=128, hidden=32, dw_steps=150, eval_every=25, eval_batch=4_000,
