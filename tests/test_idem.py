@@ -417,3 +417,27 @@ def test_compiled_network_matches_eager_and_falls_back_with_a_message(monkeypatc
     assert not compile_wanted(None, 10**6) and compile_wanted(True, 1)
     monkeypatch.setenv("BOLTZLAB_COMPILE", "auto")
     assert compile_wanted(None, 1000) and not compile_wanted(None, 999)
+
+
+def test_final_evaluation_ships_n_fresh_samples_reproducibly(tmp_path: Path) -> None:
+    config = config_for("dw4", **TINY)
+    train_idem(config, tmp_path, progress=False)
+    first = idem.final_evaluation(tmp_path, 40, progress=False)
+    samples = torch.load(tmp_path / "samples.pt")
+    assert samples.shape == (40, 8) and first["n_samples"] == 40.0
+    summary = json.loads((tmp_path / "metrics.json").read_text())
+    assert summary["final"] == first and summary["evaluations"][-1] == first
+    # the metrics are those of the saved samples against the seeded reference draw
+    reference = idem.evaluation_reference("dw4", 40, torch.Generator().manual_seed(config.seed + 7))
+    recomputed = evaluate_samples(get_target("dw4"), samples.double(), reference)
+    assert recomputed["energy_w2"] == pytest.approx(first["energy_w2"], rel=1e-4)
+    # again: the same samples, and the evaluation replaces (not duplicates) its own entry
+    again = idem.final_evaluation(tmp_path, 40, progress=False)
+    torch.testing.assert_close(torch.load(tmp_path / "samples.pt"), samples)
+    assert again == first
+    assert sum("n_samples" in e for e in json.loads((tmp_path / "metrics.json").read_text())["evaluations"]) == 1
+    # the run still resumes, keeping the evaluation in its history
+    state = train_idem(replace(config, n_outer=config.n_outer + 1), tmp_path, resume=True, progress=False)
+    assert any("n_samples" in e for e in state.evaluations)
+    with pytest.raises(TrainingConfigError, match="at least 2"):
+        idem.final_evaluation(tmp_path, 1, progress=False)

@@ -104,6 +104,9 @@ def _train_command(argv: list[str] | None) -> int:
     parser.add_argument("--baseline", action="store_true",
                         help="after training, run MCMC with the same number of energy evaluations "
                              "and write DIR/mcmc_baseline.json (kept if DIR already holds one for this budget)")
+    parser.add_argument("--final-samples", type=int, metavar="N",
+                        help="after training, evaluate N fresh samples (saved as DIR/samples.pt) as the "
+                             "run's final evaluation: how a checkpoint is made ready to ship")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     if args.procs < 1:
@@ -152,6 +155,8 @@ def _train_command(argv: list[str] | None) -> int:
     finally:
         if distributed:
             dist.destroy_process_group()
+    if rank == 0 and args.final_samples is not None:
+        state.evaluations.append(idem.final_evaluation(args.out, args.final_samples, progress=not args.no_progress))
     if rank == 0:
         final = state.evaluations[-1] if state.evaluations else {}
         print(json.dumps({"outer": state.outer, "energy_evaluations": state.energy_evaluations,

@@ -607,6 +607,38 @@ def train_idem(config: IDEMConfig, out_dir: str | Path | None = None, *, resume:
     return state
 
 
+def final_evaluation(out_dir: str | Path, n: int, progress: bool = True) -> dict[str, float]:
+    """Evaluate the checkpoint in ``out_dir`` on ``n`` fresh samples of its plain sampler (the
+    number a shipped checkpoint's targets are checked on) against ``n`` reference samples; save
+    them as ``samples.pt`` and the result as the run's last evaluation (``metrics.json`` and the
+    checkpoint), marked with ``"n_samples"``. Seeded by the config and the outer iteration, like
+    the evaluations during training, so the same checkpoint gives the same samples."""
+    out = Path(out_dir)
+    payload = _load_payload(out)
+    config = IDEMConfig(**payload["config"])
+    if n < 2:
+        raise TrainingConfigError(f"a final evaluation needs at least 2 samples, got {n}")
+    sampler = _sampler_from_payload(payload)
+    outer = payload["outer"]
+    generator = torch.Generator().manual_seed(config.seed + 10_007 * outer + 1)
+    with torch.no_grad():
+        x = sampler.sample(n, generator, progress=progress)
+    reference = evaluation_reference(config.target, n, torch.Generator().manual_seed(config.seed + 7))
+    result = {"outer": float(outer), "energy_evaluations": float(payload["energy_evaluations"]),
+              "n_samples": float(n), **evaluate_samples(sampler.energy, x, reference, generator)}
+    # the checkpoint itself is edited (not reloaded as a run): this works for any process count
+    payload["evaluations"] = [e for e in payload["evaluations"] if not (e["outer"] == outer and "n_samples" in e)]
+    payload["evaluations"].append(result)
+    torch.save(x.float().clone(), out / "samples.pt")
+    tmp = out / (CHECKPOINT + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, out / CHECKPOINT)
+    summary = json.loads((out / "metrics.json").read_text())
+    summary.update({"final": result, "evaluations": payload["evaluations"]})
+    (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return result
+
+
 # Moved into modules that import this one; still importable from here (PEP 562).
 _MOVED = {
     "equal_budget_mcmc": "boltzlab.training.mcmc_baseline",
