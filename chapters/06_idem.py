@@ -502,11 +502,13 @@ for name, rec in records.items():
     if rec is None:
         continue
     config, energy = rec["config"], get_target(name)
-    reference = evaluation_reference(name, config.n_eval, torch.Generator().manual_seed(config.seed + 7))
     x = rec["samples"] if rec["samples"] is not None else fresh[name]
+    # the reference draw training evaluated against: as many samples as were evaluated
+    n_ref = x.shape[0] if rec["samples"] is not None else config.n_eval
+    reference = evaluation_reference(name, n_ref, torch.Generator().manual_seed(config.seed + 7))
     ours = evaluate_samples(energy, x, reference, torch.Generator().manual_seed(SEED))
     evaluated[name] = {"samples": x, "reference": reference, "metrics": ours,
-                       "xw2_floor": xw2_floor(name, config.n_eval),
+                       "xw2_floor": xw2_floor(name, x.shape[0]),
                        "from": "samples.pt" if rec["samples"] is not None else "fresh samples (samples.pt not shipped yet)"}
     if rec["samples"] is not None:
         for key in ("energy_w2", "x_w2", "distance_w2", "distance_tvd", "modes_covered"):

@@ -624,8 +624,10 @@ def final_evaluation(out_dir: str | Path, n: int, progress: bool = True) -> dict
     with torch.no_grad():
         x = sampler.sample(n, generator, progress=progress)
     reference = evaluation_reference(config.target, n, torch.Generator().manual_seed(config.seed + 7))
+    # x-W2 subsamples with its own seeded generator, so the metrics can be recomputed from the files
+    metrics_gen = torch.Generator().manual_seed(config.seed)
     result = {"outer": float(outer), "energy_evaluations": float(payload["energy_evaluations"]),
-              "n_samples": float(n), **evaluate_samples(sampler.energy, x, reference, generator)}
+              "n_samples": float(n), **evaluate_samples(sampler.energy, x, reference, metrics_gen)}
     # the checkpoint itself is edited (not reloaded as a run): this works for any process count
     payload["evaluations"] = [e for e in payload["evaluations"] if not (e["outer"] == outer and "n_samples" in e)]
     payload["evaluations"].append(result)
