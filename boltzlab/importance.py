@@ -51,6 +51,7 @@ from boltzlab.metrics import (
     normalized_ess,
     self_normalized_weights,
 )
+from boltzlab.validation import check_positive_int
 
 __all__ = [
     "FreeEnergyEstimate",
@@ -106,9 +107,7 @@ def _vector(values: object, name: str, what: str = "values") -> Tensor:
 
 
 def _positive_int(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ImportanceInputError(f"{name} must be a positive int, got {value!r}")
-    return value
+    return check_positive_int(value, name, ImportanceInputError)
 
 
 def _log_mean_exp(v: Tensor) -> Tensor:

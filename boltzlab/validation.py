@@ -19,3 +19,10 @@ def check_points(x: object, dim: int, name: str, error: type[ValueError] = Value
     if x.ndim == 0 or x.shape[-1] != dim:
         raise error(f"{name}: expected shape (..., {dim}), got {tuple(x.shape)}{hint}")
     return x
+
+
+def check_positive_int(value: object, name: str, error: type[ValueError] = ValueError) -> int:
+    """``value`` if it is an int >= 1 (not a bool), else ``error`` naming ``name`` and the value."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise error(f"{name} must be a positive int, got {value!r}")
+    return value

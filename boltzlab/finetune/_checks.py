@@ -9,6 +9,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from boltzlab.validation import check_positive_int
+
 Reward = Callable[[Tensor], Tensor]
 """A reward maps states ``(B, dim)`` to ``(B,)``."""
 
@@ -23,9 +25,7 @@ class FinetuneInputError(ValueError):
 
 
 def _positive_int(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise FinetuneInputError(f"{name} must be a positive int, got {value!r}")
-    return value
+    return check_positive_int(value, name, FinetuneInputError)
 
 
 def _positive_float(value: object, name: str) -> float:

@@ -42,6 +42,7 @@ from boltzlab.flows.equivariant import ALIGNMENTS, EquivariantCNF, flow_matching
 from boltzlab.importance import importance_resample, sampler_log_weights
 from boltzlab.metrics import distance_tvd, energy_w2, kish_ess, log_z_estimate, weighted_wasserstein_1d
 from boltzlab.reference import load_reference
+from boltzlab.validation import check_positive_int
 
 __all__ = [
     "CHECKPOINT",
@@ -104,9 +105,7 @@ class ParticleFlowConfig:
             raise ParticleFlowConfigError(f"alignment must be one of {ALIGNMENTS}, got {self.alignment!r}")
         for name in ("n_train", "n_heldout", "hidden", "n_layers", "time_dim", "batch_size", "n_steps",
                      "checkpoint_every", "n_eval", "ode_steps", "eval_batch"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ParticleFlowConfigError(f"{name} must be a positive integer, got {value!r}")
+            check_positive_int(getattr(self, name), name, ParticleFlowConfigError)
         if not (self.prior_std >= 0 and math.isfinite(self.prior_std)):
             raise ParticleFlowConfigError(f"prior_std must be >= 0 (0: the data's RMS), got {self.prior_std}")
         if not 0 <= self.ema_decay < 1:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from boltzlab.diffusion import SDE_INCREMENTS, GeometricNoiseSchedule
+from boltzlab.validation import check_positive_int
 
 METHODS = ("idem", "pdem", "nem")  # buffer points; prior points; noised-energy regression
 LOSS_WEIGHTS = ("scaled", "one")
@@ -82,9 +83,7 @@ class IDEMConfig:
             raise TrainingConfigError(f"unknown network {self.network!r}; use one of {', '.join(NETWORKS)}")
         for name in ("hidden", "n_layers", "n_mc", "batch_size", "n_outer", "inner_steps", "n_refill",
                      "sde_steps", "buffer_capacity", "eval_every", "n_eval"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise TrainingConfigError(f"{name} must be a positive int, got {value!r}")
+            check_positive_int(getattr(self, name), name, TrainingConfigError)
         if self.sde_increment not in SDE_INCREMENTS:
             raise TrainingConfigError(f"unknown sde_increment {self.sde_increment!r}; use one of "
                                       f"{', '.join(SDE_INCREMENTS)}")
