@@ -729,9 +729,9 @@ print(f"{sum(v[-1] for v in verdicts)} of {len(verdicts)} targets met")
 #   samples with a few outliers, because small errors in the learned score at small and
 #   intermediate noise leave every particle a little off and the steep pair potential turns
 #   that into energy. For LJ-13 the median is too high as well, but removing the shift leaves
-#   W2 almost unchanged: its energy W2 is a tail, a few percent of samples with a pair of
-#   particles too close, whose energies run far above the reference's, and W2 squares the
-#   differences (the same arithmetic as MCMC's stuck chains above). Integrating the same
+#   W2 almost unchanged: its energy W2 is a tail, a minority of samples (the cell prints the
+#   fraction) with a pair of particles too close, whose energies run far above the reference's,
+#   and W2 squares the differences (the same arithmetic as MCMC's stuck chains above). Integrating the same
 #   reverse SDE with four times as many steps moves the median by a small fraction of the
 #   shift, so the error is the network's, not the discretisation's.
 # - **Cooler samplers are not better samplers.** The public code samples LJ-13 with its reverse
