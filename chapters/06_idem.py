@@ -731,9 +731,9 @@ print(f"{sum(v[-1] for v in verdicts)} of {len(verdicts)} targets met")
 #   that into energy. For LJ-13 the median is too high as well, but removing the shift leaves
 #   W2 almost unchanged: its energy W2 is a tail, a minority of samples (the cell prints the
 #   fraction) with a pair of particles too close, whose energies run far above the reference's,
-#   and W2 squares the differences (the same arithmetic as MCMC's stuck chains above). Integrating the same
-#   reverse SDE with four times as many steps moves the median by a small fraction of the
-#   shift, so the error is the network's, not the discretisation's.
+#   and W2 squares the differences (the same arithmetic as MCMC's stuck chains above).
+#   Integrating the same reverse SDE with four times as many steps moves the median by a small
+#   fraction of the shift, so the error is the network's, not the discretisation's.
 # - **Cooler samplers are not better samplers.** The public code samples LJ-13 with its reverse
 #   SDE's noise scaled by 0.9 (`diffusion_scale`). That lowers the energies, and with them the
 #   energy W2 of hot samples, but the sampler no longer targets $p$. The cell below draws from the
