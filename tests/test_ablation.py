@@ -73,3 +73,20 @@ def test_scaling_records_round_trip_with_regression_steps(tmp_path: Path) -> Non
     assert ablation.load_scaling_records("lj13", records_dir=tmp_path / "records") == []
     with pytest.raises(FileNotFoundError):
         ablation.scaling_record(tmp_path / "nowhere", "x")
+
+
+def test_an_interrupted_variant_resumes_with_what_is_left_of_its_cpu_budget(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(ablation.ABLATION_BASE, "lj13", replace(config_for("lj13", **TINY), n_mc=4))
+    config = ablation.variant_config("lj13", "base")
+    # a run cut off after 3 outer iterations: the checkpoint counts the CPU they took
+    state = train_idem(config, tmp_path / "base", progress=False, stop_after=3)
+    assert state.cpu_time > 0
+    budget = state.cpu_time / 60.0 * 0.5  # less than already spent: nothing is left to train
+    (record,) = ablation.run_ablation("lj13", tmp_path, cpu_minutes=budget, n_eval=20, names=["base"], progress=False)
+    assert record["outer_iterations"] == 3
+    assert record["cpu_s"] == pytest.approx(state.cpu_time, abs=0.05)
+    # with a larger budget it continues from the checkpoint, not from scratch
+    (record,) = ablation.run_ablation("lj13", tmp_path, cpu_minutes=budget * 100, n_eval=20, names=["base"],
+                                      progress=False)
+    assert record["outer_iterations"] > 3 and record["cpu_s"] > state.cpu_time

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -89,7 +88,8 @@ def evaluate_checkpoint(path: Path, n: int, seed: int = 0, sde_steps: int | None
 def run_variant(target: str, name: str, out_dir: Path, cpu_seconds: float, n_eval: int,
                 progress: bool = True) -> dict[str, Any]:
     """Train variant ``name`` into ``out_dir/name`` until it has spent ``cpu_seconds`` of process
-    CPU time (summed over interrupted calls), then evaluate it on ``n_eval`` fresh samples.
+    CPU time (the checkpoint's ``cpu_time``, summed over interrupted calls), then evaluate it on
+    ``n_eval`` fresh samples.
     Returns the record (also written to ``out_dir/name/ablation.json``)."""
     config = variant_config(target, name)
     run_dir = out_dir / name
@@ -98,18 +98,15 @@ def run_variant(target: str, name: str, out_dir: Path, cpu_seconds: float, n_eva
         record = json.loads(record_path.read_text())
         if record.get("cpu_budget_s") == cpu_seconds and record.get("n_eval") == n_eval:
             return record
-    spent_path = run_dir / "cpu_seconds.json"
-    spent = json.loads(spent_path.read_text())["cpu_s"] if spent_path.is_file() else 0.0
+    # the CPU time is the checkpoint's own count, so a variant killed mid-run resumes with what is left
+    resume = (run_dir / CHECKPOINT).is_file()
+    spent = _load_payload(run_dir).get("cpu_time", 0.0) if resume else 0.0
     if spent < cpu_seconds:
-        start = time.process_time()
-        resume = (run_dir / CHECKPOINT).is_file()
         train_idem(config, run_dir, resume=resume, progress=progress, cpu_budget_s=cpu_seconds - spent)
-        spent += time.process_time() - start
-        spent_path.write_text(json.dumps({"cpu_s": spent}) + "\n")
     payload = _load_payload(run_dir)
     record = {
         "variant": name, "changes": VARIANTS[name][0], "overrides": VARIANTS[name][1],
-        "cpu_budget_s": cpu_seconds, "cpu_s": round(spent, 1), "n_eval": n_eval,
+        "cpu_budget_s": cpu_seconds, "cpu_s": round(payload.get("cpu_time", 0.0), 1), "n_eval": n_eval,
         "outer_iterations": payload["outer"], "regression_steps": payload["outer"] * config.inner_steps,
         "energy_evaluations": payload["energy_evaluations"],
         **evaluate_checkpoint(run_dir, n_eval, seed=config.seed),

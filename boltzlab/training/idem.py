@@ -296,6 +296,7 @@ class TrainingState:
     outer: int = 0  # outer iterations completed
     energy_evaluations: int = 0  # summed over ranks
     wall_time: float = 0.0  # seconds spent training, summed over sessions
+    cpu_time: float = 0.0  # this process's CPU seconds over whole outer iterations, summed over sessions
     history: list[dict[str, float]] = field(default_factory=list)  # one entry per outer iteration
     evaluations: list[dict[str, float]] = field(default_factory=list)
 
@@ -330,6 +331,7 @@ def save_checkpoint(state: TrainingState, config: IDEMConfig, out_dir: Path,
         "outer": state.outer,
         "energy_evaluations": state.energy_evaluations,
         "wall_time": state.wall_time,
+        "cpu_time": state.cpu_time,
         "history": state.history,
         "evaluations": state.evaluations,
         "world_size": 1 if rank_states is None else len(rank_states),
@@ -345,6 +347,7 @@ def save_checkpoint(state: TrainingState, config: IDEMConfig, out_dir: Path,
         "outer_iterations": state.outer,
         "energy_evaluations": state.energy_evaluations,
         "training_wall_time_s": round(state.wall_time, 1),
+        "training_cpu_time_s": round(state.cpu_time, 1),
         "final": state.evaluations[-1] if state.evaluations else None,
         "evaluations": state.evaluations,
     }
@@ -399,6 +402,7 @@ def load_state(path: Path, config: IDEMConfig, energy: Energy) -> TrainingState:
     state.outer = payload["outer"]
     state.energy_evaluations = payload["energy_evaluations"]
     state.wall_time = payload["wall_time"]
+    state.cpu_time = payload.get("cpu_time", 0.0)  # not recorded before the ablations needed it
     state.history = payload["history"]
     state.evaluations = payload["evaluations"]
     return state
@@ -541,6 +545,7 @@ def train_idem(config: IDEMConfig, out_dir: str | Path | None = None, *, resume:
     cpu_start = time.process_time()
     for outer in bar:
         start = time.perf_counter()
+        cpu_at_start = time.process_time()
         timer = PhaseTimer()
         losses = []
         for _ in range(config.inner_steps):
@@ -596,6 +601,7 @@ def train_idem(config: IDEMConfig, out_dir: str | Path | None = None, *, resume:
                 rank_states = gather_rank_states(state)
         # training time, as before phases were timed: without evaluation and checkpointing
         state.wall_time += time.perf_counter() - start - timer.seconds["evaluation"] - timer.seconds["checkpoint"]
+        state.cpu_time += time.process_time() - cpu_at_start
         record.update({f"seconds_{phase}": round(sec, 4) for phase, sec in timer.seconds.items()})
         state.history.append(record)
         if out is not None and rank == 0:
