@@ -249,6 +249,14 @@ def clip_score(score: Tensor, max_norm: float, *, n_particles: int | None = None
     return (parts * scale).reshape(score.shape)
 
 
+def clip_for(energy: Energy, score: Tensor, max_norm: float) -> Tensor:
+    """:func:`clip_score` as ``energy``'s shape asks: per particle for a particle system (as iDEM
+    clips its targets), per whole vector otherwise. (..., dim) -> (..., dim)."""
+    if energy.is_particle_system:
+        return clip_score(score, max_norm, n_particles=energy.n_particles, spatial_dim=energy.spatial_dim)
+    return clip_score(score, max_norm)
+
+
 def mc_score(
     energy: Energy,
     x_t: Tensor,
@@ -308,10 +316,7 @@ def mc_score(
     else:
         out = {"naive": naive_score, "jensen": jensen_score}[estimator](energy, x_t, sigma, eps)
     if max_norm is not None:
-        if per_particle and energy.is_particle_system:
-            out = clip_score(out, max_norm, n_particles=energy.n_particles, spatial_dim=energy.spatial_dim)
-        else:
-            out = clip_score(out, max_norm)
+        out = clip_for(energy, out, max_norm) if per_particle else clip_score(out, max_norm)
     return out
 
 

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from boltzlab.energies import GaussianMixture, get_target
+from boltzlab.estimators import clip_score
 from boltzlab.training import idem
 from boltzlab.training.idem import (
     CheckpointError,
@@ -331,7 +332,7 @@ def test_new_config_fields_loss_weight_and_negative_time() -> None:
     steps = replace(config, negative_time_steps=1, negative_time_step=1e-4, max_norm=20.0)
     x = x0.double() + 0.05 * torch.randn(x0.shape, generator=gen, dtype=torch.float64)
     moved = idem.negative_time(steps, dw4, x)
-    expected = dw4.remove_com(x + 1e-4 * idem.clip_score(dw4.score(x), 20.0, n_particles=4, spatial_dim=2))
+    expected = dw4.remove_com(x + 1e-4 * clip_score(dw4.score(x), 20.0, n_particles=4, spatial_dim=2))
     torch.testing.assert_close(moved, expected)
     assert bool((dw4.energy(moved) <= dw4.energy(x) + 1e-12).all())
     assert idem.sampling_energy_evaluations(replace(config, negative_time_steps=10), 128) == 1280

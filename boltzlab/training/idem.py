@@ -75,7 +75,7 @@ from boltzlab.diffusion import (
     sample_times,
 )
 from boltzlab.energies import Energy, GaussianMixture, PairPotential, get_target
-from boltzlab.estimators import clip_score, mc_score
+from boltzlab.estimators import clip_for, mc_score
 from boltzlab.training.compiled import compile_wanted, maybe_compiled
 from boltzlab.training.idem_config import (  # noqa: F401 (re-exported: the training API in one place)
     CHECKPOINT,
@@ -229,9 +229,7 @@ def negative_time(config: IDEMConfig, energy: Energy, x: Tensor) -> Tensor:
         step = energy.forces(x) / energy.kT
         step = torch.nan_to_num(step, nan=0.0, posinf=0.0, neginf=0.0)  # an overlapping pair: no step
         if config.max_norm is not None:
-            particles = {"n_particles": energy.n_particles, "spatial_dim": energy.spatial_dim} \
-                if isinstance(energy, PairPotential) else {}
-            step = clip_score(step, config.max_norm, **particles)
+            step = clip_for(energy, step, config.max_norm)
         x = x + config.negative_time_step * step
         if project is not None:
             x = project(x)

@@ -15,8 +15,8 @@ from torch import Tensor
 
 from boltzlab import metrics
 from boltzlab.diffusion import sample_prior
-from boltzlab.energies import Energy, PairPotential, get_target
-from boltzlab.estimators import clip_score
+from boltzlab.energies import Energy, get_target
+from boltzlab.estimators import clip_for
 from boltzlab.training.idem import (
     CHECKPOINT,
     IDEMConfig,
@@ -51,15 +51,13 @@ def annealed_start(energy: Energy, x0: Tensor, n_steps: int, *, kT_start: float 
     if n_steps < 1:
         return x0.clone()
     project = _projection(energy)
-    particles = {"n_particles": energy.n_particles, "spatial_dim": energy.spatial_dim} \
-        if isinstance(energy, PairPotential) else {}
     ratios = torch.linspace(0.0, 1.0, n_steps, dtype=torch.float64) if n_steps > 1 else torch.ones(1, dtype=torch.float64)
     temperatures = kT_start * (energy.kT / kT_start) ** ratios
     x = x0.clone()
     for kT in temperatures.tolist():
         force = torch.nan_to_num(energy.forces(x), nan=0.0, posinf=0.0, neginf=0.0)
         z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-        x = x + step * clip_score(force, max_norm, **particles) / kT + math.sqrt(2.0 * step) * z
+        x = x + step * clip_for(energy, force, max_norm) / kT + math.sqrt(2.0 * step) * z
         if project is not None:
             x = project(x)
     return x
