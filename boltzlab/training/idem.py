@@ -335,19 +335,27 @@ def save_checkpoint(state: TrainingState, config: IDEMConfig, out_dir: Path,
         "world_size": 1 if rank_states is None else len(rank_states),
         "rank_states": rank_states,
     }
+    return write_run_files(payload, out_dir)
+
+
+def write_run_files(payload: dict[str, Any], out_dir: Path) -> Path:
+    """Write a checkpoint ``payload`` (as :func:`save_checkpoint` builds it) to
+    ``out_dir/checkpoint.pt`` atomically, with the ``config.json`` and ``metrics.json`` derived
+    from it; returns the checkpoint's path."""
     tmp = out_dir / (CHECKPOINT + ".tmp")
     torch.save(payload, tmp)
     os.replace(tmp, out_dir / CHECKPOINT)
-    (out_dir / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+    (out_dir / "config.json").write_text(json.dumps(payload["config"], indent=2) + "\n")
+    evaluations = payload["evaluations"]
     summary = {
-        "target": config.target,
-        "method": config.method,
-        "outer_iterations": state.outer,
-        "energy_evaluations": state.energy_evaluations,
-        "training_wall_time_s": round(state.wall_time, 1),
-        "training_cpu_time_s": round(state.cpu_time, 1),
-        "final": state.evaluations[-1] if state.evaluations else None,
-        "evaluations": state.evaluations,
+        "target": payload["config"]["target"],
+        "method": payload["config"]["method"],
+        "outer_iterations": payload["outer"],
+        "energy_evaluations": payload["energy_evaluations"],
+        "training_wall_time_s": round(payload["wall_time"], 1),
+        "training_cpu_time_s": round(payload.get("cpu_time", 0.0), 1),
+        "final": evaluations[-1] if evaluations else None,
+        "evaluations": evaluations,
     }
     (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
     return out_dir / CHECKPOINT
@@ -636,12 +644,7 @@ def final_evaluation(out_dir: str | Path, n: int, progress: bool = True) -> dict
     payload["evaluations"] = [e for e in payload["evaluations"] if not (e["outer"] == outer and "n_samples" in e)]
     payload["evaluations"].append(result)
     torch.save(x.float().clone(), out / "samples.pt")
-    tmp = out / (CHECKPOINT + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, out / CHECKPOINT)
-    summary = json.loads((out / "metrics.json").read_text())
-    summary.update({"final": result, "evaluations": payload["evaluations"]})
-    (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_run_files(payload, out)
     return result
 
 
