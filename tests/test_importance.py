@@ -382,3 +382,25 @@ def test_importance_resample_reproduces_the_target_mean():
     assert set(imp.importance_resample(tiny, 100, generator=g).tolist()) == {0}
     with pytest.raises(imp.ImportanceInputError, match="n must be a positive int"):
         imp.importance_resample(tiny, 0)
+
+
+def test_log_z_three_ways_recovers_the_exact_log_z_of_a_gaussian_target():
+    # q = N(0, I_3) is normalised; E(x) = |x|^2 / (2 s^2) at kT = 1 has Z = (2 pi s^2)^{3/2}
+    d, s = 3, 1.3
+    log_z = 0.5 * d * math.log(2 * math.pi * s**2)
+    g = torch.Generator().manual_seed(3)
+    x_q = torch.randn(4000, d, generator=g, dtype=F64)
+    x_p = s * torch.randn(3000, d, generator=g, dtype=F64)
+
+    def log_w(x):  # -E - log q
+        return -x.pow(2).sum(1) / (2 * s**2) + x.pow(2).sum(1) / 2 + 0.5 * d * math.log(2 * math.pi)
+
+    estimates = imp.log_z_three_ways(log_w(x_q), log_w(x_p))
+    assert list(estimates) == ["FEP forward (sampler samples)", "FEP reverse (samples of p)", "BAR (both)"]
+    for name, est in estimates.items():
+        assert abs(-est.delta_f - log_z) < 4 * est.standard_error + 1e-3, (name, est, log_z)
+        assert 0 < est.standard_error < 0.1
+    # the forward estimate is exactly importance sampling's log Z-hat
+    assert -estimates["FEP forward (sampler samples)"].delta_f == pytest.approx(imp.log_z_estimate(log_w(x_q))[0], abs=1e-12)
+    with pytest.raises(imp.ImportanceInputError, match="log_w_at_p"):
+        imp.log_z_three_ways(log_w(x_q), torch.tensor([0.0, float("nan")], dtype=F64))
