@@ -90,3 +90,24 @@ def test_an_interrupted_variant_resumes_with_what_is_left_of_its_cpu_budget(tmp_
     (record,) = ablation.run_ablation("lj13", tmp_path, cpu_minutes=budget * 100, n_eval=20, names=["base"],
                                       progress=False)
     assert record["outer_iterations"] > 3 and record["cpu_s"] > state.cpu_time
+
+
+def test_two_processes_splitting_the_variants_leave_one_table_and_publish_it(tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(ablation.ABLATION_BASE, "lj13", replace(config_for("lj13", **TINY), n_mc=4))
+    # as two processes with --only would: each call knows only its own variants
+    ablation.run_ablation("lj13", tmp_path, cpu_minutes=0.001, n_eval=20, names=["k128"], progress=False)
+    ablation.run_ablation("lj13", tmp_path, cpu_minutes=0.001, n_eval=20, names=["base"], progress=False)
+    saved = json.loads((tmp_path / "ablation.json").read_text())
+    assert [r["variant"] for r in saved] == ["base", "k128"]  # both, in VARIANTS order
+    path = ablation.save_ablation_record(tmp_path, "lj13", records_dir=tmp_path / "records")
+    assert path.name == "ablation_lj13.json"
+    assert ablation.load_ablation_record("lj13", records_dir=tmp_path / "records") == saved
+    with pytest.raises(FileNotFoundError, match="no saved ablation"):
+        ablation.load_ablation_record("lj55", records_dir=tmp_path / "records")
+    # a variant evaluated on another number of samples cannot join the table
+    ablation.run_ablation("lj13", tmp_path, cpu_minutes=0.001, n_eval=30, names=["base_seed1"], progress=False)
+    with pytest.raises(TrainingConfigError, match="different budgets"):
+        ablation.save_ablation_record(tmp_path, "lj13", records_dir=tmp_path / "records")
+    with pytest.raises(TrainingConfigError, match="no finished"):
+        ablation.save_ablation_record(tmp_path / "empty", "lj13", records_dir=tmp_path / "records")

@@ -57,6 +57,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "scaled_loss": ("lambda = sigma_t^2 + local_scale^2 (ScaledScore's) instead of 1", {"loss_weight": "scaled"}),
     "batch512": ("batch 512 (the paper's) instead of 128", {"batch_size": 512}),
     "paper_optim": ("the paper's gradient clip 0.5 and no EMA", {"grad_clip": 0.5, "ema_decay": 0.0}),
+    # not a departure from the paper: the same recipe with another seed, so that a variant's
+    # difference from the base can be read against the run-to-run spread
+    "base_seed1": ("the base recipe with seed 1 (run-to-run spread)", {"seed": 1}),
 }
 
 
@@ -119,14 +122,16 @@ def run_variant(target: str, name: str, out_dir: Path, cpu_seconds: float, n_eva
 def run_ablation(target: str, out_dir: str | Path, cpu_minutes: float, n_eval: int = 2000,
                  names: list[str] | None = None, progress: bool = True) -> list[dict[str, Any]]:
     """Every variant (or ``names``) of ``target`` at ``cpu_minutes`` of CPU each; the records
-    are collected in ``out_dir/ablation.json`` after each variant, so an interrupted run keeps
-    what it finished."""
+    of every variant finished in ``out_dir`` (by this call or another) are collected in
+    ``out_dir/ablation.json`` after each variant, so an interrupted run keeps what it finished."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     records = []
     for name in names or list(VARIANTS):
         records.append(run_variant(target, name, out, 60.0 * cpu_minutes, n_eval, progress=progress))
-        (out / "ablation.json").write_text(json.dumps(records, indent=2) + "\n")
+        # every finished variant in out_dir, so that two processes splitting the variants with
+        # --only leave one complete table
+        (out / "ablation.json").write_text(json.dumps(collect_ablation(out), indent=2) + "\n")
     return records
 
 
@@ -143,6 +148,37 @@ def sampler_sweep(path: str | Path, n: int, sde_steps: list[int], diffusion_scal
 
 
 RECORDS_DIR = Path(__file__).resolve().parents[1] / "data" / "records"
+
+
+def collect_ablation(out_dir: str | Path) -> list[dict[str, Any]]:
+    """The records of every finished variant in ``out_dir`` (``out_dir/NAME/ablation.json``), in
+    the order of :data:`VARIANTS`."""
+    out = Path(out_dir)
+    return [json.loads((out / v / "ablation.json").read_text()) for v in VARIANTS if (out / v / "ablation.json").is_file()]
+
+
+def save_ablation_record(out_dir: str | Path, target: str, records_dir: Path = RECORDS_DIR) -> Path:
+    """Write the finished variants of ``out_dir`` to ``records_dir/ablation_TARGET.json`` (what
+    chapter 06 reads), after checking that they share one CPU budget and one evaluation size."""
+    records = collect_ablation(out_dir)
+    if not records:
+        raise TrainingConfigError(f"{out_dir} holds no finished ablation variant")
+    budgets = {(r["cpu_budget_s"], r["n_eval"]) for r in records}
+    if len(budgets) != 1:
+        raise TrainingConfigError(f"{out_dir}: variants ran with different budgets or evaluation sizes {sorted(budgets)}")
+    records_dir.mkdir(parents=True, exist_ok=True)
+    path = records_dir / f"ablation_{target}.json"
+    path.write_text(json.dumps({"target": target, "variants": records}, indent=1) + "\n")
+    return path
+
+
+def load_ablation_record(target: str, records_dir: Path = RECORDS_DIR) -> list[dict[str, Any]]:
+    """The saved ablation of ``target`` (:func:`save_ablation_record`): one record per variant."""
+    path = records_dir / f"ablation_{target}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no saved ablation for {target!r} at {path}; run `python -m boltzlab ablate "
+                                f"{target} --out DIR` and then `--publish DIR`")
+    return json.loads(path.read_text())["variants"]
 
 
 def scaling_record(run_dir: str | Path, name: str) -> dict[str, Any]:
@@ -176,7 +212,7 @@ def load_scaling_records(target: str, records_dir: Path = RECORDS_DIR) -> list[d
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m boltzlab ablate", description=__doc__.split("\n\n")[0])
     parser.add_argument("target", choices=sorted(ABLATION_BASE))
-    parser.add_argument("--out", type=Path, required=True, help="one run directory per variant goes here")
+    parser.add_argument("--out", type=Path, help="one run directory per variant goes here (not needed with --publish)")
     parser.add_argument("--cpu-minutes", type=float, default=15.0, help="CPU budget of every variant")
     parser.add_argument("--n-eval", type=int, default=2000, help="fresh samples each variant is evaluated on")
     parser.add_argument("--only", nargs="+", choices=list(VARIANTS), help="run only these variants")
@@ -184,10 +220,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--record", type=Path, metavar="RUN_DIR",
                         help="instead: save RUN_DIR's logged evaluations as the scaling curve named by --out's "
                              "last part, in boltzlab/data/records/")
+    parser.add_argument("--publish", type=Path, metavar="ABLATION_DIR",
+                        help="instead: save the finished variants in ABLATION_DIR as "
+                             "boltzlab/data/records/ablation_TARGET.json")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: the budget is process CPU time, and two "
+                             "processes splitting the variants with --only should not compete)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    if args.threads < 1:
+        parser.error("--threads must be at least 1")
+    torch.set_num_threads(args.threads)
     if args.cpu_minutes <= 0 or args.n_eval < 2:
         parser.error("--cpu-minutes must be positive and --n-eval at least 2")
+    if args.publish is not None:
+        print(save_ablation_record(args.publish, args.target))
+        return 0
+    if args.out is None:
+        parser.error("--out is required (except with --publish)")
     if args.record is not None:
         print(save_scaling_record(args.record, args.out.name))
         return 0
