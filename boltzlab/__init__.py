@@ -10,7 +10,8 @@ Modules, one concept each:
 - ``reference``  the shipped MCMC reference sets and the command that builds them
 - ``models``     small networks: MLPs, VAE encoder/decoders, GAN generator/critic, score
                  networks (time-embedded MLP, EGNN) and energy networks
-- ``diffusion``  VE noise schedule, reverse SDE, probability-flow ODE, replay buffer
+- ``diffusion``  VE noise schedule, reverse SDE, probability-flow ODE, denoising score matching
+                 (loss, Tweedie, training), replay buffer
 - ``training``   training loops: VAEs, GANs, WGANs (``generative``), iDEM, pDEM, NEM (``idem``)
 - ``flows``      coupling flows (RealNVP, rational-quadratic splines) and their training
 - ``estimators`` DEM Monte Carlo score estimators and the exact noised GMM score

@@ -3,6 +3,8 @@ instead of a stack trace from deep inside torch."""
 
 from __future__ import annotations
 
+import math
+
 from torch import Tensor
 
 
@@ -26,3 +28,11 @@ def check_positive_int(value: object, name: str, error: type[ValueError] = Value
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise error(f"{name} must be a positive int, got {value!r}")
     return value
+
+
+def check_positive_float(value: object, name: str, error: type[ValueError] = ValueError) -> float:
+    """``value`` as a float if it is a finite int or float > 0 (not a bool), else ``error`` naming
+    ``name`` and the value."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+        raise error(f"{name} must be a positive finite number, got {value!r}")
+    return float(value)

@@ -58,7 +58,7 @@ from boltzlab.diffusion import (
 )
 from boltzlab.energies import GaussianMixture, dw4
 from boltzlab.estimators import gmm_noised_score, gmm_posterior_mean, noised_mixture
-from boltzlab.finetune import fit_score_model
+from boltzlab.diffusion import fit_score_model
 from boltzlab.importance import pf_ode_log_prob
 from boltzlab.metrics import distance_tvd, energy_w2, mode_coverage
 from boltzlab.models import EGNN, ScoreMLP

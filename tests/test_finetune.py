@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from boltzlab.diffusion import GeometricNoiseSchedule
+from boltzlab.diffusion import DiffusionInputError, GeometricNoiseSchedule
 from boltzlab.energies import DoubleWell2D
 from boltzlab.finetune import (
     BoltzmannReward,
@@ -331,9 +331,19 @@ def test_grid_kl_against_gaussians():
     (lambda: best_of_n_grid_probs(torch.full((4,), 0.5), torch.zeros(4), 2), "sum to 1"),
     (lambda: grid_kl(torch.zeros(3), torch.zeros(4)), "differ in shape"),
     (lambda: reward_weights(torch.zeros(3, 1)), r"shape \(n,\)"),
-    (lambda: fit_score_model(GaussianScore([0.0], 1.0), torch.zeros(10, 1), SCHEDULE, 5,
-                             weights=torch.ones(9)), "9 entries for 10 samples"),
 ])
 def test_bad_input_is_named(call, match):
     with pytest.raises(FinetuneInputError, match=match):
         call()
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"weights": torch.ones(9)}, "9 entries for 10 samples"),
+    ({"weights": -torch.ones(10)}, "non-negative with a positive sum"),
+    ({"lr": 0.0}, "lr must be a positive finite number"),
+])
+def test_fit_score_model_bad_input_is_named(kwargs, match):
+    # fit_score_model is diffusion training (boltzlab.diffusion, re-exported by finetune)
+    assert issubclass(DiffusionInputError, ValueError)
+    with pytest.raises(DiffusionInputError, match=match):
+        fit_score_model(GaussianScore([0.0], 1.0), torch.zeros(10, 1), SCHEDULE, 5, **kwargs)

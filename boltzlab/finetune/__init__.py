@@ -72,12 +72,14 @@ checkpoint, a tempering reward and a piecewise-constant structural reward
 
 Also here: :class:`PreconditionedScore` (a score network with O(1) inputs and outputs at every
 noise level), :func:`fit_score_model` (denoising score matching, optionally weighted: pretraining
-and RWR), :func:`grid_kl` (KL between densities on a quadrature grid). Score functions follow
-:mod:`boltzlab.diffusion`: ``score(x (B, dim), t (B,)) -> (B, dim)``. Bad input raises
-:class:`FinetuneInputError` (a ``ValueError``) naming the problem.
+and RWR; it lives in :mod:`boltzlab.diffusion` and is re-exported here), :func:`grid_kl` (KL
+between densities on a quadrature grid). Score functions follow :mod:`boltzlab.diffusion`:
+``score(x (B, dim), t (B,)) -> (B, dim)``. Bad input raises :class:`FinetuneInputError` (a
+``ValueError``) naming the problem (:class:`~boltzlab.diffusion.DiffusionInputError`, also a
+``ValueError``, from :func:`fit_score_model`).
 
 **Where things live.** :mod:`.vidd` (iterative distillation and its roll-ins), :mod:`.baselines`
-(reward-weighted regression, best-of-N), :mod:`.chain` and :mod:`.policy` (the sampler as a policy:
+(RWR's weights, best-of-N), :mod:`.chain` and :mod:`.policy` (the sampler as a policy:
 policy gradient, reward backpropagation), :mod:`.rewards` (rewards and their optima),
 :mod:`.gaussian` (closed forms), :mod:`.tasks` and :mod:`.compare` (DW-4), :mod:`.models`
 (:class:`PreconditionedScore`), :mod:`.measures` (:func:`grid_kl`). Every public name is
@@ -85,12 +87,12 @@ importable from ``boltzlab.finetune`` itself (:mod:`.tasks` and :mod:`.compare` 
 checkpoint and the reference data, so they are imported on demand).
 """
 
+from boltzlab.diffusion import fit_score_model
 from boltzlab.finetune._checks import FinetuneInputError, Reward
 from boltzlab.finetune.baselines import (
     best_of_n,
     best_of_n_grid_probs,
     best_of_n_kl,
-    fit_score_model,
     reward_weights,
 )
 from boltzlab.finetune.chain import (
@@ -145,6 +147,7 @@ from boltzlab.finetune.vidd import (
 )
 
 __all__ = [
+    "ROLLIN_MODELS",
     "BoltzmannReward",
     "CountingReward",
     "CountingScore",
@@ -157,7 +160,6 @@ __all__ = [
     "InnerPairReward",
     "PolicyGradientConfig",
     "PreconditionedScore",
-    "ROLLIN_MODELS",
     "Reward",
     "RewardBackpropConfig",
     "TiltedOptimum",

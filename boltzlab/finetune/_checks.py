@@ -3,13 +3,12 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from boltzlab.validation import check_positive_int
+from boltzlab.validation import check_positive_float, check_positive_int
 
 Reward = Callable[[Tensor], Tensor]
 """A reward maps states ``(B, dim)`` to ``(B,)``."""
@@ -29,9 +28,7 @@ def _positive_int(value: object, name: str) -> int:
 
 
 def _positive_float(value: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
-        raise FinetuneInputError(f"{name} must be a positive finite number, got {value!r}")
-    return float(value)
+    return check_positive_float(value, name, FinetuneInputError)
 
 
 def _tensor(x: object, ndim: int, name: str, shape_text: str) -> Tensor:

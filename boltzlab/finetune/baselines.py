@@ -1,16 +1,19 @@
-"""Baselines that need no roll-outs: reward-weighted regression (with plain denoising score
-matching, which also pretrains) and best-of-N."""
+"""Baselines that need no roll-outs: reward-weighted regression (its weights; the weighted
+denoising score matching is :func:`boltzlab.diffusion.fit_score_model`) and best-of-N."""
 
 from __future__ import annotations
 
 import math
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from boltzlab.diffusion import GeometricNoiseSchedule, Projection, denoising_score_matching_loss
-from boltzlab.finetune._checks import FinetuneInputError, _positive_float, _positive_int, _tensor
-from boltzlab.training import TrainingHistory, run_training
+from boltzlab.finetune._checks import (
+    FinetuneInputError,
+    _positive_float,
+    _positive_int,
+    _tensor,
+)
 
 
 def reward_weights(rewards: Tensor, alpha: float = 1.0) -> Tensor:
@@ -21,60 +24,6 @@ def reward_weights(rewards: Tensor, alpha: float = 1.0) -> Tensor:
     """
     r = _tensor(rewards, 1, "rewards", "(n,)")
     return torch.softmax(r / _positive_float(alpha, "alpha"), dim=0)
-
-
-def fit_score_model(
-    model: nn.Module,
-    data: Tensor,
-    schedule: GeometricNoiseSchedule,
-    n_steps: int,
-    *,
-    weights: Tensor | None = None,
-    batch_size: int = 256,
-    lr: float = 1e-3,
-    t_min: float = 1e-3,
-    project: Projection | None = None,
-    seed: int = 0,
-    progress: bool = True,
-    desc: str = "denoising score matching",
-) -> TrainingHistory:
-    r"""Train ``model`` in place by denoising score matching on ``data`` (n, dim).
-
-    Minibatches are drawn uniformly (pretraining) or, with ``weights`` (n,), with probability
-    proportional to them, so the loss is sum_i w_i L_DSM(x_i) / sum_i w_i: with
-    w = :func:`reward_weights` this is reward-weighted regression, whose minimiser is the
-    score of the reweighted (tilted) sample. Adam with learning rate ``lr``, cosine-decayed to
-    zero. Returns the history (``loss`` per step).
-    """
-    data = _tensor(data, 2, "data", "(n, dim)")
-    n_steps, batch_size = _positive_int(n_steps, "n_steps"), _positive_int(batch_size, "batch_size")
-    if weights is not None:
-        weights = _tensor(weights, 1, "weights", "(n,)")
-        if weights.shape[0] != data.shape[0]:
-            raise FinetuneInputError(f"weights has {weights.shape[0]} entries for {data.shape[0]} samples")
-        if bool((weights < 0).any()) or not float(weights.sum()) > 0:
-            raise FinetuneInputError("weights must be non-negative with a positive sum")
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=_positive_float(lr, "lr"))
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=n_steps)
-    model.train()
-
-    def step(_: int) -> dict[str, float]:
-        if weights is None:
-            idx = torch.randint(data.shape[0], (batch_size,), generator=generator)
-        else:
-            idx = torch.multinomial(weights, batch_size, replacement=True, generator=generator)
-        loss = denoising_score_matching_loss(model, data[idx], schedule, project=project, generator=generator,
-                                             t_min=t_min)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        return {"loss": loss.item()}
-
-    history = run_training(step, n_steps, progress=progress, desc=desc)
-    model.eval()
-    return history
 
 
 # ----------------------------------------------------------------------------------------

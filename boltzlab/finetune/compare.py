@@ -33,10 +33,21 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from boltzlab.finetune.baselines import best_of_n, best_of_n_grid_probs, best_of_n_kl, fit_score_model, reward_weights
+from boltzlab.diffusion import fit_score_model
+from boltzlab.finetune.baselines import (
+    best_of_n,
+    best_of_n_grid_probs,
+    best_of_n_kl,
+    reward_weights,
+)
 from boltzlab.finetune.chain import CountingReward, CountingScore, EvaluationCounter
 from boltzlab.finetune.measures import grid_kl
-from boltzlab.finetune.policy import PolicyGradientConfig, RewardBackpropConfig, policy_gradient, reward_backprop
+from boltzlab.finetune.policy import (
+    PolicyGradientConfig,
+    RewardBackpropConfig,
+    policy_gradient,
+    reward_backprop,
+)
 from boltzlab.finetune.tasks import TASK_NAMES, SamplerTask, dw4_tasks, evaluate_model
 from boltzlab.finetune.vidd import DistillationConfig, iterative_distillation
 from boltzlab.training import TrainingHistory
@@ -225,8 +236,8 @@ def summarize(records: Sequence[dict]) -> list[dict]:
 
 def format_table(rows: Sequence[dict], tasks: dict[str, SamplerTask]) -> str:
     """A markdown table of :func:`summarize`'s rows, with each task's optimum first."""
-    lines = ["| task | method | E[r] | KL(q‖q_pre) | E[r] - αKL | gap to α log Z | score rows | reward evals "
-             "| steps/sample | wall s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [("| task | method | E[r] | KL(q‖q_pre) | E[r] - αKL | gap to α log Z | score rows | reward evals "
+              "| steps/sample | wall s |"), "|---|---|---|---|---|---|---|---|---|---|"]
     for name, task in tasks.items():
         opt = task.optimum
         lines.append(f"| {name} | optimum (IS from q_pre, ESS {opt.ess:.0f}/{opt.n}) | {opt.reward:.3f} ± "
