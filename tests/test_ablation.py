@@ -111,3 +111,28 @@ def test_two_processes_splitting_the_variants_leave_one_table_and_publish_it(tmp
         ablation.save_ablation_record(tmp_path, "lj13", records_dir=tmp_path / "records")
     with pytest.raises(TrainingConfigError, match="no finished"):
         ablation.save_ablation_record(tmp_path / "empty", "lj13", records_dir=tmp_path / "records")
+
+
+def test_a_variant_held_by_a_live_process_is_skipped_and_a_stale_claim_is_taken(tmp_path: Path,
+                                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import subprocess
+    import sys
+
+    monkeypatch.setitem(ablation.ABLATION_BASE, "lj13", replace(config_for("lj13", **TINY), n_mc=4))
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / "k128").mkdir()
+        (tmp_path / "k128" / ".running").write_text(str(sleeper.pid))  # a live process holds k128
+        (tmp_path / "base").mkdir()
+        (tmp_path / "base" / ".running").write_text("999999999")  # no such process: stale
+        records = ablation.run_ablation("lj13", tmp_path, cpu_minutes=0.001, n_eval=20, names=["base", "k128"],
+                                        progress=False)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert [r["variant"] for r in records] == ["base"]  # k128 left to its holder
+    assert not (tmp_path / "k128" / "ablation.json").exists()
+    assert not (tmp_path / "base" / ".running").exists()  # released after training
+    assert (tmp_path / "k128" / ".running").read_text() == str(sleeper.pid)
+    assert os.path.isfile(tmp_path / "base" / "ablation.json")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -119,16 +120,49 @@ def run_variant(target: str, name: str, out_dir: Path, cpu_seconds: float, n_eva
     return record
 
 
+def _claim(run_dir: Path) -> Path | None:
+    """Mark ``run_dir`` as being trained by this process (``run_dir/.running`` holds the pid), so
+    that processes sharing one variant list never train the same variant at once. Returns the
+    lock file, or None when a live process holds it (a stale lock is taken over)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = run_dir / ".running"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text().strip() or 0)
+                os.kill(pid, 0)
+                return None  # held by a live process
+            except (ValueError, ProcessLookupError, FileNotFoundError):
+                lock.unlink(missing_ok=True)  # stale: its process is gone
+            except PermissionError:
+                return None  # a live process of another user
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return lock
+    return None
+
+
 def run_ablation(target: str, out_dir: str | Path, cpu_minutes: float, n_eval: int = 2000,
                  names: list[str] | None = None, progress: bool = True) -> list[dict[str, Any]]:
     """Every variant (or ``names``) of ``target`` at ``cpu_minutes`` of CPU each; the records
     of every variant finished in ``out_dir`` (by this call or another) are collected in
-    ``out_dir/ablation.json`` after each variant, so an interrupted run keeps what it finished."""
+    ``out_dir/ablation.json`` after each variant, so an interrupted run keeps what it finished.
+    Several processes may share ``out_dir`` and even one list: a variant that another live
+    process is training is skipped (see :func:`_claim`). Returns this call's records."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     records = []
     for name in names or list(VARIANTS):
-        records.append(run_variant(target, name, out, 60.0 * cpu_minutes, n_eval, progress=progress))
+        lock = _claim(out / name)
+        if lock is None:  # another live process is training this variant: leave it to that one
+            continue
+        try:
+            records.append(run_variant(target, name, out, 60.0 * cpu_minutes, n_eval, progress=progress))
+        finally:
+            lock.unlink(missing_ok=True)
         # every finished variant in out_dir, so that two processes splitting the variants with
         # --only leave one complete table
         (out / "ablation.json").write_text(json.dumps(collect_ablation(out), indent=2) + "\n")
