@@ -245,6 +245,8 @@ class Chapter07Sizes:
     n_exact_check: int  # samples on which Hutchinson is compared with the exact divergence
     n_lj13: int  # probability-flow samples of chapter 06's shipped LJ-13 iDEM sampler
     lj13_ode_steps: int  # Heun steps for those samples and their likelihoods
+    n_flow_ref_dw4: int  # held-out DW-4 reference samples whose log q the particle flow computes (reverse FEP, BAR)
+    n_flow_ref_lj13: int  # the same for LJ-13 (each costs 36 backward passes per field evaluation)
 
 
 @dataclass(frozen=True)
@@ -370,17 +372,19 @@ _REGISTRY: dict[str, dict[str, Any]] = {
                                 block_first_steps=100, block_stage_steps=40, pool_size=2_000, n_eval=4_000, n_boot=200,
                                 n_repeats=10, repeat_size=500, small_draws=500, widget_draws=200, score_steps=40,
                                 score_hidden=16, n_diffusion=128, ode_steps=10, n_probes=1, n_exact_check=8,
-                                n_lj13=32, lj13_ode_steps=8),
+                                n_lj13=32, lj13_ode_steps=8, n_flow_ref_dw4=100, n_flow_ref_lj13=8),
         "laptop": Chapter07Sizes(n_train=20_000, batch_size=256, hidden=64, gmm_steps=2_000, dw_steps=1_500,
                                  block_first_steps=600, block_stage_steps=200, pool_size=20_000, n_eval=50_000,
                                  n_boot=1_000, n_repeats=40, repeat_size=2_000, small_draws=2_000, widget_draws=500,
                                  score_steps=1_000, score_hidden=32, n_diffusion=2_000, ode_steps=50, n_probes=2,
-                                 n_exact_check=64, n_lj13=1_000, lj13_ode_steps=40),
+                                 n_exact_check=64, n_lj13=1_000, lj13_ode_steps=40,
+                                 n_flow_ref_dw4=2_000, n_flow_ref_lj13=200),
         "full": Chapter07Sizes(n_train=100_000, batch_size=512, hidden=128, gmm_steps=10_000, dw_steps=5_000,
                                block_first_steps=2_000, block_stage_steps=500, pool_size=50_000, n_eval=500_000,
                                n_boot=2_000, n_repeats=100, repeat_size=10_000, small_draws=10_000, widget_draws=2_000,
                                score_steps=10_000, score_hidden=64, n_diffusion=10_000, ode_steps=100, n_probes=4,
-                               n_exact_check=256, n_lj13=5_000, lj13_ode_steps=100),
+                               n_exact_check=256, n_lj13=5_000, lj13_ode_steps=100,
+                               n_flow_ref_dw4=5_000, n_flow_ref_lj13=1_000),
     },
     "08": {
         "smoke": Chapter08Sizes(n_data=20_000, hidden=64, pretrain_steps=2_000, pretrain_batch=512, sde_steps=50,
