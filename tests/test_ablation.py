@@ -103,6 +103,13 @@ def test_two_processes_splitting_the_variants_leave_one_table_and_publish_it(tmp
     path = ablation.save_ablation_record(tmp_path, "lj13", records_dir=tmp_path / "records")
     assert path.name == "ablation_lj13.json"
     assert ablation.load_ablation_record("lj13", records_dir=tmp_path / "records") == saved
+    assert ablation.load_base_resampled("lj13", records_dir=tmp_path / "records") == []
+    # the base re-evaluated with other sampling seeds: same network, other samples
+    rows = ablation.sampling_spread(tmp_path, seeds=(1, 2))
+    assert [r["seed"] for r in rows] == [1, 2] and rows[0]["distance_w2"] != rows[1]["distance_w2"]
+    assert rows[0] == {"seed": 1, **ablation.evaluate_checkpoint(tmp_path / "base", 20, seed=1)}
+    ablation.save_ablation_record(tmp_path, "lj13", records_dir=tmp_path / "records")
+    assert ablation.load_base_resampled("lj13", records_dir=tmp_path / "records") == rows
     with pytest.raises(FileNotFoundError, match="no saved ablation"):
         ablation.load_ablation_record("lj55", records_dir=tmp_path / "records")
     # a variant evaluated on another number of samples cannot join the table

@@ -191,9 +191,21 @@ def collect_ablation(out_dir: str | Path) -> list[dict[str, Any]]:
     return [json.loads((out / v / "ablation.json").read_text()) for v in VARIANTS if (out / v / "ablation.json").is_file()]
 
 
+def sampling_spread(out_dir: str | Path, seeds: tuple[int, ...] = (1, 2), variant: str = "base") -> list[dict[str, Any]]:
+    """The metrics of ``variant``'s checkpoint re-evaluated on fresh samples drawn with each of
+    ``seeds`` (same number of samples as its record): how much a metric moves from one draw
+    of samples to the next, with the network fixed. Written to ``out_dir/VARIANT/resampled.json``."""
+    run_dir = Path(out_dir) / variant
+    record = json.loads((run_dir / "ablation.json").read_text())
+    rows = [{"seed": seed, **evaluate_checkpoint(run_dir, record["n_eval"], seed=seed)} for seed in seeds]
+    (run_dir / "resampled.json").write_text(json.dumps(rows, indent=2) + "\n")
+    return rows
+
+
 def save_ablation_record(out_dir: str | Path, target: str, records_dir: Path = RECORDS_DIR) -> Path:
     """Write the finished variants of ``out_dir`` to ``records_dir/ablation_TARGET.json`` (what
-    chapter 06 reads), after checking that they share one CPU budget and one evaluation size."""
+    chapter 06 reads), after checking that they share one CPU budget and one evaluation size;
+    with them the base's re-evaluations (:func:`sampling_spread`) when they exist."""
     records = collect_ablation(out_dir)
     if not records:
         raise TrainingConfigError(f"{out_dir} holds no finished ablation variant")
@@ -202,8 +214,18 @@ def save_ablation_record(out_dir: str | Path, target: str, records_dir: Path = R
         raise TrainingConfigError(f"{out_dir}: variants ran with different budgets or evaluation sizes {sorted(budgets)}")
     records_dir.mkdir(parents=True, exist_ok=True)
     path = records_dir / f"ablation_{target}.json"
-    path.write_text(json.dumps({"target": target, "variants": records}, indent=1) + "\n")
+    spread_path = Path(out_dir) / "base" / "resampled.json"
+    resampled = json.loads(spread_path.read_text()) if spread_path.is_file() else []
+    path.write_text(json.dumps({"target": target, "variants": records, "base_resampled": resampled}, indent=1) + "\n")
     return path
+
+
+def load_base_resampled(target: str, records_dir: Path = RECORDS_DIR) -> list[dict[str, Any]]:
+    """The base checkpoint's re-evaluations saved with the ablation of ``target`` (may be empty)."""
+    path = records_dir / f"ablation_{target}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no saved ablation for {target!r} at {path}")
+    return json.loads(path.read_text()).get("base_resampled", [])
 
 
 def load_ablation_record(target: str, records_dir: Path = RECORDS_DIR) -> list[dict[str, Any]]:
@@ -257,6 +279,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--publish", type=Path, metavar="ABLATION_DIR",
                         help="instead: save the finished variants in ABLATION_DIR as "
                              "boltzlab/data/records/ablation_TARGET.json")
+    parser.add_argument("--spread", type=Path, metavar="ABLATION_DIR",
+                        help="instead: re-evaluate ABLATION_DIR's base checkpoint on fresh samples with seeds "
+                             "1 and 2 (the metrics' sampling noise), saved beside it for --publish")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: the budget is process CPU time, and two "
                              "processes splitting the variants with --only should not compete)")
@@ -269,6 +294,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--cpu-minutes must be positive and --n-eval at least 2")
     if args.publish is not None:
         print(save_ablation_record(args.publish, args.target))
+        return 0
+    if args.spread is not None:
+        for row in sampling_spread(args.spread):
+            print(json.dumps(row))
         return 0
     if args.out is None:
         parser.error("--out is required (except with --publish)")
