@@ -853,6 +853,9 @@ assert "blended" in ablation_verdicts["distance_w2"]["worse"] and by_variant["bl
 assert "clip150" in ablation_verdicts["distance_w2"]["worse"]
 assert "egnn128x5" in ablation_verdicts["distance_w2"]["worse"]
 assert by_variant["egnn128x5"]["regression_steps"] < 0.5 * by_variant["base"]["regression_steps"]
+if "sde1000" in by_variant:
+    assert "sde1000" in ablation_verdicts["distance_w2"]["worse"]
+    assert by_variant["sde1000"]["regression_steps"] < 0.5 * by_variant["base"]["regression_steps"]
 
 # %% [markdown]
 # **Read the noise table first.** The distance metrics barely move from one draw of 1000 samples
@@ -874,6 +877,9 @@ assert by_variant["egnn128x5"]["regression_steps"] < 0.5 * by_variant["base"]["r
 #   regression steps of the 64 x 4 base in the same CPU time and has not condensed the
 #   clusters yet. The paper's sizes are for a GPU; at a fixed CPU budget a smaller network that
 #   takes more steps is ahead (compare the 32 x 3 variant, which takes more than twice as many).
+# - **The same holds for the paper's 1000 SDE steps per refill.** The refills eat the budget: a
+#   fraction of the base's regression steps, and clusters that have not condensed. The sampler's
+#   step count is better chosen once, on a trained network (the sampler sweep, `--sweep`).
 #
 # The other variants' verdicts are printed above; a variant whose name appears in neither list
 # is within the noise of the base recipe. The noise factors come from two or three values
