@@ -3,7 +3,10 @@ instead of a stack trace from deep inside torch."""
 
 from __future__ import annotations
 
+import json
 import math
+from collections.abc import Collection
+from typing import Any
 
 from torch import Tensor
 
@@ -36,3 +39,20 @@ def check_positive_float(value: object, name: str, error: type[ValueError] = Val
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
         raise error(f"{name} must be a positive finite number, got {value!r}")
     return float(value)
+
+
+def parse_field_override(text: str, error: type[ValueError] = ValueError,
+                         known: Collection[str] | None = None) -> tuple[str, Any]:
+    """A command line's ``--set FIELD=VALUE`` as ``(field, value)``: the value is read as JSON
+    (numbers, booleans, lists) and kept as the raw string otherwise. ``error`` names a missing
+    ``=`` or, when ``known`` is given, a field not in it."""
+    if "=" not in text:
+        raise error(f"--set expects FIELD=VALUE, got {text!r}")
+    key, raw = text.split("=", 1)
+    if known is not None and key not in known:
+        raise error(f"unknown config field {key!r}")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key, value

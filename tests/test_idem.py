@@ -442,3 +442,18 @@ def test_final_evaluation_ships_n_fresh_samples_reproducibly(tmp_path: Path) -> 
     assert any("n_samples" in e for e in state.evaluations)
     with pytest.raises(TrainingConfigError, match="at least 2"):
         idem.final_evaluation(tmp_path, 1, progress=False)
+
+
+def test_set_overrides_parse_json_values_and_name_bad_ones() -> None:
+    from boltzlab.training.idem_config import IDEMConfig
+    from boltzlab.validation import parse_field_override
+
+    known = IDEMConfig.__dataclass_fields__
+    assert parse_field_override("n_mc=1000", TrainingConfigError, known) == ("n_mc", 1000)
+    assert parse_field_override("max_norm=20.5", TrainingConfigError, known) == ("max_norm", 20.5)
+    assert parse_field_override("estimator=lse", TrainingConfigError, known) == ("estimator", "lse")
+    assert parse_field_override("anything=[1, 2]") == ("anything", [1, 2])  # no field list: any name
+    with pytest.raises(TrainingConfigError, match="--set expects FIELD=VALUE, got 'n_mc'"):
+        parse_field_override("n_mc", TrainingConfigError, known)
+    with pytest.raises(TrainingConfigError, match="unknown config field 'nonsense'"):
+        parse_field_override("nonsense=1", TrainingConfigError, known)

@@ -42,7 +42,7 @@ from boltzlab.flows.equivariant import ALIGNMENTS, EquivariantCNF, flow_matching
 from boltzlab.importance import importance_resample, sampler_log_weights
 from boltzlab.metrics import distance_tvd, energy_w2, kish_ess, log_z_estimate, weighted_wasserstein_1d
 from boltzlab.reference import load_reference
-from boltzlab.validation import check_positive_int
+from boltzlab.validation import check_positive_int, parse_field_override
 
 __all__ = [
     "CHECKPOINT",
@@ -387,17 +387,6 @@ def shipped_particle_flow(target: str) -> Path:
 # ----------------------------------------------------------------------------------------
 
 
-def _parse_override(text: str) -> tuple[str, Any]:
-    if "=" not in text:
-        raise ParticleFlowConfigError(f"--set expects FIELD=VALUE, got {text!r}")
-    key, raw = text.split("=", 1)
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        value = raw
-    return key, value
-
-
 def main(argv: list[str] | None = None) -> int:
     """``python -m boltzlab train-flow TARGET --out DIR [--auto-resume] [--seed S] [--set F=V] [--stop-after N]``."""
     parser = argparse.ArgumentParser(prog="python -m boltzlab train-flow",
@@ -414,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     try:
-        overrides = dict(_parse_override(s) for s in args.set)
+        overrides = dict(parse_field_override(s, ParticleFlowConfigError) for s in args.set)
         if args.seed is not None:
             overrides["seed"] = args.seed
         config = config_for(args.target, **overrides)

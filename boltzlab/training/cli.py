@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -27,21 +26,9 @@ from boltzlab.training.idem import (
 from boltzlab.training import idem
 from boltzlab.training.mcmc_baseline import current_baseline
 from boltzlab.training.parallel import rank_and_world
+from boltzlab.validation import parse_field_override
 
 # ----------------------------------------------------------------------------------------
-
-
-def _parse_override(text: str) -> tuple[str, Any]:
-    if "=" not in text:
-        raise TrainingConfigError(f"--set expects FIELD=VALUE, got {text!r}")
-    key, raw = text.split("=", 1)
-    if key not in IDEMConfig.__dataclass_fields__:
-        raise TrainingConfigError(f"unknown config field {key!r}")
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        value = raw
-    return key, value
 
 
 def _launch_processes(procs: int, argv: list[str]) -> int:
@@ -115,7 +102,8 @@ def _train_command(argv: list[str] | None) -> int:
         parser.error("--out DIR is required (or use --profile)")
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     try:
-        overrides = dict(_parse_override(s) for s in args.set)
+        overrides = dict(parse_field_override(s, TrainingConfigError, IDEMConfig.__dataclass_fields__)
+                         for s in args.set)
         if args.seed is not None:
             overrides["seed"] = args.seed
         config = config_for(args.target, args.preset, **overrides)
