@@ -220,21 +220,22 @@ def save_ablation_record(out_dir: str | Path, target: str, records_dir: Path = R
     return path
 
 
-def load_base_resampled(target: str, records_dir: Path = RECORDS_DIR) -> list[dict[str, Any]]:
-    """The base checkpoint's re-evaluations saved with the ablation of ``target`` (may be empty)."""
-    path = records_dir / f"ablation_{target}.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"no saved ablation for {target!r} at {path}")
-    return json.loads(path.read_text()).get("base_resampled", [])
-
-
-def load_ablation_record(target: str, records_dir: Path = RECORDS_DIR) -> list[dict[str, Any]]:
-    """The saved ablation of ``target`` (:func:`save_ablation_record`): one record per variant."""
+def _saved_ablation(target: str, records_dir: Path) -> dict[str, Any]:
     path = records_dir / f"ablation_{target}.json"
     if not path.is_file():
         raise FileNotFoundError(f"no saved ablation for {target!r} at {path}; run `python -m boltzlab ablate "
                                 f"{target} --out DIR` and then `--publish DIR`")
-    return json.loads(path.read_text())["variants"]
+    return json.loads(path.read_text())
+
+
+def load_ablation_record(target: str, records_dir: Path = RECORDS_DIR) -> list[dict[str, Any]]:
+    """The saved ablation of ``target`` (:func:`save_ablation_record`): one record per variant."""
+    return _saved_ablation(target, records_dir)["variants"]
+
+
+def load_base_resampled(target: str, records_dir: Path = RECORDS_DIR) -> list[dict[str, Any]]:
+    """The base checkpoint's re-evaluations saved with the ablation of ``target`` (may be empty)."""
+    return _saved_ablation(target, records_dir).get("base_resampled", [])
 
 
 def scaling_record(run_dir: str | Path, name: str) -> dict[str, Any]:
@@ -268,7 +269,7 @@ def load_scaling_records(target: str, records_dir: Path = RECORDS_DIR) -> list[d
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m boltzlab ablate", description=__doc__.split("\n\n")[0])
     parser.add_argument("target", choices=sorted(ABLATION_BASE))
-    parser.add_argument("--out", type=Path, help="one run directory per variant goes here (not needed with --publish)")
+    parser.add_argument("--out", type=Path, help="one run directory per variant goes here (not needed with --publish or --spread)")
     parser.add_argument("--cpu-minutes", type=float, default=15.0, help="CPU budget of every variant")
     parser.add_argument("--n-eval", type=int, default=2000, help="fresh samples each variant is evaluated on")
     parser.add_argument("--only", nargs="+", choices=list(VARIANTS), help="run only these variants")
@@ -300,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(row))
         return 0
     if args.out is None:
-        parser.error("--out is required (except with --publish)")
+        parser.error("--out is required (except with --publish or --spread)")
     if args.record is not None:
         print(save_scaling_record(args.record, args.out.name))
         return 0
