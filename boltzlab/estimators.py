@@ -225,13 +225,21 @@ def richardson_score(
     return 2.0 * full - 0.5 * (first + second)
 
 
-def clip_score(score: Tensor, max_norm: float, *, n_particles: int | None = None, spatial_dim: int | None = None) -> Tensor:
+def clip_score(score: Tensor, max_norm: float | Tensor, *, n_particles: int | None = None,
+               spatial_dim: int | None = None) -> Tensor:
     """Scale down vectors whose Euclidean norm exceeds ``max_norm``, keeping their direction.
 
     Per particle when ``n_particles`` and ``spatial_dim`` are given (each particle's
     spatial_dim-vector is clipped on its own, as iDEM does), otherwise per whole vector.
-    v <- v * min(1, max_norm / |v|). Shape (..., dim) -> (..., dim)."""
-    if not (max_norm > 0 and math.isfinite(max_norm)):
+    v <- v * min(1, max_norm / |v|). Shape (..., dim) -> (..., dim); ``max_norm`` a number or
+    a tensor of shape (...) (one threshold per point, e.g. growing as the noise level falls)."""
+    if isinstance(max_norm, Tensor):
+        if max_norm.shape != score.shape[:-1]:
+            raise ValueError(f"a per-point max_norm must have shape {tuple(score.shape[:-1])}, "
+                             f"got {tuple(max_norm.shape)}")
+        if not bool(((max_norm > 0) & torch.isfinite(max_norm)).all()):
+            raise ValueError("max_norm must be positive and finite at every point")
+    elif not (max_norm > 0 and math.isfinite(max_norm)):
         raise ValueError(f"max_norm must be a positive finite number, got {max_norm}")
     if (n_particles is None) != (spatial_dim is None):
         raise ValueError("give both n_particles and spatial_dim for per-particle clipping, or neither")
@@ -245,11 +253,13 @@ def clip_score(score: Tensor, max_norm: float, *, n_particles: int | None = None
     else:
         parts = score
     norm = parts.norm(dim=-1, keepdim=True)
+    if isinstance(max_norm, Tensor):
+        max_norm = max_norm.to(score.dtype).reshape(*max_norm.shape, *([1] * (norm.ndim - max_norm.ndim)))
     scale = (max_norm / norm.clamp_min(torch.finfo(score.dtype).tiny)).clamp(max=1.0)
     return (parts * scale).reshape(score.shape)
 
 
-def clip_for(energy: Energy, score: Tensor, max_norm: float) -> Tensor:
+def clip_for(energy: Energy, score: Tensor, max_norm: float | Tensor) -> Tensor:
     """:func:`clip_score` as ``energy``'s shape asks: per particle for a particle system (as iDEM
     clips its targets), per whole vector otherwise. (..., dim) -> (..., dim)."""
     if energy.is_particle_system:
@@ -267,7 +277,7 @@ def mc_score(
     generator: torch.Generator | None = None,
     estimator: EstimatorName = "lse",
     richardson: bool = False,
-    max_norm: float | None = None,
+    max_norm: float | Tensor | None = None,
     per_particle: bool = True,
     local_scale: float | None = None,
     compile: bool | None = None,

@@ -286,3 +286,17 @@ def test_mc_score_streams_generator_noise_exactly_like_draw_eps() -> None:
         explicit = mc_score(lj, x, 0.3, eps=eps, estimator=estimator, **extra)
         torch.testing.assert_close(streamed, explicit, rtol=1e-12, atol=1e-12)
         assert torch.equal(g_stream.get_state(), g_eps.get_state())
+
+
+def test_clip_with_one_threshold_per_point_equals_clipping_each_point_alone():
+    g = torch.Generator().manual_seed(19)
+    v = 30 * torch.randn(6, 39, generator=g)
+    thresholds = torch.tensor([1.0, 5.0, 20.0, 50.0, 200.0, 1e4])
+    clipped = clip_score(v, thresholds, n_particles=13, spatial_dim=3)
+    for row, limit in enumerate(thresholds.tolist()):
+        torch.testing.assert_close(clipped[row], clip_score(v[row:row + 1], limit, n_particles=13, spatial_dim=3)[0])
+    torch.testing.assert_close(clipped[-1], v[-1])  # a threshold above every norm changes nothing
+    with pytest.raises(ValueError, match="shape"):
+        clip_score(v, thresholds[:3])
+    with pytest.raises(ValueError, match="positive"):
+        clip_score(v, torch.tensor([1.0, 0.0, 1.0, 1.0, 1.0, float("nan")]))

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from boltzlab.energies import GaussianMixture, get_target
-from boltzlab.estimators import clip_score
+from boltzlab.estimators import clip_score, mc_score
 from boltzlab.training import idem
 from boltzlab.training.idem import (
     CheckpointError,
@@ -457,3 +457,59 @@ def test_set_overrides_parse_json_values_and_name_bad_ones() -> None:
         parse_field_override("n_mc", TrainingConfigError, known)
     with pytest.raises(TrainingConfigError, match="unknown config field 'nonsense'"):
         parse_field_override("nonsense=1", TrainingConfigError, known)
+
+
+def test_clip_sigma_loosens_the_clip_at_small_noise_where_the_target_is_the_force() -> None:
+    lj13 = get_target("lj13")
+    config = config_for("lj13", **TINY)
+    assert config.max_norm == 20.0 and config.clip_sigma == 0.0
+    sigma = torch.tensor([0.005, 0.05, 0.1, 1.0])
+    assert idem.target_clip(config, sigma) == 20.0  # the public code's fixed clip
+    loose = replace(config, clip_sigma=0.1)
+    torch.testing.assert_close(idem.target_clip(loose, sigma), torch.tensor([400.0, 40.0, 20.0, 20.0]))
+    # at small noise the Monte Carlo score is the force -grad E / kT; in equilibrium LJ-13 many
+    # particles feel more than 20, so the fixed clip changes the target and the loose one does not
+    x = idem.evaluation_reference("lj13", 32, torch.Generator().manual_seed(3)).double()
+    force = lj13.score(x)
+    small = torch.full((32,), 0.002, dtype=torch.float64)
+    estimate = mc_score(lj13, x, small, 256, generator=torch.Generator().manual_seed(4))
+    assert (force.reshape(32, 13, 3).norm(dim=-1) > 20).float().mean() > 0.1
+    fixed = clip_score(estimate, idem.target_clip(config, small), n_particles=13, spatial_dim=3)
+    loosened = clip_score(estimate, idem.target_clip(loose, small), n_particles=13, spatial_dim=3)
+    error_fixed = (fixed - force).norm() / force.norm()
+    error_loose = (loosened - force).norm() / force.norm()
+    assert error_loose < 0.05 < error_fixed
+    with pytest.raises(TrainingConfigError, match="clip_sigma"):
+        config_for("lj13", clip_sigma=-1.0)
+    with pytest.raises(TrainingConfigError, match="needs max_norm"):
+        config_for("dw4", clip_sigma=0.1, max_norm=None)
+
+
+def test_warm_start_continues_exactly_and_records_the_earlier_phase(tmp_path: Path) -> None:
+    config = config_for("dw4", **TINY)
+    full = train_idem(config, tmp_path / "full", progress=False)
+    train_idem(config, tmp_path / "first", stop_after=2, progress=False)
+    # a warm start under the same config is a resume under another name: the same run exactly
+    same = train_idem(config, tmp_path / "second", init_from=tmp_path / "first", progress=False)
+    assert same.outer == 4 and same.energy_evaluations == full.energy_evaluations
+    assert torch.equal(_params(same.model), _params(full.model))
+    assert torch.equal(same.buffer.data, full.buffer.data)
+    assert same.evaluations == full.evaluations
+    # a second phase with a changed target: counters and records carry over, the config is kept
+    changed = replace(config, max_norm=20.0, clip_sigma=0.5, n_mc=4, lr=2e-3, n_outer=5)
+    state = train_idem(changed, tmp_path / "phase2", init_from=tmp_path / "first", progress=False)
+    first = json.loads((tmp_path / "first" / "metrics.json").read_text())
+    assert state.outer == 5
+    assert state.energy_evaluations == first["energy_evaluations"] + 3 * (
+        changed.inner_steps * changed.batch_size * changed.n_mc + idem.sampling_energy_evaluations(changed, changed.n_refill))
+    assert state.optimizer.param_groups[0]["lr"] == 2e-3
+    summary = json.loads((tmp_path / "phase2" / "metrics.json").read_text())
+    assert summary["phases"] == [{"config": json.loads(json.dumps(config.__dict__)), "until_outer": 2,
+                                  "from": str(tmp_path / "first")}]
+    assert [e["outer"] for e in summary["evaluations"]] == [2.0, 4.0, 5.0]
+    resumed = train_idem(replace(changed, n_outer=6), tmp_path / "phase2", resume=True, progress=False)
+    assert resumed.outer == 6 and len(resumed.phases) == 1
+    with pytest.raises(CheckpointError, match="hidden"):
+        train_idem(replace(config, hidden=32), tmp_path / "bad", init_from=tmp_path / "first", progress=False)
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        train_idem(config, tmp_path / "bad", init_from=tmp_path / "missing", progress=False)

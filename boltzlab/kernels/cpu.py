@@ -60,10 +60,16 @@ _RECOMPILE_LIMIT = 64
 # ----------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
+_NEIGHBOUR_TABLES: dict[int, Tensor] = {}
+
+
 def _neighbour_table_cpu(n: int) -> Tensor:
-    idx = torch.arange(n)
-    return torch.stack([torch.cat([idx[:i], idx[i + 1:]]) for i in range(n)])
+    # a plain dict, not functools.lru_cache: torch.compile traces through an lru_cache with a
+    # warning on every compiled caller (the table is a constant either way)
+    if n not in _NEIGHBOUR_TABLES:
+        idx = torch.arange(n)
+        _NEIGHBOUR_TABLES[n] = torch.stack([torch.cat([idx[:i], idx[i + 1:]]) for i in range(n)])
+    return _NEIGHBOUR_TABLES[n]
 
 
 def neighbour_table(n: int, device: torch.device) -> Tensor:

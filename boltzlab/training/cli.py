@@ -72,6 +72,10 @@ def _train_command(argv: list[str] | None) -> int:
     parser.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt")
     parser.add_argument("--auto-resume", action="store_true",
                         help="continue DIR's run if it has a checkpoint, else start one (restartable)")
+    parser.add_argument("--init-from", type=Path, metavar="RUN_DIR",
+                        help="start a new run (a second phase) from RUN_DIR's checkpoint, trained under another "
+                             "config: same network and buffer sizes, anything else may change (e.g. --set clip_sigma=0.1); "
+                             "ignored when --auto-resume finds DIR's own checkpoint")
     parser.add_argument("--stop-after", type=int, default=None, help="outer iterations to run in this call")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
@@ -136,7 +140,8 @@ def _train_command(argv: list[str] | None) -> int:
             return 0
         resume = args.resume or (args.auto_resume and (args.out / CHECKPOINT).is_file())
         state = train_idem(config, args.out, resume=resume, stop_after=args.stop_after,
-                           progress=not args.no_progress, compile=args.compile)
+                           progress=not args.no_progress, compile=args.compile,
+                           init_from=None if resume else args.init_from)
     except (CheckpointError, TrainingConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

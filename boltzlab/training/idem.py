@@ -168,9 +168,17 @@ def regression_target(config: IDEMConfig, energy: Energy, x0: Tensor,
         if config.method == "nem":
             return x_t, t, noised_energy_estimate(energy, x_t, sigma, config.n_mc, generator)
         extra = {"local_scale": config.local_scale} if config.estimator == "blended" else {}
-        target = mc_score(energy, x_t, sigma, config.n_mc, generator=generator, max_norm=config.max_norm,
+        target = mc_score(energy, x_t, sigma, config.n_mc, generator=generator, max_norm=target_clip(config, sigma),
                           estimator=config.estimator, compile=compile, **extra)  # type: ignore[arg-type]
     return x_t, t, target
+
+
+def target_clip(config: IDEMConfig, sigma: Tensor) -> float | Tensor | None:
+    """The clip norm of each regression target, for noise levels ``sigma`` (B,): ``max_norm``,
+    or with ``clip_sigma`` > 0 the per-point ``max_norm * max(1, clip_sigma / sigma)`` (B,)."""
+    if config.max_norm is None or config.clip_sigma == 0:
+        return config.max_norm
+    return config.max_norm * (config.clip_sigma / sigma).clamp(min=1.0)
 
 
 def target_loss(model: nn.Module, config: IDEMConfig, energy: Energy, x_t: Tensor, t: Tensor,
@@ -297,6 +305,9 @@ class TrainingState:
     cpu_time: float = 0.0  # this process's CPU seconds over whole outer iterations, summed over sessions
     history: list[dict[str, float]] = field(default_factory=list)  # one entry per outer iteration
     evaluations: list[dict[str, float]] = field(default_factory=list)
+    # earlier phases of a warm-started run (:func:`warm_start_state`): each one's config, the
+    # outer iteration it handed over at and the directory it came from
+    phases: list[dict[str, Any]] = field(default_factory=list)
 
 
 def initial_state(config: IDEMConfig, energy: Energy) -> TrainingState:
@@ -332,6 +343,7 @@ def save_checkpoint(state: TrainingState, config: IDEMConfig, out_dir: Path,
         "cpu_time": state.cpu_time,
         "history": state.history,
         "evaluations": state.evaluations,
+        "phases": state.phases,
         "world_size": 1 if rank_states is None else len(rank_states),
         "rank_states": rank_states,
     }
@@ -357,6 +369,8 @@ def write_run_files(payload: dict[str, Any], out_dir: Path) -> Path:
         "final": evaluations[-1] if evaluations else None,
         "evaluations": evaluations,
     }
+    if payload.get("phases"):
+        summary["phases"] = payload["phases"]
     (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
     return out_dir / CHECKPOINT
 
@@ -393,6 +407,37 @@ def load_state(path: Path, config: IDEMConfig, energy: Energy) -> TrainingState:
         diff = {k: (v, getattr(config, k)) for k, v in asdict(saved).items()
                 if k != "n_outer" and getattr(config, k) != v}
         raise CheckpointError(f"checkpoint at {path} was trained with a different config: {diff}")
+    return _state_from_payload(payload, path, config, energy)
+
+
+WARM_START_FIXED = ("target", "method", "network", "hidden", "n_layers", "data_scale", "local_scale",
+                    "sigma_min", "sigma_max", "buffer_capacity")
+"""Config fields a warm start keeps: they define the network (and its input and output scaling)
+and the buffer. Everything else (the target's clip, K, the optimiser, the sampler) may change."""
+
+
+def warm_start_state(path: Path, config: IDEMConfig, energy: Energy) -> TrainingState:
+    """Start a new phase of training under ``config`` from the checkpoint in ``path`` (a run
+    trained under another config): its weights, EMA, Adam moments, buffer, random state,
+    counters (outer iterations, energy evaluations, wall and CPU time) and records carry over,
+    so the new run's totals are those of both phases. The fields in :data:`WARM_START_FIXED`
+    must agree; the learning rate becomes ``config.lr``. The earlier config is kept in
+    ``state.phases`` (and in the new run's checkpoint and ``metrics.json``)."""
+    payload = _load_payload(path)
+    saved = IDEMConfig(**payload["config"])
+    diff = {k: (getattr(saved, k), getattr(config, k)) for k in WARM_START_FIXED if getattr(saved, k) != getattr(config, k)}
+    if diff:
+        raise CheckpointError(f"cannot warm-start from {path}: these fields define the network or the buffer "
+                              f"and must agree (saved, new): {diff}")
+    state = _state_from_payload(payload, path, config, energy)
+    for group in state.optimizer.param_groups:
+        group["lr"] = config.lr
+    source = path.parent if path.name == CHECKPOINT else path
+    state.phases = [*state.phases, {"config": asdict(saved), "until_outer": payload["outer"], "from": str(source)}]
+    return state
+
+
+def _state_from_payload(payload: dict[str, Any], path: Path, config: IDEMConfig, energy: Energy) -> TrainingState:
     rank, world = rank_and_world()
     saved_world = payload.get("world_size", 1)
     if saved_world != world:
@@ -411,6 +456,7 @@ def load_state(path: Path, config: IDEMConfig, energy: Energy) -> TrainingState:
     state.cpu_time = payload.get("cpu_time", 0.0)  # not recorded before the ablations needed it
     state.history = payload["history"]
     state.evaluations = payload["evaluations"]
+    state.phases = payload.get("phases", [])
     return state
 
 
@@ -494,7 +540,7 @@ class PhaseTimer:
 
 def train_idem(config: IDEMConfig, out_dir: str | Path | None = None, *, resume: bool = False,
                stop_after: int | None = None, progress: bool = True, compile: bool | None = None,
-               cpu_budget_s: float | None = None) -> TrainingState:
+               cpu_budget_s: float | None = None, init_from: str | Path | None = None) -> TrainingState:
     """Run (or continue) iDEM, pDEM or NEM training under ``config``.
 
     Args:
@@ -510,6 +556,9 @@ def train_idem(config: IDEMConfig, out_dir: str | Path | None = None, *, resume:
             call's process CPU time reaches this many seconds: the fixed budget of an
             ablation (:mod:`boltzlab.training.ablation`), fair on a loaded machine where
             wall time is not.
+        init_from: a fresh run (not ``resume``) starts from this run directory's checkpoint,
+            trained under another config (:func:`warm_start_state`): a second phase of
+            training, for example with a changed clip, whose totals include the first.
 
     Under data parallelism (``torchrun``, or ``python -m boltzlab train ... --procs P``) the
     run is the same algorithm with the same global sizes: each of the P ranks takes
@@ -528,6 +577,8 @@ def train_idem(config: IDEMConfig, out_dir: str | Path | None = None, *, resume:
         if out is None:
             raise CheckpointError("resume=True needs out_dir")
         state = load_state(out, config, energy)
+    elif init_from is not None:
+        state = warm_start_state(Path(init_from), config, energy)
     else:
         state = initial_state(config, energy)
     model: nn.Module = state.model
