@@ -73,6 +73,13 @@ def test_scaling_records_round_trip_with_regression_steps(tmp_path: Path) -> Non
     assert ablation.load_scaling_records("lj13", records_dir=tmp_path / "records") == []
     with pytest.raises(FileNotFoundError):
         ablation.scaling_record(tmp_path / "nowhere", "x")
+    # a second phase with other inner steps: each evaluation counts the steps of its own phases
+    second = replace(config, inner_steps=5, n_outer=6, clip_sigma=0.2)
+    train_idem(second, tmp_path / "phase2", init_from=run, progress=False)
+    record = ablation.scaling_record(tmp_path / "phase2", "two_phases")
+    assert [(e["outer"], e["regression_steps"]) for e in record["evaluations"]] == [
+        (2.0, 2.0 * TINY["inner_steps"]), (4.0, 4.0 * TINY["inner_steps"]), (6.0, 4.0 * TINY["inner_steps"] + 2 * 5)]
+    assert [p["until_outer"] for p in record["phases"]] == [4]
 
 
 def test_an_interrupted_variant_resumes_with_what_is_left_of_its_cpu_budget(tmp_path: Path,

@@ -509,7 +509,41 @@ def test_warm_start_continues_exactly_and_records_the_earlier_phase(tmp_path: Pa
     assert [e["outer"] for e in summary["evaluations"]] == [2.0, 4.0, 5.0]
     resumed = train_idem(replace(changed, n_outer=6), tmp_path / "phase2", resume=True, progress=False)
     assert resumed.outer == 6 and len(resumed.phases) == 1
+    # a warm start that trains no further writes the first run under the new config (another sampler)
+    resampled = train_idem(replace(config, sde_steps=7), tmp_path / "sampler", init_from=tmp_path / "first",
+                           stop_after=0, progress=False)
+    saved = torch.load(tmp_path / "sampler" / "checkpoint.pt", weights_only=False)
+    first_saved = torch.load(tmp_path / "first" / "checkpoint.pt", weights_only=False)
+    assert resampled.outer == saved["outer"] == 2 and saved["config"]["sde_steps"] == 7
+    assert all(torch.equal(saved["ema"][k], first_saved["ema"][k]) for k in first_saved["ema"])
+    assert saved["energy_evaluations"] == first_saved["energy_evaluations"] and len(saved["phases"]) == 1
+    assert load_sampler(tmp_path / "sampler").config.sde_steps == 7
     with pytest.raises(CheckpointError, match="hidden"):
         train_idem(replace(config, hidden=32), tmp_path / "bad", init_from=tmp_path / "first", progress=False)
     with pytest.raises(CheckpointError, match="no checkpoint"):
         train_idem(config, tmp_path / "bad", init_from=tmp_path / "missing", progress=False)
+
+
+def test_train_shipped_runs_the_phases_in_turn_and_picks_up_after_an_interruption(tmp_path: Path) -> None:
+    from boltzlab.training.mcmc_baseline import train_shipped
+
+    tiny = {**TINY, "eval_every": 100}
+    phases = [(tiny, 2), ({**tiny, "clip_sigma": 0.5}, 4), ({**tiny, "clip_sigma": 0.5, "sde_steps": 7}, 4)]
+    # an interrupted first phase: one outer iteration done
+    train_idem(config_for("dw4", **tiny), tmp_path / "run" / "phase1", stop_after=1, progress=False)
+    out = train_shipped("dw4", tmp_path / "run", baseline=False, progress=False, phases=phases)
+    first = torch.load(out / "phase1" / "checkpoint.pt", weights_only=False)
+    second = torch.load(out / "phase2" / "checkpoint.pt", weights_only=False)
+    last = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert (first["outer"], second["outer"], last["outer"]) == (2, 4, 4)
+    assert second["config"]["clip_sigma"] == 0.5 and last["config"]["sde_steps"] == 7
+    assert [p["until_outer"] for p in last["phases"]] == [2, 4]
+    assert all(torch.equal(last["ema"][k], second["ema"][k]) for k in second["ema"])
+    # the same phases uninterrupted give the same weights
+    again = train_shipped("dw4", tmp_path / "again", baseline=False, progress=False, phases=phases)
+    other = torch.load(again / "checkpoint.pt", weights_only=False)
+    assert all(torch.equal(last["ema"][k], other["ema"][k]) for k in other["ema"])
+    mtime = (out / "checkpoint.pt").stat().st_mtime_ns
+    train_shipped("dw4", tmp_path / "run", baseline=False, progress=False, phases=phases)
+    assert (out / "checkpoint.pt").stat().st_mtime_ns == mtime  # finished phases are not retrained
+    assert idem.SHIPPED_PHASES["lj13"][0] == ({}, 159)

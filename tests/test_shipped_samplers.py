@@ -39,9 +39,8 @@ EXTERNAL = Path(__file__).resolve().parents[2] / "shared" / "reference"
 NOT_MET: dict[tuple[str, str], str] = {
     ("dw4", "energy_w2"): "issue 18: shipped DW-4 checkpoint at energy W2 1.45; runs with lambda = 1 and K = 1000 "
                           "plateau at 1.4-2.2",
-    ("lj13", "distance_w2"): "issue 18: shipped LJ-13 checkpoint at distance W2 0.044 after 7950 regression steps",
-    ("lj13", "energy_w2"): "issue 18: shipped LJ-13 checkpoint at energy W2 288 (a tail of samples with a pair "
-                           "too close)",
+    ("lj13", "distance_w2"): "issue 18: shipped LJ-13 checkpoint at distance W2 0.041 after 10,450 regression steps "
+                             "(two phases; 0.041-0.052 logged from outer iteration 90 on)",
     ("lj55", "distance_w2"): "issue 18: shipped LJ-55 checkpoint predates the new recipe (distance W2 1.45)",
 }
 
@@ -132,3 +131,23 @@ def test_published_numbers_have_sources_and_targets_are_checked_whole() -> None:
     verdicts = target_verdicts("lj13", {"distance_w2": 0.01, "distance_tvd": 0.1, "energy_w2": 1.0})
     assert [(m, met) for m, _, _, met in verdicts] == [("distance_w2", True), ("distance_tvd", False),
                                                        ("energy_w2", True)]
+
+
+@pytest.mark.parametrize("target", list(SAMPLER_TARGETS))
+def test_a_shipped_checkpoint_was_trained_by_the_phases_its_recipe_lists(target: str) -> None:
+    from dataclasses import asdict
+
+    from boltzlab.training.idem_config import SHIPPED_PHASES, config_for
+
+    summary = json.loads((shipped_checkpoint(target) / "metrics.json").read_text())
+    config = json.loads((shipped_checkpoint(target) / "config.json").read_text())
+    phases = SHIPPED_PHASES.get(target, [({}, summary["outer_iterations"])])
+    configs = [*(p["config"] for p in summary.get("phases", [])), config]
+    assert len(configs) == len(phases)
+    ends = [p["until_outer"] for p in summary.get("phases", [])] + [summary["outer_iterations"]]
+    for (overrides, until), saved, end in zip(phases, configs, ends):
+        expected = asdict(config_for(target, **overrides))
+        assert end == until
+        # fields the checkpoint predates take their defaults; n_outer is the plan, not the result
+        assert {k: v for k, v in saved.items() if k != "n_outer"} == {
+            k: v for k, v in expected.items() if k in saved and k != "n_outer"}

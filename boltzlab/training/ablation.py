@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -58,6 +59,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "scaled_loss": ("lambda = sigma_t^2 + local_scale^2 (ScaledScore's) instead of 1", {"loss_weight": "scaled"}),
     "batch512": ("batch 512 (the paper's) instead of 128", {"batch_size": 512}),
     "paper_optim": ("the paper's gradient clip 0.5 and no EMA", {"grad_clip": 0.5, "ema_decay": 0.0}),
+    # not in the paper: the clip loosened below sigma = 0.3 (IDEMConfig.clip_sigma)
+    "clip_sigma0.3": ("clip norm 20 * 0.3 / sigma_t below sigma_t = 0.3 (not the paper's)", {"clip_sigma": 0.3}),
     # not a departure from the paper: the same recipe with another seed, so that a variant's
     # difference from the base can be read against the run-to-run spread
     "base_seed1": ("the base recipe with seed 1 (run-to-run spread)", {"seed": 1}),
@@ -241,15 +244,30 @@ def load_base_resampled(target: str, records_dir: Path = RECORDS_DIR) -> list[di
 def scaling_record(run_dir: str | Path, name: str) -> dict[str, Any]:
     """The logged evaluations of the training run in ``run_dir`` as a scaling curve: each with
     ``regression_steps`` (outer iterations x inner steps) beside the energy evaluations spent,
-    plus the run's config and how far it got. ``name`` labels the curve."""
+    plus the run's config, how far it got and its earlier phases (a warm-started run's,
+    :func:`~boltzlab.training.idem.warm_start_state`). ``name`` labels the curve."""
     run = Path(run_dir)
     summary = json.loads((run / "metrics.json").read_text())
     config = IDEMConfig(**json.loads((run / "config.json").read_text()))
-    evaluations = [{**e, "regression_steps": e["outer"] * config.inner_steps} for e in summary["evaluations"]]
+    # (last outer iteration, inner steps) of each phase, the current config's phase last
+    spans = [(p["until_outer"], p["config"]["inner_steps"]) for p in summary.get("phases", [])]
+    spans.append((math.inf, config.inner_steps))
+
+    def steps(outer: float) -> float:
+        done, start = 0.0, 0.0
+        for until, inner in spans:
+            done += (min(outer, until) - start) * inner
+            if outer <= until:
+                return done
+            start = until
+        return done
+
+    evaluations = [{**e, "regression_steps": steps(e["outer"])} for e in summary["evaluations"]]
     if not evaluations:
         raise TrainingConfigError(f"{run} has no logged evaluations yet")
     return {"name": name, "target": config.target, "config": asdict(config), "evaluations": evaluations,
-            "outer_iterations": summary["outer_iterations"], "energy_evaluations": summary["energy_evaluations"]}
+            "outer_iterations": summary["outer_iterations"], "energy_evaluations": summary["energy_evaluations"],
+            "phases": summary.get("phases", [])}
 
 
 def save_scaling_record(run_dir: str | Path, name: str, records_dir: Path = RECORDS_DIR) -> Path:

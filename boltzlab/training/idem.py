@@ -85,6 +85,7 @@ from boltzlab.training.idem_config import (  # noqa: F401 (re-exported: the trai
     PAPER_CONFIGS,
     PRESETS,
     SHIPPED_DIR,
+    SHIPPED_PHASES,
     CheckpointError,
     IDEMConfig,
     TrainingConfigError,
@@ -666,6 +667,12 @@ def train_idem(config: IDEMConfig, out_dir: str | Path | None = None, *, resume:
         if spent:
             break
     bar.close()
+    if init_from is not None and state.outer == last and out is not None and not (out / CHECKPOINT).is_file():
+        # a warm start that trains no further (stop_after=0, or n_outer already reached) still
+        # writes its checkpoint: the earlier run under the new config (e.g. another sampler)
+        rank_states = gather_rank_states(state)
+        if rank == 0:
+            save_checkpoint(state, config, out, rank_states)
     check_ranks_in_sync(state.model)
     return state
 
@@ -705,6 +712,7 @@ _MOVED = {
     "write_baseline": "boltzlab.training.mcmc_baseline",
     "current_baseline": "boltzlab.training.mcmc_baseline",
     "train_to_completion": "boltzlab.training.mcmc_baseline",
+    "train_shipped": "boltzlab.training.mcmc_baseline",
     "main": "boltzlab.training.cli",
 }
 

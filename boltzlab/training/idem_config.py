@@ -176,6 +176,14 @@ PAPER_CONFIGS: dict[str, IDEMConfig] = {
 PRESETS: dict[str, dict[str, IDEMConfig]] = {"course": CONFIGS, "paper": PAPER_CONFIGS}
 
 
+# Shipped checkpoints trained in more than one phase (``--init-from``), in order: each phase's
+# overrides of CONFIGS[target] and the outer iteration it ends at. LJ-13: the course recipe, then
+# the clip loosened at small noise (clip_sigma), then the same weights with a 400-step sampler.
+SHIPPED_PHASES: dict[str, list[tuple[dict[str, Any], int]]] = {
+    "lj13": [({}, 159), ({"clip_sigma": 0.3}, 209), ({"clip_sigma": 0.3, "sde_steps": 400}, 209)],
+}
+
+
 def config_for(target: str, preset: str = "course", **overrides: Any) -> IDEMConfig:
     """The config of ``target`` in ``preset`` ("course": the shipped CPU configs, "paper": the
     public iDEM code's sizes, :data:`PAPER_CONFIGS`) with ``overrides`` applied (e.g. ``n_outer=5``)."""

@@ -9,6 +9,7 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -28,6 +29,7 @@ from boltzlab.training.idem import (
     evaluation_reference,
     train_idem,
 )
+from boltzlab.training.idem_config import SHIPPED_PHASES, config_for
 from boltzlab.training.parallel import rank_and_world
 
 # ----------------------------------------------------------------------------------------
@@ -161,6 +163,38 @@ def train_to_completion(config: IDEMConfig, out_dir: str | Path, *, baseline: bo
         done = _load_payload(out)["outer"]
         print(f"{config.target}: continuing the run in {out} after {done}/{config.n_outer} outer iterations")
     state = train_idem(config, out, resume=resume, progress=progress)
+    if baseline and rank_and_world()[0] == 0:
+        current_baseline(out, state.energy_evaluations, progress=progress)
+    return out
+
+
+def train_shipped(target: str, out_dir: str | Path, *, baseline: bool = True, progress: bool = True,
+                  phases: list[tuple[dict[str, Any], int]] | None = None) -> Path:
+    """Retrain ``target`` the way its shipped checkpoint was trained, into ``out_dir``: one
+    :func:`train_to_completion` of ``CONFIGS[target]``, or, for a target in
+    :data:`~boltzlab.training.idem_config.SHIPPED_PHASES` (or given ``phases``), each phase in
+    turn, the earlier ones in ``out_dir/phase1``, ... and the last in ``out_dir`` itself, each
+    started from the one before (``init_from``) and stopped at its outer iteration. Every phase
+    continues a run found in its directory, so calling this again after an interruption picks
+    up where it stopped. Then the equal-budget MCMC baseline, as in :func:`train_to_completion`."""
+    phases = SHIPPED_PHASES.get(target) if phases is None else phases
+    out = Path(out_dir)
+    if not phases:
+        return train_to_completion(config_for(target), out, baseline=baseline, progress=progress)
+    previous: Path | None = None
+    state = None
+    for k, (overrides, until) in enumerate(phases):
+        config = config_for(target, **overrides)
+        run = out if k == len(phases) - 1 else out / f"phase{k + 1}"
+        resume = (run / CHECKPOINT).is_file()
+        done = _load_payload(run)["outer"] if resume else (_load_payload(previous)["outer"] if previous else 0)
+        if until < done:
+            raise TrainingConfigError(f"phase {k + 1} of {target} ends at outer iteration {until}, "
+                                      f"but its run is already at {done}")
+        state = train_idem(config, run, resume=resume, init_from=None if resume else previous,
+                           stop_after=until - done, progress=progress)
+        previous = run
+    assert state is not None
     if baseline and rank_and_world()[0] == 0:
         current_baseline(out, state.energy_evaluations, progress=progress)
     return out
