@@ -547,3 +547,29 @@ def test_train_shipped_runs_the_phases_in_turn_and_picks_up_after_an_interruptio
     train_shipped("dw4", tmp_path / "run", baseline=False, progress=False, phases=phases)
     assert (out / "checkpoint.pt").stat().st_mtime_ns == mtime  # finished phases are not retrained
     assert idem.SHIPPED_PHASES["lj13"][0] == ({}, 159)
+
+
+def test_blend_scale_moves_the_switch_of_the_blended_target_and_nothing_else() -> None:
+    dw4 = get_target("dw4")
+    config = config_for("dw4", **TINY)
+    assert config.estimator == "blended" and config.blend_scale is None
+    x0 = idem.evaluation_reference("dw4", 16, torch.Generator().manual_seed(5))
+
+    def target_of(cfg):
+        return idem.regression_target(cfg, dw4, x0, torch.Generator().manual_seed(6))
+
+    x_t, t, default = target_of(config)
+    _, _, same = target_of(replace(config, blend_scale=config.local_scale))
+    x_t2, t2, moved = target_of(replace(config, blend_scale=1.0))
+    torch.testing.assert_close(same, default)
+    assert torch.equal(x_t2, x_t) and torch.equal(t2, t)  # same points and times: only the target changes
+    sigma = config.schedule.std(t)
+    g = torch.Generator().manual_seed(6)
+    idem.sample_times(16, generator=g, t_min=config.t_min, dtype=x0.dtype)  # replay the draws before the target
+    idem.perturb(x0, t, config.schedule, project=dw4.remove_com, generator=g)
+    expected = mc_score(dw4, x_t, sigma, config.n_mc, generator=g, max_norm=config.max_norm, estimator="blended",
+                        local_scale=1.0)
+    torch.testing.assert_close(moved, expected)
+    assert not torch.allclose(moved, default)
+    with pytest.raises(TrainingConfigError, match="blend_scale"):
+        config_for("dw4", blend_scale=0.0)

@@ -168,7 +168,8 @@ def regression_target(config: IDEMConfig, energy: Energy, x0: Tensor,
     with torch.no_grad():
         if config.method == "nem":
             return x_t, t, noised_energy_estimate(energy, x_t, sigma, config.n_mc, generator)
-        extra = {"local_scale": config.local_scale} if config.estimator == "blended" else {}
+        switch = config.local_scale if config.blend_scale is None else config.blend_scale
+        extra = {"local_scale": switch} if config.estimator == "blended" else {}
         target = mc_score(energy, x_t, sigma, config.n_mc, generator=generator, max_norm=target_clip(config, sigma),
                           estimator=config.estimator, compile=compile, **extra)  # type: ignore[arg-type]
     return x_t, t, target

@@ -45,6 +45,11 @@ class IDEMConfig:
     sigma_max: float = 1.0
     n_mc: int = 500  # K: Monte Carlo copies per score target
     estimator: str = "blended"  # "lse" (chapter 05's force form) or "blended" (force + noise form)
+    # the noise level where the blended target switches from the force form to the noise form
+    # (None: local_scale). Above it the noise form is self-normalised over copies whose weights
+    # have degenerated, which shrinks it towards zero (DW-4, K = 256: to 0.57 of the score at
+    # sigma = 0.6 and 0.17 at sigma = 1); the force form stays unbiased there, only noisier
+    blend_scale: float | None = None
     max_norm: float | None = None  # clip targets (per particle for particle systems)
     # below this noise level the clip loosens as max_norm * clip_sigma / sigma_t (0: the same
     # clip at every t, as the public iDEM code). The clip tames copies that land on overlaps
@@ -103,6 +108,8 @@ class IDEMConfig:
             raise TrainingConfigError(f"negative_time_step must be positive, got {self.negative_time_step}")
         if self.estimator not in ("lse", "blended"):
             raise TrainingConfigError(f"unknown estimator {self.estimator!r}; use 'lse' or 'blended'")
+        if self.blend_scale is not None and not (math.isfinite(self.blend_scale) and self.blend_scale > 0):
+            raise TrainingConfigError(f"blend_scale must be positive and finite, got {self.blend_scale}")
         if not (math.isfinite(self.clip_sigma) and self.clip_sigma >= 0):
             raise TrainingConfigError(f"clip_sigma must be finite and >= 0, got {self.clip_sigma}")
         if self.clip_sigma > 0 and self.max_norm is None:
