@@ -396,3 +396,30 @@ def test_scaled_score_and_energy_follow_their_formulas_and_keep_symmetries():
     torch.testing.assert_close(s(xr, t), (s(x, t).reshape(3, 4, 2) @ rot.T).reshape(3, 8))
     with pytest.raises(DiffusionInputError, match="local_scale must be positive"):
         ScaledScore(net, schedule, local_scale=0.0)
+
+
+def test_score_with_mc_below_switches_to_the_monte_carlo_estimate_below_sigma_c() -> None:
+    from boltzlab.diffusion import score_with_mc_below
+    from boltzlab.energies import GaussianMixture
+    from boltzlab.estimators import gmm_noised_score, mc_score
+
+    gmm = GaussianMixture()
+    schedule = D.GeometricNoiseSchedule(0.01, 70.0)
+    t = torch.tensor([0.0, 0.2, 0.5, 0.9])
+    sigma = schedule.std(t)
+    x = gmm.sample(4, generator=torch.Generator().manual_seed(1)) + sigma[:, None] * torch.randn(
+        4, 2, generator=torch.Generator().manual_seed(2))
+    zeros = lambda x_, t_: torch.zeros_like(x_)  # noqa: E731
+    switch = float(sigma[1]) * 1.01  # the first two rows are below it
+    out = score_with_mc_below(zeros, gmm, schedule, switch, 20_000, generator=torch.Generator().manual_seed(3))(x, t)
+    assert torch.equal(out[2:], torch.zeros(2, 2))
+    expected = mc_score(gmm, x[:2].double(), sigma[:2].double(), 20_000, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(out[:2], expected.float())
+    # and the estimate is the exact noised score of the mixture, to Monte Carlo error
+    exact = gmm_noised_score(gmm, x[:2].double(), sigma[:2].double())
+    assert float(((out[:2].double() - exact).norm(dim=-1) / exact.norm(dim=-1)).max()) < 0.05
+    assert torch.equal(score_with_mc_below(zeros, gmm, schedule, 0.0, 10)(x, t), torch.zeros(4, 2))
+    with pytest.raises(D.DiffusionInputError, match="sigma_switch"):
+        score_with_mc_below(zeros, gmm, schedule, -1.0, 10)
+    with pytest.raises(D.DiffusionInputError, match="n_mc"):
+        score_with_mc_below(zeros, gmm, schedule, 1.0, 0)

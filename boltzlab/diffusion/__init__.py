@@ -70,6 +70,7 @@ from boltzlab.diffusion.sampling import (
     probability_flow_sample,
     reverse_sde_sample,
     reverse_sde_step,
+    score_with_mc_below,
     sde_variance_increments,
 )
 from boltzlab.diffusion.scaling import ScaledEnergy, ScaledScore
@@ -98,6 +99,7 @@ __all__ = [
     "reverse_sde_sample",
     "reverse_sde_step",
     "sample_prior",
+    "score_with_mc_below",
     "sample_times",
     "sde_variance_increments",
     "tweedie_denoise",

@@ -5,6 +5,7 @@ The updates are in :mod:`boltzlab.diffusion`'s docstring."""
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -19,6 +20,9 @@ from boltzlab.diffusion._checks import (
     _identity,
 )
 from boltzlab.diffusion.schedule import GeometricNoiseSchedule
+
+if TYPE_CHECKING:
+    from boltzlab.energies import Energy
 
 
 def _time_grid(n_steps: int, t_start: float, t_end: float, like: Tensor) -> Tensor:
@@ -158,3 +162,36 @@ def reverse_sde_step(score: ScoreFn, schedule: GeometricNoiseSchedule, x: Tensor
     tt = torch.full((x.shape[0],), float(t), dtype=x.dtype, device=x.device)
     g2 = schedule.g2(tt)[:, None]
     return x + g2 * score(x, tt) * dt + (g2 * dt).sqrt() * z
+
+
+def score_with_mc_below(score: ScoreFn, energy: "Energy", schedule: GeometricNoiseSchedule, sigma_switch: float,
+                        n_mc: int, *, max_norm: float | None = None,
+                        generator: torch.Generator | None = None) -> ScoreFn:
+    r"""A score function that is ``score`` where sigma_t >= ``sigma_switch`` and the Monte Carlo
+    estimate of grad log p_t below (:func:`boltzlab.estimators.mc_score`, force form, K =
+    ``n_mc`` copies, clipped at ``max_norm`` per particle): s(x (B, dim), t (B,)) -> (B, dim).
+
+    A diagnostic, not a sampler: it spends ``n_mc`` energy evaluations per point and step
+    below the switch. Sampling with it for several switch levels localises a learned score's
+    error in noise level: if the samples become right once the estimate takes over below
+    sigma_c, the network's error lives below sigma_c; what is left lives above. The estimate is
+    computed in float64 (the copies' energies span many kT) and returned in x's dtype.
+    """
+    from boltzlab.estimators import mc_score
+
+    if not (sigma_switch >= 0 and math.isfinite(sigma_switch)):
+        raise DiffusionInputError(f"sigma_switch must be finite and >= 0, got {sigma_switch}")
+    if isinstance(n_mc, bool) or not isinstance(n_mc, int) or n_mc < 1:
+        raise DiffusionInputError(f"n_mc must be a positive int, got {n_mc!r}")
+
+    def hybrid(x: Tensor, t: Tensor) -> Tensor:
+        out = score(x, t)
+        below = schedule.std(t) < sigma_switch
+        if bool(below.any()):
+            out = out.clone()
+            sigma = schedule.std(t[below]).double()
+            out[below] = mc_score(energy, x[below].double(), sigma, n_mc, generator=generator,
+                                  max_norm=max_norm).to(out.dtype)
+        return out
+
+    return hybrid
