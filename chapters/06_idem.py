@@ -987,16 +987,16 @@ if records.get("dw4") is not None:
     dw4_energy, dw4_config = get_target("dw4"), records["dw4"]["config"]
     dw4_net = records["dw4"]["sampler"].model.eval()
     ref_hybrid = evaluation_reference("dw4", S.hybrid_samples, torch.Generator().manual_seed(SEED + 7))
+
+    def network_score(x, t):
+        with torch.no_grad():
+            return dw4_net(x, t)
+
     hybrid_rows = []
     for sigma_c in tqdm((0.0, 0.1, 0.3, 1.0), desc="switch levels"):
         g_h = torch.Generator().manual_seed(SEED + 8)
         x1_h = sample_prior(dw4_config.schedule, S.hybrid_samples, dw4_energy.dim, project=dw4_energy.remove_com,
                             generator=g_h)
-
-        def network_score(x, t):
-            with torch.no_grad():
-                return dw4_net(x, t)
-
         score_h = score_with_mc_below(network_score, dw4_energy, dw4_config.schedule, sigma_c, 2000,
                                       max_norm=dw4_config.max_norm, generator=g_h)
         x_h = reverse_sde_sample(score_h, dw4_config.schedule, x1_h, S.hybrid_sde_steps, project=dw4_energy.remove_com,
@@ -1087,11 +1087,13 @@ if records.get("lj13") is not None:
     for k, phase in enumerate(phases):
         last_phase = k == len(phases) - 1
         # the last phase's row is the shipped final evaluation (fresh samples, "n_samples"); the
-        # others the last evaluation of their own outer iterations
+        # others the last evaluation of their own outer iterations, before the final one
         final_outer = lj13_summary["outer_iterations"]
-        logged = [e for e in lj13_summary["evaluations"]
-                  if (("n_samples" in e and e["outer"] == final_outer) if last_phase else
-                      (start < e["outer"] <= phase["until_outer"] and not ("n_samples" in e and e["outer"] == final_outer)))]
+        if last_phase:
+            logged = [e for e in lj13_summary["evaluations"] if "n_samples" in e and e["outer"] == final_outer]
+        else:
+            logged = [e for e in lj13_summary["evaluations"] if start < e["outer"] <= phase["until_outer"]
+                      and e["outer"] < final_outer]
         changes = {k: v for k, v in phase["config"].items() if base_config.get(k) != v and k != "n_outer"}
         end = logged[-1]
         phase_ends.append(end)

@@ -178,19 +178,19 @@ def score_with_mc_below(score: ScoreFn, energy: "Energy", schedule: GeometricNoi
     computed in float64 (the copies' energies span many kT) and returned in x's dtype.
     """
     from boltzlab.estimators import mc_score
+    from boltzlab.validation import check_positive_int
 
     if not (sigma_switch >= 0 and math.isfinite(sigma_switch)):
         raise DiffusionInputError(f"sigma_switch must be finite and >= 0, got {sigma_switch}")
-    if isinstance(n_mc, bool) or not isinstance(n_mc, int) or n_mc < 1:
-        raise DiffusionInputError(f"n_mc must be a positive int, got {n_mc!r}")
+    check_positive_int(n_mc, "n_mc", DiffusionInputError)
 
     def hybrid(x: Tensor, t: Tensor) -> Tensor:
         out = score(x, t)
-        below = schedule.std(t) < sigma_switch
+        sigma = schedule.std(t)
+        below = sigma < sigma_switch
         if bool(below.any()):
             out = out.clone()
-            sigma = schedule.std(t[below]).double()
-            out[below] = mc_score(energy, x[below].double(), sigma, n_mc, generator=generator,
+            out[below] = mc_score(energy, x[below].double(), sigma[below].double(), n_mc, generator=generator,
                                   max_norm=max_norm).to(out.dtype)
         return out
 

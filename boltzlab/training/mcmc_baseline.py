@@ -182,18 +182,19 @@ def train_shipped(target: str, out_dir: str | Path, *, baseline: bool = True, pr
     if not phases:
         return train_to_completion(config_for(target), out, baseline=baseline, progress=progress)
     previous: Path | None = None
+    previous_until = 0  # where the previous phase ended: a new phase starts there
     state = None
     for k, (overrides, until) in enumerate(phases):
         config = config_for(target, **overrides)
         run = out if k == len(phases) - 1 else out / f"phase{k + 1}"
         resume = (run / CHECKPOINT).is_file()
-        done = _load_payload(run)["outer"] if resume else (_load_payload(previous)["outer"] if previous else 0)
+        done = _load_payload(run)["outer"] if resume else previous_until
         if until < done:
             raise TrainingConfigError(f"phase {k + 1} of {target} ends at outer iteration {until}, "
                                       f"but its run is already at {done}")
         state = train_idem(config, run, resume=resume, init_from=None if resume else previous,
                            stop_after=until - done, progress=progress)
-        previous = run
+        previous, previous_until = run, until
     assert state is not None
     if baseline and rank_and_world()[0] == 0:
         current_baseline(out, state.energy_evaluations, progress=progress)
