@@ -208,6 +208,9 @@ class Chapter06Sizes:
     demo_eval: int  # samples per evaluation of the demonstration run
     fresh_samples: int  # fresh samples drawn from each loaded model as a live check (LJ-55: a quarter)
     fresh_sde_steps: int  # at most this many reverse-SDE steps for those samples
+    yardstick_draws: int  # random 2000-configuration draws of the LJ-13 reference, to show its own noise
+    spread_seeds: int  # extra seeds of the shipped DW-4 sampler's evaluation (the spread of one evaluation)
+    spread_samples: int  # samples per extra seed there
     equivariance_batch: int  # LJ-13 configurations on which the EGNN's symmetries are measured
     estimator_points: int  # noised DW-4 points at which the regression targets' errors are measured
     estimator_repeats: int  # independent K-copy targets per point there
@@ -355,17 +358,20 @@ _REGISTRY: dict[str, dict[str, Any]] = {
     "06": {
         "smoke": Chapter06Sizes(demo_outer=3, demo_inner=15, demo_batch=128, demo_n_mc=128, demo_refill=256,
                                 demo_sde_steps=50, demo_eval=400, fresh_samples=16, fresh_sde_steps=20,
+                                yardstick_draws=3, spread_seeds=2, spread_samples=200,
                                 equivariance_batch=4, estimator_points=16, estimator_repeats=4,
                                 estimator_ref_k=20_000, floor_samples=500, corrector_steps=20, widget_samples=400,
                                 widget_sde_steps=200, retrain=False, hybrid_samples=64, hybrid_sde_steps=50),
         "laptop": Chapter06Sizes(demo_outer=10, demo_inner=40, demo_batch=128, demo_n_mc=128, demo_refill=500,
                                  demo_sde_steps=100, demo_eval=1_000, fresh_samples=64, fresh_sde_steps=100,
+                                 yardstick_draws=10, spread_seeds=3, spread_samples=2_000,
                                  equivariance_batch=16, estimator_points=32, estimator_repeats=8,
                                  estimator_ref_k=20_000, floor_samples=1_000, corrector_steps=100,
                                  widget_samples=1_000, widget_sde_steps=200, retrain=False, hybrid_samples=1_000,
                                  hybrid_sde_steps=100),
         "full": Chapter06Sizes(demo_outer=40, demo_inner=100, demo_batch=256, demo_n_mc=256, demo_refill=1_000,
                                demo_sde_steps=200, demo_eval=1_000, fresh_samples=1_000, fresh_sde_steps=200,
+                               yardstick_draws=10, spread_seeds=5, spread_samples=2_000,
                                equivariance_batch=64, estimator_points=128, estimator_repeats=16,
                                estimator_ref_k=100_000, floor_samples=2_000, corrector_steps=200,
                                widget_samples=2_000, widget_sde_steps=200, retrain=True, hybrid_samples=2_000,

@@ -74,7 +74,7 @@ from boltzlab.plots import (
 )
 from boltzlab.reference import load_reference
 from boltzlab.tables import table
-from boltzlab.training.ablation import load_ablation_record, load_base_resampled, load_scaling_records
+from boltzlab.training.ablation import evaluate_checkpoint, load_ablation_record, load_base_resampled, load_scaling_records
 from boltzlab.training.published import SAMPLER_TARGETS, published_for
 from boltzlab.training.idem import (
     CONFIGS,
@@ -486,10 +486,11 @@ for name, rec in tqdm(records.items(), desc="fresh samples"):
 # %% [markdown]
 # ### 3. Evaluation against the reference sets
 #
-# The metrics are recomputed here from `samples.pt` against the same reference sample that training
-# evaluated on (exact samples for GMM-40, the shipped MCMC reference sets for the particle
-# systems), and must agree with what `metrics.json` reports. The x-W2 floor is the x-W2 between
-# two independent reference sets of the same size.
+# The metrics are recomputed here from `samples.pt` against the reference the final evaluation
+# used: the whole shipped MCMC set for the particle systems (10,000 configurations) and 10,000
+# exact samples for GMM-40. They must agree with what `metrics.json` reports. The x-W2 floor is
+# the x-W2 between two independent reference sets of the samples' size. Why the whole set, and
+# not a draw as large as the samples, is measured right after this cell.
 
 # %%
 def xw2_floor(name: str, n: int) -> float:
@@ -508,8 +509,8 @@ for name, rec in records.items():
         continue
     config, energy = rec["config"], get_target(name)
     x = rec["samples"] if rec["samples"] is not None else fresh[name]
-    # the reference draw training evaluated against: as many samples as were evaluated
-    n_ref = x.shape[0] if rec["samples"] is not None else config.n_eval
+    # the final evaluation's reference is the whole set (n=None); fresh samples get a training-size draw
+    n_ref = None if rec["samples"] is not None else config.n_eval
     reference = evaluation_reference(name, n_ref, torch.Generator().manual_seed(config.seed + 7))
     ours = evaluate_samples(energy, x, reference, torch.Generator().manual_seed(SEED))
     evaluated[name] = {"samples": x, "reference": reference, "metrics": ours,
@@ -520,6 +521,50 @@ for name, rec in records.items():
             if key in ours:
                 assert math.isclose(ours[key], rec["final"][key], rel_tol=1e-4, abs_tol=1e-6), (name, key)
     print(f"{name:6s} evaluated on {x.shape[0]} {evaluated[name]['from']}")
+
+# %% [markdown]
+# **The yardstick has noise of its own.** A metric between two finite sample sets moves with
+# both of them. LJ-13's interatomic-distance W2 is dominated by its tail (the few configurations
+# with one particle far from the rest: a pair distance beyond 4), so which reference
+# configurations are drawn matters. The cell below measures the shipped LJ-13 samples against
+# ten random draws of 2000 configurations from the reference set, against the one seeded draw
+# that training's evaluations use, and against the whole set, with each set's share of
+# configurations that have a pair beyond 4.
+
+# %%
+if "lj13" in evaluated and records["lj13"]["samples"] is not None:
+    lj_x, lj_pool = evaluated["lj13"]["samples"], load_reference("lj13")
+
+    def far_share(x: torch.Tensor) -> float:
+        """Share of configurations with a pair distance beyond 4 (a particle far from the rest)."""
+        return float((metrics.interatomic_distances(x, 13, 3).reshape(x.shape[0], -1).max(1).values > 4).double().mean())
+
+
+    g_draw = torch.Generator().manual_seed(SEED + 11)
+    draws = [lj_pool[torch.randperm(lj_pool.shape[0], generator=g_draw)[:2000]] for _ in range(S.yardstick_draws)]
+    draw_w2 = [metrics.distance_w2(lj_x, d, 13, 3) for d in draws]
+    seeded = evaluation_reference("lj13", 2000, torch.Generator().manual_seed(records["lj13"]["config"].seed + 7))
+    rows = [(f"{len(draws)} random draws of 2000", f"{min(draw_w2):.4f} - {max(draw_w2):.4f}",
+             f"{min(map(far_share, draws)):.3f} - {max(map(far_share, draws)):.3f}"),
+            ("the seeded draw of training's evaluations", f"{metrics.distance_w2(lj_x, seeded, 13, 3):.4f}",
+             f"{far_share(seeded):.3f}"),
+            ("the whole set (10,000)", f"{metrics.distance_w2(lj_x, lj_pool, 13, 3):.4f}", f"{far_share(lj_pool):.3f}"),
+            ("the shipped samples themselves", "", f"{far_share(lj_x):.3f}")]
+    display(table(rows, columns=["LJ-13 reference", "distance W2 of the LJ-13 samples", "share with a pair > 4"]))
+    if records["lj13"]["source"].startswith("shipped"):
+        # the seeded 2000-draw is an unlucky one: more far-out configurations than the whole set,
+        # and a distance W2 above every random draw's (measured: 0.041 against 0.032-0.035)
+        assert metrics.distance_w2(lj_x, seeded, 13, 3) > max(draw_w2)
+        assert far_share(seeded) > far_share(lj_pool) > far_share(lj_x)
+
+# %% [markdown]
+# The seeded draw holds more configurations with a far particle than the set as a whole, and
+# the sampler makes fewer of them than either; so that draw charged the sampler for its own
+# excess of tail. Against the whole set (a better estimate of the same reference distribution)
+# the distance W2 is about a fifth lower. The final evaluations of the shipped checkpoints use
+# the whole set; the logged evaluations during training keep their cheap, fixed draw, so
+# their curves are comparable with each other but read a little high. What remains is real:
+# the sampler makes too few configurations with a far particle (the last row).
 
 # %% [markdown]
 # The samples of the final evaluation against the reference: GMM-40 over its density; energy and
@@ -605,7 +650,10 @@ for name, ev in evaluated.items():
     if rec["mcmc"] is not None:
         m = rec["mcmc"]
         warm = f", {m['warmup_steps']:.0f} of them warm-up" if "warmup_steps" in m else ""
-        rows.append((f"MCMC, same budget ({m['n_chains']:.0f} chains x {m['steps']:.0f} steps{warm})", m,
+        # a large budget's chains are i.i.d.: the metrics come from a subset of them (equal_budget_mcmc)
+        subset = (f"; metrics from {m['chains_run']:.0f} of them" if m.get("chains_run", m["n_chains"]) < m["n_chains"]
+                  else "")
+        rows.append((f"MCMC, same budget ({m['n_chains']:.0f} chains x {m['steps']:.0f} steps{warm}{subset})", m,
                      m["energy_evaluations"], f"{m['wall_time_s'] / 60:.1f} min"))
         if "unequilibrated_fraction" in m:
             rows.append((f"  the same chains without the {100 * m['unequilibrated_fraction']:.1f}% not equilibrated",
@@ -731,7 +779,8 @@ print(f"{sum(v[-1] for v in verdicts)} of {len(verdicts)} targets met")
 # - **A shifted or a tailed energy distribution.** The cell after the next one compares
 #   quantiles of the sample energies with the reference's, splits energy W2 into the shift of
 #   the median and what is left after removing it, and counts the samples above every reference
-#   energy. For DW-4 the shift is most of W2: the samples are too hot everywhere, not good
+#   energy. For the first phase of DW-4's training (the course recipe, 100 outer iterations,
+#   kept as the checkpoint `dw4_phase1`) the shift is most of W2: the samples are too hot everywhere, not good
 #   samples with a few outliers, because small errors in the learned score at small and
 #   intermediate noise leave every particle a little off and the steep pair potential turns
 #   that into energy. The same holds now for LJ-13. Its first phase of training (clip 20 at
@@ -745,23 +794,26 @@ print(f"{sum(v[-1] for v in verdicts)} of {len(verdicts)} targets met")
 # - **Cooler samplers are not better samplers.** The public code samples LJ-13 with its reverse
 #   SDE's noise scaled by 0.9 (`diffusion_scale`). That lowers the energies, and with them the
 #   energy W2 of hot samples, but the sampler no longer targets $p$. The cell below draws from the
-#   shipped DW-4 checkpoint with its noise scaled by 1 and by 0.8 (same random numbers): one metric
+#   first-phase DW-4 checkpoint with its noise scaled by 1 and by 0.8 (same random numbers): one metric
 #   improves while another gets worse. Report such a sampler as a different sampler, never as the
 #   same one.
 
 # %%
-if records.get("dw4") is not None:
+# DW-4's first phase of training (the course recipe, 100 outer iterations), kept as its own
+# checkpoint: its samples are hot, which is what the next cells take apart; chapter 08 fine-tunes it
+dw4_first = shipped_record("dw4_phase1")
+if dw4_first is not None:
     n_scale = 200 if budget() == "smoke" else 2000
     ref_scale = evaluation_reference("dw4", n_scale, torch.Generator().manual_seed(SEED + 3))
     by_scale = {}
     for c in (1.0, 0.8):
-        sampler_c = replace(records["dw4"]["sampler"], config=replace(records["dw4"]["config"], diffusion_scale=c))
+        sampler_c = replace(dw4_first["sampler"], config=replace(dw4_first["config"], diffusion_scale=c))
         with torch.no_grad():
             x_c = sampler_c.sample(n_scale, torch.Generator().manual_seed(SEED + 4))
         by_scale[c] = evaluate_samples(get_target("dw4"), x_c, ref_scale, torch.Generator().manual_seed(SEED))
     display(table([{"noise scale": c, "energy W2": m["energy_w2"], "mean energy": m["mean_energy"],
                     "distance W2": m["distance_w2"], "distance TVD": m["distance_tvd"]} for c, m in by_scale.items()],
-                  float_format=".3g", caption=f"shipped DW-4 checkpoint, {n_scale} samples each, same random numbers"))
+                  float_format=".3g", caption=f"DW-4, first phase, {n_scale} samples each, same random numbers"))
     if budget() != "smoke":
         # colder: lower energies and energy W2, but the distances move away from the reference
         assert by_scale[0.8]["mean_energy"] < by_scale[1.0]["mean_energy"]
@@ -930,31 +982,36 @@ if not missed:
     print("every target with a shipped checkpoint is met")
 
 # %%
-def energy_shift_report(name: str) -> dict[str, float]:
-    """Energy quantiles of the evaluated samples against the reference, energy W2 split into the
-    median shift and the W2 left after removing it, and the median energy of fresh samples drawn
-    with the config's SDE steps and with four times as many (same seed)."""
-    energy, ev = get_target(name), evaluated[name]
-    e_q = energy.energy(ev["samples"].double())
-    e_p = energy.energy(ev["reference"].double())
+def energy_shift_report(name: str, rec: dict) -> dict[str, float]:
+    """Energy quantiles of the checkpoint ``rec``'s shipped samples against the whole reference set
+    of ``name``, energy W2 split into the median shift and the W2 left after removing it, and the
+    median energy of fresh samples drawn with the config's SDE steps and with four times as many
+    (same seed)."""
+    energy = get_target(name)
+    e_q = energy.energy(rec["samples"].double())
+    e_p = energy.energy(evaluation_reference(name, None).double())
     levels = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
     q_q, q_p = torch.quantile(e_q, levels), torch.quantile(e_p, levels)
     shift = float(q_q[1] - q_p[1])
-    config, sampler = records[name]["config"], records[name]["sampler"]
-    n = fresh[name].shape[0]
+    config, sampler = rec["config"], rec["sampler"]
+    n = S.fresh_samples
     steps = config.sde_steps if config.network == "mlp" else min(S.fresh_sde_steps, config.sde_steps)
-    finer = sampler.sample(n, torch.Generator().manual_seed(SEED + 1), sde_steps=4 * steps)
+    with torch.no_grad():
+        coarse = sampler.sample(n, torch.Generator().manual_seed(SEED + 1), sde_steps=steps)
+        finer = sampler.sample(n, torch.Generator().manual_seed(SEED + 1), sde_steps=4 * steps)
     return {"shift": shift, "w2": metrics.energy_w2(e_q, e_p), "w2_unshifted": metrics.energy_w2(e_q - shift, e_p),
             "above_reference": float((e_q > e_p.max()).double().mean()),
             "q_samples": q_q.tolist(), "q_reference": q_p.tolist(), "steps": steps, "n_fresh": n,
-            "median_fresh": float(energy.energy(fresh[name]).median()),
+            "median_fresh": float(energy.energy(coarse).median()),
             "median_finer": float(energy.energy(finer).median())}
 
 
-shift_reports = {name: energy_shift_report(name) for name in tqdm(("dw4", "lj13"), desc="energy shifts")
-                 if name in evaluated}
+# DW-4's first phase (the diagnosis below is about it), LJ-13's shipped checkpoint
+shift_sources = {"dw4 (first phase)": ("dw4", dw4_first), "lj13": ("lj13", records.get("lj13"))}
+shift_reports = {label: energy_shift_report(name, rec) for label, (name, rec) in tqdm(shift_sources.items(),
+                 desc="energy shifts") if rec is not None and rec["samples"] is not None}
 for name, r in shift_reports.items():
-    print(f"{name}: energy quantiles 10/50/90% samples {[round(v, 2) for v in r['q_samples']]}, "
+    print(f"{name}:\n       energy quantiles 10/50/90% samples {[round(v, 2) for v in r['q_samples']]}, "
           f"reference {[round(v, 2) for v in r['q_reference']]}")
     print(f"       median shift {r['shift']:+.3g}; energy W2 {r['w2']:.3g}, after removing the shift "
           f"{r['w2_unshifted']:.3g}; {100 * r['above_reference']:.1f}% of samples above every reference energy")
@@ -965,7 +1022,7 @@ if "lj13" in shift_reports:  # samples.pt, the same under every budget
     # LJ-13 after the clip_sigma phase: a shift, not a tail (none above every reference energy)
     assert abs(r["shift"]) > 0.8 * r["w2"] and r["above_reference"] < 0.005, r
 if budget() != "smoke":  # smoke's 16 fresh samples are too few to say anything about the median
-    r = shift_reports.get("dw4")
+    r = shift_reports.get("dw4 (first phase)")
     if r is not None:
         assert abs(r["shift"]) > 0.8 * r["w2"], r  # DW-4: W2 is mostly a shift of the whole distribution
         assert abs(r["median_finer"] - r["median_fresh"]) < 0.5 * abs(r["shift"]), r  # not the steps
@@ -983,9 +1040,9 @@ if budget() != "smoke":  # smoke's 16 fresh samples are too few to say anything 
 # below $\sigma_c$.
 
 # %%
-if records.get("dw4") is not None:
-    dw4_energy, dw4_config = get_target("dw4"), records["dw4"]["config"]
-    dw4_net = records["dw4"]["sampler"].model.eval()
+if dw4_first is not None:
+    dw4_energy, dw4_config = get_target("dw4"), dw4_first["config"]
+    dw4_net = dw4_first["sampler"].model.eval()
     ref_hybrid = evaluation_reference("dw4", S.hybrid_samples, torch.Generator().manual_seed(SEED + 7))
 
     def network_score(x, t):
@@ -1004,7 +1061,7 @@ if records.get("dw4") is not None:
         m_h = evaluate_samples(dw4_energy, x_h, ref_hybrid, torch.Generator().manual_seed(SEED))
         hybrid_rows.append({"Monte Carlo score below sigma": sigma_c, "energy W2": m_h["energy_w2"],
                             "mean energy": m_h["mean_energy"], "distance TVD": m_h["distance_tvd"]})
-    display(table(hybrid_rows, float_format=".3g", caption=f"shipped DW-4 network, {S.hybrid_samples} samples, "
+    display(table(hybrid_rows, float_format=".3g", caption=f"DW-4 network, first phase, {S.hybrid_samples} samples, "
                   f"{S.hybrid_sde_steps} SDE steps; reference mean energy {float(dw4_energy.energy(ref_hybrid).mean()):.3g}"))
     if budget() != "smoke":  # 64 samples cannot separate these rows
         w2 = {r["Monte Carlo score below sigma"]: r["energy W2"] for r in hybrid_rows}
@@ -1036,8 +1093,75 @@ if records.get("dw4") is not None:
 # (the printed projections: at $\sigma_t = 0.6$ the blended target is well below 1, the force
 # form is not). The theory section's comparison could not show this, because its reference
 # target was the blended one with more copies. The config field `blend_scale` moves that switch
-# to larger $\sigma_t$; whether a checkpoint trained that way meets the target is the next
-# experiment, not a claim of this chapter.
+# to larger $\sigma_t$.
+#
+# **The fix, as a second phase.** The shipped DW-4 checkpoint continues the first phase from its
+# weights (`--init-from`) with `blend_scale=1` (the force form below $\sigma_t = 1$) and
+# $K = 1000$ copies, then lowers the learning rate. The table gives each phase with the
+# evaluation at its end (the last row is the shipped final evaluation: 2000 fresh samples
+# against the whole reference set; the others are logged evaluations of 1000 samples against a
+# 1000-draw). One evaluation is one draw of samples, so the cell after it evaluates the shipped
+# weights again with other seeds: the spread is what a verdict at the target's edge must be read
+# against.
+
+# %%
+def shipped_phase_table(name: str) -> tuple[list[dict], list[dict]]:
+    """One row per training phase of the shipped checkpoint ``name`` (``SHIPPED_PHASES``) with the
+    evaluation at its end: the last phase's is the final evaluation (``"n_samples"``), the
+    others the last logged evaluation of their outer iterations. Returns (rows, evaluations)."""
+    summary = json.loads((shipped_checkpoint(name) / "metrics.json").read_text())
+    phases = [*summary.get("phases", []), {"config": asdict(records[name]["config"]),
+                                           "until_outer": summary["outer_iterations"]}]
+    rows, ends, start = [], [], 0
+    base_config, final_outer = phases[0]["config"], summary["outer_iterations"]
+    for k, phase in enumerate(phases):
+        if k == len(phases) - 1:
+            logged = [e for e in summary["evaluations"] if "n_samples" in e and e["outer"] == final_outer]
+        else:
+            logged = [e for e in summary["evaluations"] if start < e["outer"] <= phase["until_outer"]
+                      and e["outer"] < final_outer]
+        changes = {key: v for key, v in phase["config"].items() if base_config.get(key) != v and key != "n_outer"}
+        end = logged[-1]
+        ends.append(end)
+        rows.append({"outer iterations": f"{start}-{phase['until_outer']}",
+                     "changed from the course recipe": ", ".join(f"{key}={v}" for key, v in changes.items()) or "-",
+                     "samples": int(end.get("n_samples", records[name]["config"].n_eval)),
+                     # before the whole-set final evaluation, a final evaluation drew as many reference samples
+                     "reference": int(end.get("reference_samples", end.get("n_samples", records[name]["config"].n_eval))),
+                     **{axis_label(key): end[key] for key in ("energy_w2", "distance_w2", "distance_tvd")}})
+        start = phase["until_outer"]
+    return rows, ends
+
+
+if records.get("dw4") is not None:
+    dw4_rows, dw4_ends = shipped_phase_table("dw4")
+    display(table(dw4_rows, float_format=".3g", caption="the shipped DW-4 run's phases, each with the "
+                  "evaluation at its end"))
+    dw4_spread = [evaluate_checkpoint(shipped_checkpoint("dw4"), S.spread_samples, seed=SEED + 20 + k,
+                                      whole_reference=True) for k in tqdm(range(S.spread_seeds), desc="seeds")]
+    spread_w2 = [m["energy_w2"] for m in dw4_spread]
+    print(f"DW-4 shipped weights, {S.spread_seeds} more seeds of {S.spread_samples} samples against the whole "
+          f"reference set: energy W2 {min(spread_w2):.3g} - {max(spread_w2):.3g} (mean {sum(spread_w2) / len(spread_w2):.3g}), "
+          f"mean energy {min(m['mean_energy'] for m in dw4_spread):.4g} - {max(m['mean_energy'] for m in dw4_spread):.4g} "
+          f"(reference {float(get_target('dw4').energy(evaluation_reference('dw4', None)).mean()):.4g})")
+    print(f"spent: {records['dw4']['energy_evaluations']:.3g} energy evaluations in {records['dw4']['outer']} outer "
+          f"iterations; the first phase alone {dw4_first['energy_evaluations']:.3g}" if dw4_first else "")
+    if dw4_first is not None and dw4_first["mcmc"] is not None:
+        print(f"MALA with the first phase's {dw4_first['mcmc']['energy_evaluations']:.3g} evaluations: energy W2 "
+              f"{dw4_first['mcmc']['energy_w2']:.3g} (dw4_phase1/mcmc_baseline.json)")
+    if budget() != "smoke":  # 2000 samples a seed: the verdict holds beyond one draw
+        assert max(spread_w2) < 0.3 and dw4_ends[-1]["energy_w2"] < 0.3, (spread_w2, dw4_rows)
+
+# %% [markdown]
+# The second phase took energy W2 from about 1.5 to a few tenths, and the third (four times
+# the copies, a lower learning rate) brought it below, for the shipped draw and for every other
+# seed above. Two things stay in view. The samples are still a little hot (the printed mean
+# energies lie above the reference's), so the network's score at intermediate noise is better,
+# not exact. And the cost: this sampler spent far more energy evaluations than its first phase,
+# and MALA given only the first phase's budget (printed above, when the file is there) already
+# reaches a lower energy W2. The equal-budget MCMC run for the shipped budget is pending (it
+# is several CPU-hours at this budget); a sampler that needs more energy evaluations than MCMC
+# to match it has not yet earned its keep on this system.
 
 # %% [markdown]
 # #### The clip at small noise, and a second phase of training
@@ -1079,29 +1203,7 @@ assert share_above > 0.1 and clip_rows[0]["relative error against the force"] > 
 
 # %%
 if records.get("lj13") is not None:
-    lj13_summary = json.loads((shipped_checkpoint("lj13") / "metrics.json").read_text())
-    phases = [*lj13_summary.get("phases", []), {"config": asdict(records["lj13"]["config"]),
-                                                "until_outer": lj13_summary["outer_iterations"]}]
-    phase_rows, phase_ends, start = [], [], 0
-    base_config = phases[0]["config"]
-    for k, phase in enumerate(phases):
-        last_phase = k == len(phases) - 1
-        # the last phase's row is the shipped final evaluation (fresh samples, "n_samples"); the
-        # others the last evaluation of their own outer iterations, before the final one
-        final_outer = lj13_summary["outer_iterations"]
-        if last_phase:
-            logged = [e for e in lj13_summary["evaluations"] if "n_samples" in e and e["outer"] == final_outer]
-        else:
-            logged = [e for e in lj13_summary["evaluations"] if start < e["outer"] <= phase["until_outer"]
-                      and e["outer"] < final_outer]
-        changes = {k: v for k, v in phase["config"].items() if base_config.get(k) != v and k != "n_outer"}
-        end = logged[-1]
-        phase_ends.append(end)
-        phase_rows.append({"outer iterations": f"{start}-{phase['until_outer']}",
-                           "changed from the course recipe": ", ".join(f"{k}={v}" for k, v in changes.items()) or "-",
-                           "samples": int(end.get("n_samples", records["lj13"]["config"].n_eval)),
-                           **{axis_label(k): end[k] for k in ("energy_w2", "distance_w2", "distance_tvd")}})
-        start = phase["until_outer"]
+    phase_rows, phase_ends = shipped_phase_table("lj13")
     display(table(phase_rows, float_format=".3g", caption="the shipped LJ-13 run's phases, each with the "
                   "evaluation at its end"))
     # the tail of the first phase is gone after the second: energy W2 from hundreds to a few units

@@ -643,7 +643,8 @@ widget
 # The double well above is where we can check everything exactly. Iterative distillation (VIDD, Su et
 # al. 2025, arXiv:2507.00445) is meant for a harder setting: a large pretrained sampler, a reward that
 # may not be differentiable, and a fine-tuning budget in which every reward evaluation counts. We take
-# the course's iDEM sampler of DW-4 (8 coordinates, chapter 06's checkpoint) as $q_{\text{pre}}$, sampled by a
+# the course's iDEM sampler of DW-4 (8 coordinates) as $q_{\text{pre}}$: the first phase of chapter 06's
+# checkpoint (`dw4_phase1`, energy W2 1.45, a little hot; the records below were made with it), sampled by a
 # 30-step reverse-SDE chain, and two rewards at $\alpha = 1$ (`boltzlab.finetune.tasks`):
 #
 # - **tempering**: $r = -(1/kT - 1/kT_0)E$ from $kT_0 = 1$ to $kT = 0.75$ (smooth, differentiable);

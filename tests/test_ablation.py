@@ -9,9 +9,12 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
+import torch
 
+from boltzlab import metrics
+from boltzlab.reference import load_reference
 from boltzlab.training import ablation
-from boltzlab.training.idem import TrainingConfigError, config_for, train_idem
+from boltzlab.training.idem import TrainingConfigError, config_for, load_sampler, train_idem
 
 TINY = {"hidden": 8, "n_layers": 1, "n_mc": 4, "batch_size": 8, "inner_steps": 2, "n_refill": 8, "sde_steps": 4,
         "buffer_capacity": 32, "n_eval": 20, "n_outer": 50, "eval_every": 50}
@@ -58,6 +61,12 @@ def test_run_ablation_writes_records_once_and_sweeps_the_sampler(tmp_path: Path,
     # the sweep's row at the config's own sampler equals a plain evaluation of the checkpoint
     plain = ablation.evaluate_checkpoint(tmp_path / "base", 20)
     assert rows[3]["energy_w2"] == pytest.approx(plain["energy_w2"])
+    # against the whole reference set: the same samples, measured against all 10,000 configurations
+    whole = ablation.evaluate_checkpoint(tmp_path / "base", 20, whole_reference=True)
+    with torch.no_grad():
+        x = load_sampler(tmp_path / "base").sample(20, torch.Generator().manual_seed(0))
+    assert whole["mean_energy"] == pytest.approx(plain["mean_energy"])
+    assert whole["distance_w2"] == pytest.approx(metrics.distance_w2(x, load_reference("lj13"), 13, 3), rel=1e-6)
 
 
 def test_scaling_records_round_trip_with_regression_steps(tmp_path: Path) -> None:
@@ -80,6 +89,10 @@ def test_scaling_records_round_trip_with_regression_steps(tmp_path: Path) -> Non
     assert [(e["outer"], e["regression_steps"]) for e in record["evaluations"]] == [
         (2.0, 2.0 * TINY["inner_steps"]), (4.0, 4.0 * TINY["inner_steps"]), (6.0, 4.0 * TINY["inner_steps"] + 2 * 5)]
     assert [p["until_outer"] for p in record["phases"]] == [4]
+    # the command line records any target's run; the ablation itself names the targets it has a base for
+    with pytest.raises(SystemExit):
+        ablation.main(["dw4", "--out", str(tmp_path / "ablation"), "--only", "base"])
+    assert not (tmp_path / "ablation").exists()
 
 
 def test_an_interrupted_variant_resumes_with_what_is_left_of_its_cpu_budget(tmp_path: Path,

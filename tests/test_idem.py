@@ -18,6 +18,7 @@ import torch
 
 from boltzlab.energies import GaussianMixture, get_target
 from boltzlab.estimators import clip_score, mc_score
+from boltzlab.reference import load_reference
 from boltzlab.training import idem
 from boltzlab.training.idem import (
     CheckpointError,
@@ -269,6 +270,16 @@ def test_equal_budget_mcmc_spends_the_budget_it_is_given() -> None:
     assert result["n_chains"] == 200 and result["steps"] == 100
     assert 20_000 <= result["energy_evaluations"] <= 20_000 + 200
     assert math.isfinite(result["energy_w2"]) and 0.0 <= result["distance_tvd"] <= 1.0
+    assert result["chains_run"] == 200 and result["reference_samples"] == 50
+    # a capped run: 64 of the budget's 200 i.i.d. chains, each with the budget's 100 steps, measured
+    # against the whole reference set; the evaluations reported are still the budget's
+    capped = idem.equal_budget_mcmc(config, 20_000, progress=False, max_steps=100, max_chains=64,
+                                    whole_reference=True)
+    assert (capped["n_chains"], capped["chains_run"], capped["steps"]) == (200, 64, 100)
+    assert 20_000 <= capped["energy_evaluations"] <= 20_000 + 200
+    assert capped["reference_samples"] == 10_000
+    with pytest.raises(TrainingConfigError, match="max_chains"):
+        idem.equal_budget_mcmc(config, 20_000, progress=False, max_chains=0)
 
 
 def test_annealed_start_frees_chains_stuck_in_the_repulsive_core() -> None:
@@ -357,7 +368,7 @@ def test_paper_preset_has_the_public_code_sizes_and_old_checkpoints_keep_euler()
     with pytest.raises(TrainingConfigError, match="sde_increment"):
         config_for("lj13", sde_increment="heun")
     # the shipped checkpoints were saved before sde_increment existed: they sample as trained
-    shipped = json.loads((idem.shipped_checkpoint("dw4") / "config.json").read_text())
+    shipped = json.loads((idem.shipped_checkpoint("gmm40") / "config.json").read_text())
     assert "sde_increment" not in shipped and idem.IDEMConfig(**shipped).sde_increment == "euler"
 
 
@@ -428,10 +439,12 @@ def test_final_evaluation_ships_n_fresh_samples_reproducibly(tmp_path: Path) -> 
     assert samples.shape == (40, 8) and first["n_samples"] == 40.0
     summary = json.loads((tmp_path / "metrics.json").read_text())
     assert summary["final"] == first and summary["evaluations"][-1] == first
-    # the metrics are those of the saved samples against the seeded reference draw
-    reference = idem.evaluation_reference("dw4", 40, torch.Generator().manual_seed(config.seed + 7))
+    # the metrics are those of the saved samples against the whole reference set
+    reference = load_reference("dw4")
+    assert first["reference_samples"] == reference.shape[0] == 10_000
     recomputed = evaluate_samples(get_target("dw4"), samples.double(), reference)
-    assert recomputed["energy_w2"] == pytest.approx(first["energy_w2"], rel=1e-4)
+    for metric in ("energy_w2", "distance_w2", "distance_tvd"):
+        assert recomputed[metric] == pytest.approx(first[metric], rel=1e-4), metric
     # again: the same samples, and the evaluation replaces (not duplicates) its own entry
     again = idem.final_evaluation(tmp_path, 40, progress=False)
     torch.testing.assert_close(torch.load(tmp_path / "samples.pt"), samples)
@@ -528,16 +541,17 @@ def test_train_shipped_runs_the_phases_in_turn_and_picks_up_after_an_interruptio
     from boltzlab.training.mcmc_baseline import train_shipped
 
     tiny = {**TINY, "eval_every": 100}
-    phases = [(tiny, 2), ({**tiny, "clip_sigma": 0.5}, 4), ({**tiny, "clip_sigma": 0.5, "sde_steps": 7}, 4)]
+    # the second phase runs past the recipe's planned n_outer = 4, as DW-4's shipped one does
+    phases = [(tiny, 2), ({**tiny, "clip_sigma": 0.5}, 5), ({**tiny, "clip_sigma": 0.5, "sde_steps": 7}, 5)]
     # an interrupted first phase: one outer iteration done
     train_idem(config_for("dw4", **tiny), tmp_path / "run" / "phase1", stop_after=1, progress=False)
     out = train_shipped("dw4", tmp_path / "run", baseline=False, progress=False, phases=phases)
     first = torch.load(out / "phase1" / "checkpoint.pt", weights_only=False)
     second = torch.load(out / "phase2" / "checkpoint.pt", weights_only=False)
     last = torch.load(out / "checkpoint.pt", weights_only=False)
-    assert (first["outer"], second["outer"], last["outer"]) == (2, 4, 4)
+    assert (first["outer"], second["outer"], last["outer"]) == (2, 5, 5)
     assert second["config"]["clip_sigma"] == 0.5 and last["config"]["sde_steps"] == 7
-    assert [p["until_outer"] for p in last["phases"]] == [2, 4]
+    assert [p["until_outer"] for p in last["phases"]] == [2, 5]
     assert all(torch.equal(last["ema"][k], second["ema"][k]) for k in second["ema"])
     # the same phases uninterrupted give the same weights
     again = train_shipped("dw4", tmp_path / "again", baseline=False, progress=False, phases=phases)

@@ -3,9 +3,11 @@
 - :mod:`boltzlab.training.generative`  VAE, GAN and WGAN on samples (chapter 01), and the
   generic :func:`run_training` loop with its :class:`TrainingHistory` that every loop shares
 - :mod:`boltzlab.training.idem`        iDEM, pDEM and NEM from the energy alone (chapter 06): the
-  regression targets, the two loops, resumable checkpoints and an energy-evaluation counter;
+  regression targets, the two loops, the evaluations and an energy-evaluation counter;
   beside it :mod:`~boltzlab.training.idem_config` (dataclass configs, the course and paper
-  presets), :mod:`~boltzlab.training.parallel` (DistributedDataParallel ranks),
+  presets), :mod:`~boltzlab.training.sampler` (the score network and its reverse SDE),
+  :mod:`~boltzlab.training.checkpoints` (training state, resume, warm start, loading a
+  sampler), :mod:`~boltzlab.training.parallel` (DistributedDataParallel ranks),
   :mod:`~boltzlab.training.compiled` (torch.compile with a fallback),
   :mod:`~boltzlab.training.profile` (time per phase), :mod:`~boltzlab.training.mcmc_baseline`
   (MCMC at an equal energy budget) and :mod:`~boltzlab.training.cli`

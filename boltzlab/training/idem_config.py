@@ -186,8 +186,13 @@ PRESETS: dict[str, dict[str, IDEMConfig]] = {"course": CONFIGS, "paper": PAPER_C
 # Shipped checkpoints trained in more than one phase (``--init-from``), in order: each phase's
 # overrides of CONFIGS[target] and the outer iteration it ends at. LJ-13: the course recipe, then
 # the clip loosened at small noise (clip_sigma), then the same weights with a 400-step sampler.
+# DW-4: the course recipe (kept as checkpoints/dw4_phase1), then the force form up to sigma = 1
+# (blend_scale: the blended target's noise form is shrunk at intermediate noise) with K = 1000,
+# then K = 4000 at a lower learning rate.
 SHIPPED_PHASES: dict[str, list[tuple[dict[str, Any], int]]] = {
     "lj13": [({}, 159), ({"clip_sigma": 0.3}, 209), ({"clip_sigma": 0.3, "sde_steps": 400}, 209)],
+    "dw4": [({}, 100), ({"blend_scale": 1.0, "n_mc": 1000}, 1000),
+            ({"blend_scale": 1.0, "n_mc": 4000, "lr": 3e-4}, 1200)],
 }
 
 
