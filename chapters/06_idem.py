@@ -691,6 +691,19 @@ for name in ("lj13", "lj55"):
           f"  distance W2 {m['distance_w2']:.3g}, distance TVD {m['distance_tvd']:.3g} (all chains)")
     if m["unequilibrated_fraction"] > 0:
         assert m["energy_w2_equilibrated"] <= m["energy_w2"]
+if records.get("lj13") is not None and records["lj13"]["mcmc"] is not None and "lj13" in evaluated:
+    m, ours = records["lj13"]["mcmc"], evaluated["lj13"]["metrics"]
+    # the next paragraph's claim: at the same budget MALA beats the sampler on both W2s
+    assert m["distance_w2"] < ours["distance_w2"] and m["energy_w2"] < ours["energy_w2"], (m, ours)
+
+# %% [markdown]
+# On LJ-13 the warm-up leaves no chain stuck, and MALA given the shipped sampler's budget beats
+# it on every metric, on the distances by almost an order of magnitude (the table above). That
+# is the verdict of the published re-runs too (Aggarwal et al., ICLR 2025 blog post: Metropolis
+# at iDEM's budget reached energy W2 0.52 and distance W2 0.003, iDEM 5.2 and 0.024). The budget
+# buys 66,880 chains of 20,000 steps; they are independent and identically distributed, so the
+# baseline measures 4096 of them (`equal_budget_mcmc(..., max_chains=...)`): the same
+# distribution, sampled less.
 
 # %% [markdown]
 # How the metrics developed during training, against the energy evaluations spent so far; the star
@@ -1149,6 +1162,12 @@ if records.get("dw4") is not None:
     if dw4_first is not None and dw4_first["mcmc"] is not None:
         print(f"MALA with the first phase's {dw4_first['mcmc']['energy_evaluations']:.3g} evaluations: energy W2 "
               f"{dw4_first['mcmc']['energy_w2']:.3g} (dw4_phase1/mcmc_baseline.json)")
+    if records["dw4"]["mcmc"] is not None:
+        m = records["dw4"]["mcmc"]
+        print(f"MALA with the shipped sampler's {m['energy_evaluations']:.3g} evaluations ({m['n_chains']:.0f} chains "
+              f"x {m['steps']:.0f} steps; measured on {m.get('chains_run', m['n_chains']):.0f} of those i.i.d. "
+              f"chains): energy W2 {m['energy_w2']:.3g}")
+        assert m["energy_w2"] < records["dw4"]["final"]["energy_w2"]  # the prose below says so
     if budget() != "smoke":  # 2000 samples a seed: the verdict holds beyond one draw
         assert max(spread_w2) < 0.3 and dw4_ends[-1]["energy_w2"] < 0.3, (spread_w2, dw4_rows)
 
@@ -1157,11 +1176,14 @@ if records.get("dw4") is not None:
 # the copies, a lower learning rate) brought it below, for the shipped draw and for every other
 # seed above. Two things stay in view. The samples are still a little hot (the printed mean
 # energies lie above the reference's), so the network's score at intermediate noise is better,
-# not exact. And the cost: this sampler spent far more energy evaluations than its first phase,
-# and MALA given only the first phase's budget (printed above, when the file is there) already
-# reaches a lower energy W2. The equal-budget MCMC run for the shipped budget is pending (it
-# is several CPU-hours at this budget); a sampler that needs more energy evaluations than MCMC
-# to match it has not yet earned its keep on this system.
+# not exact. And the cost: this sampler spent far more energy evaluations than its first phase
+# (K copies per regression target add up), and MALA reaches a lower energy W2 both with the
+# shipped sampler's budget and with only the first phase's, 67 times smaller (both printed
+# above). The equal-budget run's chains all take the same 20,000 steps from independent prior
+# draws, so they are i.i.d., and its metrics are measured on a few thousand of its million
+# chains: the same distribution, sampled less, not a different run. A sampler that needs more
+# energy evaluations than MCMC to match it has not yet earned its keep on this system; what it
+# buys is cheap samples afterwards (no energy evaluation per sample).
 
 # %% [markdown]
 # #### The clip at small noise, and a second phase of training
