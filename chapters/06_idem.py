@@ -539,23 +539,24 @@ if "lj13" in evaluated and records["lj13"]["samples"] is not None:
         """Share of configurations with a pair distance beyond 4 (a particle far from the rest)."""
         return float((metrics.interatomic_distances(x, 13, 3).reshape(x.shape[0], -1).max(1).values > 4).double().mean())
 
-
     g_draw = torch.Generator().manual_seed(SEED + 11)
     draws = [lj_pool[torch.randperm(lj_pool.shape[0], generator=g_draw)[:2000]] for _ in range(S.yardstick_draws)]
-    draw_w2 = [metrics.distance_w2(lj_x, d, 13, 3) for d in draws]
+    draw_w2, draw_far = [metrics.distance_w2(lj_x, d, 13, 3) for d in draws], [far_share(d) for d in draws]
     seeded = evaluation_reference("lj13", 2000, torch.Generator().manual_seed(records["lj13"]["config"].seed + 7))
+    seeded_w2 = metrics.distance_w2(lj_x, seeded, 13, 3)
+    whole_w2 = evaluated["lj13"]["metrics"]["distance_w2"]  # section 3 measured against the whole set
+    far = {"seeded": far_share(seeded), "whole": far_share(lj_pool), "samples": far_share(lj_x)}
     rows = [(f"{len(draws)} random draws of 2000", f"{min(draw_w2):.4f} - {max(draw_w2):.4f}",
-             f"{min(map(far_share, draws)):.3f} - {max(map(far_share, draws)):.3f}"),
-            ("the seeded draw of training's evaluations", f"{metrics.distance_w2(lj_x, seeded, 13, 3):.4f}",
-             f"{far_share(seeded):.3f}"),
-            ("the whole set (10,000)", f"{metrics.distance_w2(lj_x, lj_pool, 13, 3):.4f}", f"{far_share(lj_pool):.3f}"),
-            ("the shipped samples themselves", "", f"{far_share(lj_x):.3f}")]
+             f"{min(draw_far):.3f} - {max(draw_far):.3f}"),
+            ("the seeded draw of training's evaluations", f"{seeded_w2:.4f}", f"{far['seeded']:.3f}"),
+            ("the whole set (10,000)", f"{whole_w2:.4f}", f"{far['whole']:.3f}"),
+            ("the shipped samples themselves", "", f"{far['samples']:.3f}")]
     display(table(rows, columns=["LJ-13 reference", "distance W2 of the LJ-13 samples", "share with a pair > 4"]))
     if records["lj13"]["source"].startswith("shipped"):
         # the seeded 2000-draw is an unlucky one: more far-out configurations than the whole set,
-        # and a distance W2 above every random draw's (measured: 0.041 against 0.032-0.035)
-        assert metrics.distance_w2(lj_x, seeded, 13, 3) > max(draw_w2)
-        assert far_share(seeded) > far_share(lj_pool) > far_share(lj_x)
+        # and a distance W2 above every random draw's (laptop: 0.0411 against 0.0323-0.0379)
+        assert seeded_w2 > max(draw_w2)
+        assert far["seeded"] > far["whole"] > far["samples"]
 
 # %% [markdown]
 # The seeded draw holds more configurations with a far particle than the set as a whole, and

@@ -26,13 +26,12 @@ from typing import Any
 
 import torch
 
+from boltzlab.training.checkpoints import _load_payload, _sampler_from_payload
 from boltzlab.training.idem import (
     CHECKPOINT,
     CONFIGS,
     IDEMConfig,
     TrainingConfigError,
-    _load_payload,
-    _sampler_from_payload,
     evaluate_samples,
     evaluation_reference,
     train_idem,

@@ -76,7 +76,6 @@ from boltzlab.training.checkpoints import (  # noqa: F401 (re-exported)
     TrainingState,
     _load_payload,
     _sampler_from_payload,
-    _state_from_payload,
     initial_state,
     load_sampler,
     load_state,

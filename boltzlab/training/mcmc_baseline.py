@@ -19,19 +19,18 @@ from boltzlab import metrics
 from boltzlab.diffusion import sample_prior
 from boltzlab.energies import Energy, get_target
 from boltzlab.estimators import clip_for
+from boltzlab.training.checkpoints import _load_payload, _sampler_from_payload
 from boltzlab.training.idem import (
     CHECKPOINT,
     IDEMConfig,
     TrainingConfigError,
-    _load_payload,
-    _projection,
-    _sampler_from_payload,
     evaluate_samples,
     evaluation_reference,
     train_idem,
 )
 from boltzlab.training.idem_config import SHIPPED_PHASES, config_for
 from boltzlab.training.parallel import rank_and_world
+from boltzlab.training.sampler import _projection
 
 # ----------------------------------------------------------------------------------------
 
