@@ -587,3 +587,50 @@ def test_blend_scale_moves_the_switch_of_the_blended_target_and_nothing_else() -
     assert not torch.allclose(moved, default)
     with pytest.raises(TrainingConfigError, match="blend_scale"):
         config_for("dw4", blend_scale=0.0)
+
+
+def test_sampler_passes_large_batches_to_the_network_in_chunks_with_the_same_samples(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # an EGNN on thousands of samples at once runs out of cache; sampling in chunks must give
+    # the samples that one call would, chunk boundaries anywhere
+    from boltzlab.training import sampler as sampler_module
+
+    dw4 = get_target("dw4")
+    config = config_for("dw4", **TINY)
+    model = idem.build_model(config, dw4)
+    batches: list[int] = []
+
+    def counting(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        batches.append(x.shape[0])
+        return model(x, t)
+
+    with torch.no_grad():
+        whole = idem.sample_model(model, config, dw4, 45, torch.Generator().manual_seed(3), forward=counting)
+        assert set(batches) == {45}
+        monkeypatch.setattr(sampler_module, "SCORE_CHUNK_PAIRS", 16 * 12)  # DW-4: 12 ordered pairs
+        batches.clear()
+        chunked = idem.sample_model(model, config, dw4, 45, torch.Generator().manual_seed(3), forward=counting)
+    assert set(batches) == {16, 13} and len(batches) == 3 * config.sde_steps
+    torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=0)
+    assert sampler_module.score_chunk(get_target("gmm40")) == sampler_module.SCORE_CHUNK
+    monkeypatch.undo()
+    assert sampler_module.score_chunk(get_target("lj55")) == 65_536 // (55 * 54) == 22
+
+
+def test_profile_baseline_egnn_layer_is_the_same_function_over_all_n_by_n_pairs() -> None:
+    # --profile-baseline times the EGNN as it was at cf35560 (all n x n pairs, diagonal masked):
+    # a faithful baseline must compute what today's layer computes, shared features or not
+    from boltzlab.models import EGNNLayer
+    from boltzlab.training.profile import baseline_egnn_layer_forward
+
+    gen = torch.Generator().manual_seed(0)
+    for update in (True, False):
+        layer = EGNNLayer(8, update_features=update).double()
+        x = torch.randn(3, 5, 3, generator=gen, dtype=torch.float64)
+        for h in (torch.randn(3, 5, 8, generator=gen, dtype=torch.float64),
+                  torch.randn(3, 1, 8, generator=gen, dtype=torch.float64).expand(3, 5, 8)):
+            shared = bool((h == h[:, :1]).all())
+            now = layer(h, x, features_shared=shared)
+            before = baseline_egnn_layer_forward(layer, h, x)
+            for a, b in zip(now, before):
+                torch.testing.assert_close(a, b, atol=1e-13, rtol=0)

@@ -320,6 +320,30 @@ def test_egnn_layer_alone_is_equivariant():
     torch.testing.assert_close(h1, h + layer.node_mlp(torch.cat([h, m.sum(2) / (n - 1)], -1)))
 
 
+@pytest.mark.parametrize("update_features", [True, False])
+def test_egnn_layer_with_shared_features_computes_each_pair_once_to_the_same_result(update_features):
+    # the EGNN's first layer sees one feature vector for all particles: m_ij = m_ji, so it
+    # evaluates the n (n - 1) / 2 unordered pairs only; values and gradients must not change
+    n, d, hidden = 6, 3, 12
+    layer = Mo.EGNNLayer(hidden, update_features=update_features).double()
+    h = torch.randn(4, 1, hidden, generator=gen(0), dtype=torch.float64).expand(4, n, hidden)
+    x = torch.randn(4, n, d, generator=gen(1), dtype=torch.float64, requires_grad=True)
+    h_all, x_all = layer(h, x)
+    h_pairs, x_pairs = layer(h, x, features_shared=True)
+    torch.testing.assert_close(h_pairs, h_all, atol=1e-13, rtol=0)
+    torch.testing.assert_close(x_pairs, x_all, atol=1e-13, rtol=0)
+    g_all = torch.autograd.grad((x_all.sin().sum() + h_all.cos().sum()), [x, *layer.parameters()])
+    g_pairs = torch.autograd.grad((x_pairs.sin().sum() + h_pairs.cos().sum()), [x, *layer.parameters()])
+    for a, b in zip(g_all, g_pairs):
+        torch.testing.assert_close(b, a, atol=1e-12, rtol=1e-10)
+    from boltzlab.models.egnn import pair_incidence
+    first, second, signed, unsigned = pair_incidence(n, torch.device("cpu"), torch.float64)
+    assert first.numel() == n * (n - 1) // 2 and bool((first < second).all())
+    torch.testing.assert_close(unsigned.sum(1), torch.full((n,), n - 1.0, dtype=torch.float64))
+    with pytest.raises(Mo.ModelInputError, match="same features"):
+        layer(torch.randn(4, n, hidden, generator=gen(2), dtype=torch.float64), x, features_shared=True)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_egnn_gradients_reach_every_parameter(dtype):
     net = Mo.EGNN(4, 2, hidden=8, n_layers=3, time_dim=8, seed=0).to(dtype)

@@ -193,7 +193,7 @@ def evaluation_reference(target: str, n: int | None, generator: torch.Generator 
     final evaluation uses. Why the whole set: a 2000-configuration draw is itself a noisy
     yardstick; LJ-13's distance W2 is dominated by the 4% of configurations with a particle
     far out, and one seeded draw of 2000 held 5.0% of them against 3.8% in the set, which moved
-    the shipped sampler's distance W2 from 0.034 (whole set) to 0.041 (chapter 06 shows it).
+    the shipped sampler's distance W2 from 0.033 (whole set) to 0.040 (chapter 06 shows it).
     """
     energy = get_target(target)
     if isinstance(energy, GaussianMixture):

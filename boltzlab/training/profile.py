@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 from unittest import mock
 
 import torch
@@ -26,6 +27,9 @@ import torch
 from boltzlab.energies import get_target
 from boltzlab.training import idem
 from boltzlab.training.compiled import maybe_compiled
+
+if TYPE_CHECKING:
+    from boltzlab.models import EGNNLayer
 
 
 @dataclass(frozen=True)
@@ -90,9 +94,16 @@ def profile_training(config: idem.IDEMConfig, *, regression_steps: int = 5, sde_
     with contextlib.ExitStack() as stack:
         if baseline:
             from boltzlab.kernels.benchmark import materialised_mc_score
+            from boltzlab.models import EGNNLayer
 
             stack.enter_context(mock.patch.object(idem, "mc_score", materialised_mc_score))
-        state = idem.train_idem(short, None, progress=progress, compile=compiled)
+            stack.enter_context(mock.patch.object(EGNNLayer, "forward", baseline_egnn_layer_forward))
+        return _profile(config, short, regression_steps, sde_steps, compiled, progress)
+
+
+def _profile(config: idem.IDEMConfig, short: idem.IDEMConfig, regression_steps: int, sde_steps: int,
+             compiled: bool, progress: bool) -> TrainingProfile:
+    state = idem.train_idem(short, None, progress=progress, compile=compiled)
     last = state.history[-1]
     steps_scale = config.inner_steps / regression_steps
     seconds = {phase: last[f"seconds_{phase}"] * steps_scale for phase in ("target", "network", "optimizer")}
@@ -120,6 +131,27 @@ def profile_training(config: idem.IDEMConfig, *, regression_steps: int = 5, sde_
     return TrainingProfile(config=config, seconds=seconds, seconds_per_evaluation=per_eval,
                            regression_steps_per_s=config.inner_steps / loop,
                            refill_samples_per_s=config.n_refill / seconds["refill"], compiled=compiled, world=world)
+
+
+def baseline_egnn_layer_forward(self: "EGNNLayer", h: torch.Tensor, x: torch.Tensor,
+                                features_shared: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """:class:`~boltzlab.models.EGNNLayer`'s forward pass as it was at commit cf35560, kept for
+    the baseline of ``--profile-baseline``: every ordered pair (i, j) of the n x n grid, the
+    diagonal masked out, whether or not the features are shared. Same parameters, same function."""
+    n = x.shape[1]
+    diff = x[:, :, None, :] - x[:, None, :, :]
+    d2 = diff.pow(2).sum(-1, keepdim=True)
+    off_diag = 1.0 - torch.eye(n, dtype=x.dtype, device=x.device)[None, :, :, None]
+    w, H = self.edge_in.weight, self.hidden
+    pre = (torch.nn.functional.linear(h, w[:, :H])[:, :, None, :]
+           + torch.nn.functional.linear(h, w[:, H:2 * H])[:, None, :, :]
+           + d2 * w[:, 2 * H] + self.edge_in.bias)
+    m = self.edge_out(pre) * off_diag
+    coef = self.coord_mlp(m) * off_diag / (d2 + 1.0).sqrt()
+    x_new = x + (diff * coef).sum(2) / (n - 1)
+    if self.node_mlp is None:
+        return h, x_new
+    return h + self.node_mlp(torch.cat([h, m.sum(2) / (n - 1)], dim=-1)), x_new
 
 
 def sde_step_sweep(sampler: idem.TrainedSampler, steps: tuple[int, ...], increments: tuple[str, ...] = ("euler", "exact"),
