@@ -694,14 +694,17 @@ for name in ("lj13", "lj55"):
           f"  distance W2 {m['distance_w2']:.3g}, distance TVD {m['distance_tvd']:.3g} (all chains)")
     if m["unequilibrated_fraction"] > 0:
         assert m["energy_w2_equilibrated"] <= m["energy_w2"]
-if records.get("lj13") is not None and records["lj13"]["mcmc"] is not None and "lj13" in evaluated:
-    m, ours = records["lj13"]["mcmc"], evaluated["lj13"]["metrics"]
-    # the next paragraph's claim: at the same budget MALA beats the sampler on both W2s
-    assert m["distance_w2"] < ours["distance_w2"] and m["energy_w2"] < ours["energy_w2"], (m, ours)
+for name in ("lj13", "lj55"):
+    if records.get(name) is not None and records[name]["mcmc"] is not None and name in evaluated:
+        m, ours = records[name]["mcmc"], evaluated[name]["metrics"]
+        # the next paragraph's claim: at the same budget MALA beats the sampler on both W2s
+        assert m["distance_w2"] < ours["distance_w2"] and m["energy_w2"] < ours["energy_w2"], (name, m, ours)
 
 # %% [markdown]
 # On LJ-13 the warm-up leaves no chain stuck, and MALA given the shipped sampler's budget beats
-# it on every metric, on the distances by almost an order of magnitude (the table above). That
+# it on every metric, on the distances by almost an order of magnitude (the table above). On
+# LJ-55 the gap is two orders of magnitude on both W2s (its baseline measures 256 of the
+# budget's 2081 chains: an LJ-55 MALA step costs more). That
 # is the verdict of the published re-runs too (Aggarwal et al., ICLR 2025 blog post: Metropolis
 # at iDEM's budget reached energy W2 0.52 and distance W2 0.003, iDEM 5.2 and 0.024). The budget
 # buys 66,880 chains of 20,000 steps; they are independent and identically distributed, so the
