@@ -16,8 +16,9 @@ Four parts:
    than vmap/grad.
 2. loop: regression steps per second of LJ-13 training (refills included, evaluation
    excluded) at EGNN hidden 64 x 4 layers, B = 256, K = 1000 (the rest of the course config),
-   from ``python -m boltzlab train lj13 --profile``: the baseline (``--profile-baseline``: the
-   same loop with the materialised targets, eager, 1 and 2 threads, the faster counts) against
+   with the blended target issue 17 measured, from ``python -m boltzlab train lj13 --profile``:
+   the baseline (``--profile-baseline``: the same loop with cf35560's materialised targets and
+   EGNN layer, eager, 1 and 2 threads, the faster counts) against
    the loop now (compiled, 1 process and ``--procs 2``). Target: >= 5x.
 3. profiles: where an outer iteration goes, for LJ-13 and LJ-55 at the course config and at
    the public iDEM code's sizes (``--preset paper``), with ``--procs 2``.
