@@ -78,9 +78,10 @@ def unequilibrated(energies: Tensor, reference_energies: Tensor) -> Tensor:
 # copies of these, so more of them would only sharpen the same metrics
 MAX_BASELINE_CHAINS = 4_096
 
-# Fewer measured chains where each costs more: an LJ-55 MALA step of 256 chains takes about
-# 45 ms here (22 steps/s), so the 2080 chains of the shipped checkpoint's budget would take
-# about two hours; 256 of them, 15 minutes (the metrics of 256 configurations, 380,160 distances).
+# Fewer measured chains where each costs more: an LJ-55 MALA step of 256 chains took 29-45 ms
+# here (22-34 steps/s, with and without another job), so the 2081 chains of the shipped
+# checkpoint's budget would take one to two hours; 256 of them took 13 minutes (the metrics of
+# 256 configurations, 380,160 distances).
 BASELINE_CHAINS: dict[str, int] = {"lj55": 256}
 
 

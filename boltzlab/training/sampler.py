@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from boltzlab.diffusion import (
     ScaledEnergy,
     ScaledScore,
+    ScoreFn,
     reverse_sde_sample,
     sample_prior,
 )
@@ -77,11 +78,9 @@ def build_model(config: IDEMConfig, energy: Energy) -> nn.Module:
     return ScaledScore(net, config.schedule, config.data_scale, config.local_scale)
 
 
-def chunked_score(score, chunk: int | None = None):
-    """``score`` evaluated ``chunk`` (default :data:`SCORE_CHUNK`) samples at a time: the same
-    function of (x (B, dim), t (B,)), since the networks treat every sample on its own."""
-    chunk = chunk or SCORE_CHUNK
-
+def chunked_score(score: ScoreFn, chunk: int) -> ScoreFn:
+    """``score`` evaluated ``chunk`` samples at a time (:func:`score_chunk`): the same function of
+    (x (B, dim), t (B,)), since the networks treat every sample on its own."""
     def chunked(x: Tensor, t: Tensor) -> Tensor:
         if x.shape[0] <= chunk:
             return score(x, t)
@@ -107,8 +106,9 @@ def sample_model(model: nn.Module, config: IDEMConfig, energy: Energy, n: int,
                 return model(x, t).detach()
     else:
         score = forward if forward is not None else model
-    x = reverse_sde_sample(chunked_score(score, score_chunk(energy)), config.schedule, x1, sde_steps or config.sde_steps, project=project,
-                           generator=generator, progress=progress, increment=config.sde_increment,
+    x = reverse_sde_sample(chunked_score(score, score_chunk(energy)), config.schedule, x1,
+                           sde_steps or config.sde_steps, project=project, generator=generator,
+                           progress=progress, increment=config.sde_increment,
                            diffusion_scale=config.diffusion_scale)
     model.train(was_training)
     return negative_time(config, energy, x)
