@@ -1,7 +1,11 @@
 """Tests of boltzlab.training.idem: resumable and reproducible runs, the energy-evaluation
 counter against a count of the energies actually evaluated, the noised-energy estimate
 against the exact GMM-40 value, evaluation metrics on exact samples, the command line,
-and data-parallel training with the gloo backend on 2 CPU processes."""
+data-parallel training with the gloo backend on 2 CPU processes, and the bfloat16 training
+option (``precision``): autocast rounds exactly the linear layers' and pair sums' inputs
+(checked against the network with them rounded by hand), the loss and its gradient stay
+within bfloat16 rounding of float32, and a bfloat16 run trains, resumes and keeps its
+precision."""
 
 from __future__ import annotations
 
@@ -12,14 +16,17 @@ import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from boltzlab.energies import GaussianMixture, get_target
 from boltzlab.estimators import clip_score, mc_score
 from boltzlab.reference import load_reference
 from boltzlab.training import idem
+from boltzlab.training.compiled import LowPrecisionForward, with_precision
 from boltzlab.training.idem import (
     CheckpointError,
     TrainingConfigError,
@@ -27,6 +34,8 @@ from boltzlab.training.idem import (
     evaluate_samples,
     load_sampler,
     noised_energy_estimate,
+    regression_target,
+    target_loss,
     train_idem,
     train_to_completion,
 )
@@ -634,3 +643,90 @@ def test_profile_baseline_egnn_layer_is_the_same_function_over_all_n_by_n_pairs(
             before = baseline_egnn_layer_forward(layer, h, x)
             for a, b in zip(now, before):
                 torch.testing.assert_close(a, b, atol=1e-13, rtol=0)
+
+
+# ---- bfloat16 training (IDEMConfig.precision) ----
+
+
+def _lj13_network() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    config = config_for("lj13", hidden=32, n_layers=3)
+    torch.manual_seed(0)
+    model = idem.build_model(config, get_target("lj13"))
+    x = 0.7 * torch.randn(24, 39)
+    t = torch.rand(24)
+    return model, x, t
+
+
+_LINEAR, _EINSUM = F.linear, torch.einsum
+
+
+def _bf16_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    b = None if bias is None else bias.bfloat16()
+    return _LINEAR(input.bfloat16(), weight.bfloat16(), b)
+
+
+def _bf16_einsum(equation: str, *operands: torch.Tensor) -> torch.Tensor:
+    return _EINSUM(equation, *(op.bfloat16() for op in operands))
+
+
+def test_bfloat16_forward_equals_linear_layers_cast_by_hand() -> None:
+    model, x, t = _lj13_network()
+    with torch.no_grad():
+        _check_forward(model, x, t)
+
+
+def _check_forward(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor) -> None:
+    out = LowPrecisionForward(model)(x, t)
+    assert out.dtype == torch.float32
+    # the independent version: every linear layer's (and the pair sums') inputs rounded to
+    # bfloat16 by hand, everything else (coordinates, distances, scalings) untouched
+    with mock.patch.object(F, "linear", _bf16_linear), mock.patch.object(torch, "einsum", _bf16_einsum):
+        by_hand = model(x, t).float()
+    assert torch.equal(out, by_hand)
+    exact = model(x, t)
+    relative = (out - exact).norm() / exact.norm()
+    # rounded (bfloat16 keeps 8 bits: 2^-8 = 0.004 per product), but only to that order
+    assert 1e-4 < float(relative) < 3e-2
+
+
+def test_bfloat16_loss_and_gradient_within_rounding_of_float32() -> None:
+    config = config_for("lj13", hidden=32, n_layers=3, n_mc=64, batch_size=32)
+    energy = get_target("lj13")
+    torch.manual_seed(0)
+    model = idem.build_model(config, energy)
+    x0 = 0.7 * torch.randn(32, 39)
+    x_t, t, target = regression_target(config, energy, x0, torch.Generator().manual_seed(1))
+    params = list(model.parameters())
+    loss32 = target_loss(model, config, energy, x_t, t, target)
+    grad32 = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss32, params)])
+    loss16 = target_loss(with_precision(model, "bfloat16"), config, energy, x_t, t, target)
+    grad16 = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss16, params)])
+    assert loss16.dtype == torch.float32
+    assert float(loss16) == pytest.approx(float(loss32), rel=1e-2)
+    cosine = torch.dot(grad16, grad32) / (grad16.norm() * grad32.norm())
+    assert float(cosine) > 0.999
+    assert with_precision(model, "float32") is model
+
+
+def test_bfloat16_run_trains_resumes_and_keeps_its_precision(tmp_path: Path) -> None:
+    config = config_for("dw4", network="egnn", precision="bfloat16", **TINY)
+    full = train_idem(config, tmp_path / "full", progress=False)
+    assert full.outer == 4 and all(torch.isfinite(torch.tensor(h["loss"])) for h in full.history)
+    assert (tmp_path / "full" / "config.json").read_text().count('"precision": "bfloat16"') == 1
+    train_idem(config, tmp_path / "split", stop_after=2, progress=False)
+    resumed = train_idem(config, tmp_path / "split", resume=True, progress=False)
+    for a, b in zip(resumed.model.parameters(), full.model.parameters()):
+        assert torch.equal(a, b)
+    # the evaluations sample in float32, so their metrics are those of the float32 sampler
+    assert resumed.evaluations == full.evaluations
+    with pytest.raises(CheckpointError, match="precision"):
+        train_idem(config_for("dw4", network="egnn", **TINY), tmp_path / "split", resume=True, progress=False)
+
+
+def test_precision_settings_are_checked() -> None:
+    with pytest.raises(TrainingConfigError, match="unknown precision 'float16'"):
+        config_for("dw4", precision="float16")
+    with pytest.raises(TrainingConfigError, match="NEM"):
+        config_for("gmm40", method="nem", precision="bfloat16")
+    with pytest.raises(ValueError, match="unknown precision"):
+        with_precision(torch.nn.Identity(), "half")

@@ -8,7 +8,7 @@
   presets), :mod:`~boltzlab.training.sampler` (the score network and its reverse SDE),
   :mod:`~boltzlab.training.checkpoints` (training state, resume, warm start, loading a
   sampler), :mod:`~boltzlab.training.parallel` (DistributedDataParallel ranks),
-  :mod:`~boltzlab.training.compiled` (torch.compile with a fallback),
+  :mod:`~boltzlab.training.compiled` (torch.compile with a fallback, bfloat16 products),
   :mod:`~boltzlab.training.profile` (time per phase), :mod:`~boltzlab.training.mcmc_baseline`
   (MCMC at an equal energy budget) and :mod:`~boltzlab.training.cli`
   (``python -m boltzlab train ...``)

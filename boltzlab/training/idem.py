@@ -84,7 +84,7 @@ from boltzlab.training.checkpoints import (  # noqa: F401 (re-exported)
     warm_start_state,
     write_run_files,
 )
-from boltzlab.training.compiled import compile_wanted, maybe_compiled
+from boltzlab.training.compiled import compile_wanted, maybe_compiled, with_precision
 from boltzlab.training.idem_config import (  # noqa: F401 (re-exported: the training API in one place)
     CHECKPOINT,
     CONFIGS,
@@ -327,8 +327,9 @@ def train_idem(config: IDEMConfig, out_dir: str | Path | None = None, *, resume:
     if world > 1:
         model = nn.parallel.DistributedDataParallel(state.model)
     compiled = network_compiled(config, compile)
-    train_forward = maybe_compiled(model, compiled)
-    sample_forward = maybe_compiled(state.ema, compiled)
+    train_forward = with_precision(maybe_compiled(model, compiled), config.precision)
+    sample_forward = maybe_compiled(state.ema, compiled)  # evaluations: float32 always
+    refill_forward = with_precision(sample_forward, config.precision)
     reference = evaluation_reference(config.target, config.n_eval, torch.Generator().manual_seed(config.seed + 7))
     local_batch = config.batch_size // world
     local_refill = max(1, rank_share(config.n_refill, rank, world))
@@ -369,7 +370,7 @@ def train_idem(config: IDEMConfig, out_dir: str | Path | None = None, *, resume:
         if not from_prior:
             with timer("refill"):
                 state.buffer.add(sample_model(state.ema, config, energy, local_refill, state.generator,
-                                              forward=sample_forward))
+                                              forward=refill_forward))
             state.energy_evaluations += int(all_sum(sampling_energy_evaluations(config, local_refill)))
         state.outer = outer + 1
         spent = cpu_budget_s is not None and all_sum(float(time.process_time() - cpu_start >= cpu_budget_s)) > 0

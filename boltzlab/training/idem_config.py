@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from boltzlab.diffusion import SDE_INCREMENTS, GeometricNoiseSchedule
+from boltzlab.training.compiled import PRECISIONS
 from boltzlab.validation import check_positive_int
 
 METHODS = ("idem", "pdem", "nem")  # buffer points; prior points; noised-energy regression
@@ -81,6 +82,11 @@ class IDEMConfig:
     # public code's "negative time" for LJ-55); they cost n energy evaluations each
     negative_time_steps: int = 0
     negative_time_step: float = 1e-4
+    # arithmetic of the network's matrix products in the regression steps and the buffer
+    # refills: "float32", or "bfloat16" (torch.autocast; weights, targets and losses stay
+    # float32). The refills only choose where the regression trains, so their rounding cannot
+    # bias the learned score; evaluations and the shipped sampler always run in float32
+    precision: str = "float32"
 
     def __post_init__(self) -> None:
         from boltzlab.energies import TARGETS
@@ -106,6 +112,11 @@ class IDEMConfig:
             raise TrainingConfigError(f"negative_time_steps must be an int >= 0, got {self.negative_time_steps!r}")
         if not (math.isfinite(self.negative_time_step) and self.negative_time_step > 0):
             raise TrainingConfigError(f"negative_time_step must be positive, got {self.negative_time_step}")
+        if self.precision not in PRECISIONS:
+            raise TrainingConfigError(f"unknown precision {self.precision!r}; use one of {', '.join(PRECISIONS)}")
+        if self.precision != "float32" and self.method == "nem":
+            raise TrainingConfigError("precision='bfloat16' is for score networks; NEM's energy network trains "
+                                      "in float32")
         if self.estimator not in ("lse", "blended"):
             raise TrainingConfigError(f"unknown estimator {self.estimator!r}; use 'lse' or 'blended'")
         if self.blend_scale is not None and not (math.isfinite(self.blend_scale) and self.blend_scale > 0):

@@ -63,7 +63,7 @@ class TrainingProfile:
         c = self.config
         lines = [f"iDEM {c.target}: hidden {c.hidden} x {c.n_layers} layers, B = {c.batch_size}, K = {c.n_mc}, "
                  f"{c.inner_steps} regression steps and {c.n_refill} x {c.sde_steps} refill per outer iteration, "
-                 f"{self.world} process(es), compiled: {self.compiled}",
+                 f"{self.world} process(es), compiled: {self.compiled}, precision: {c.precision}",
                  "",
                  "| phase | s / outer iteration | share |",
                  "|---|---|---|"]
