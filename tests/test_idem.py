@@ -459,6 +459,10 @@ def test_final_evaluation_ships_n_fresh_samples_reproducibly(tmp_path: Path) -> 
     torch.testing.assert_close(torch.load(tmp_path / "samples.pt"), samples)
     assert again == first
     assert sum("n_samples" in e for e in json.loads((tmp_path / "metrics.json").read_text())["evaluations"]) == 1
+    # through torch.compile: the same samples to float32 rounding (same noise, same network)
+    idem.final_evaluation(tmp_path, 40, progress=False, compile=True)
+    torch.testing.assert_close(torch.load(tmp_path / "samples.pt"), samples, rtol=1e-4, atol=1e-4)
+    idem.final_evaluation(tmp_path, 40, progress=False)
     # the run still resumes, keeping the evaluation in its history
     state = train_idem(replace(config, n_outer=config.n_outer + 1), tmp_path, resume=True, progress=False)
     assert any("n_samples" in e for e in state.evaluations)

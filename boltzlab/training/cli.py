@@ -149,7 +149,8 @@ def _train_command(argv: list[str] | None) -> int:
         if distributed:
             dist.destroy_process_group()
     if rank == 0 and args.final_samples is not None:
-        state.evaluations.append(idem.final_evaluation(args.out, args.final_samples, progress=not args.no_progress))
+        state.evaluations.append(idem.final_evaluation(args.out, args.final_samples, progress=not args.no_progress,
+                                                       compile=args.compile))
     if rank == 0:
         final = state.evaluations[-1] if state.evaluations else {}
         print(json.dumps({"outer": state.outer, "energy_evaluations": state.energy_evaluations,

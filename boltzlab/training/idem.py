@@ -419,13 +419,15 @@ def train_idem(config: IDEMConfig, out_dir: str | Path | None = None, *, resume:
     return state
 
 
-def final_evaluation(out_dir: str | Path, n: int, progress: bool = True) -> dict[str, float]:
+def final_evaluation(out_dir: str | Path, n: int, progress: bool = True,
+                     compile: bool | None = None) -> dict[str, float]:
     """Evaluate the checkpoint in ``out_dir`` on ``n`` fresh samples of its plain sampler (the
     number a shipped checkpoint's targets are checked on) against the whole reference set
     (:func:`evaluation_reference` with ``n=None``; recorded as ``"reference_samples"``); save
     them as ``samples.pt`` and the result as the run's last evaluation (``metrics.json`` and the
     checkpoint), marked with ``"n_samples"``. Seeded by the config and the outer iteration, like
-    the evaluations during training, so the same checkpoint gives the same samples."""
+    the evaluations during training, so the same checkpoint gives the same samples (``compile``,
+    as for training, runs the network through torch.compile: float32 rounding only)."""
     out = Path(out_dir)
     payload = _load_payload(out)
     config = IDEMConfig(**payload["config"])
@@ -434,8 +436,9 @@ def final_evaluation(out_dir: str | Path, n: int, progress: bool = True) -> dict
     sampler = _sampler_from_payload(payload)
     outer = payload["outer"]
     generator = torch.Generator().manual_seed(config.seed + 10_007 * outer + 1)
+    forward = maybe_compiled(sampler.model, network_compiled(config, compile))
     with torch.no_grad():
-        x = sampler.sample(n, generator, progress=progress)
+        x = sample_model(sampler.model, config, sampler.energy, n, generator, progress=progress, forward=forward)
     reference = evaluation_reference(config.target, None, torch.Generator().manual_seed(config.seed + 7))
     # x-W2 subsamples with its own seeded generator, so the metrics can be recomputed from the files
     metrics_gen = torch.Generator().manual_seed(config.seed)
