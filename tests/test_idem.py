@@ -676,18 +676,14 @@ def _bf16_einsum(equation: str, *operands: torch.Tensor) -> torch.Tensor:
 def test_bfloat16_forward_equals_linear_layers_cast_by_hand() -> None:
     model, x, t = _lj13_network()
     with torch.no_grad():
-        _check_forward(model, x, t)
-
-
-def _check_forward(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor) -> None:
-    out = LowPrecisionForward(model)(x, t)
+        out = LowPrecisionForward(model)(x, t)
+        # the independent version: every linear layer's (and the pair sums') inputs rounded to
+        # bfloat16 by hand, everything else (coordinates, distances, scalings) untouched
+        with mock.patch.object(F, "linear", _bf16_linear), mock.patch.object(torch, "einsum", _bf16_einsum):
+            by_hand = model(x, t).float()
+        exact = model(x, t)
     assert out.dtype == torch.float32
-    # the independent version: every linear layer's (and the pair sums') inputs rounded to
-    # bfloat16 by hand, everything else (coordinates, distances, scalings) untouched
-    with mock.patch.object(F, "linear", _bf16_linear), mock.patch.object(torch, "einsum", _bf16_einsum):
-        by_hand = model(x, t).float()
     assert torch.equal(out, by_hand)
-    exact = model(x, t)
     relative = (out - exact).norm() / exact.norm()
     # rounded (bfloat16 keeps 8 bits: 2^-8 = 0.004 per product), but only to that order
     assert 1e-4 < float(relative) < 3e-2

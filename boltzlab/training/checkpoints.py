@@ -213,9 +213,10 @@ class TrainedSampler:
     evaluations: list[dict[str, float]]
 
     def sample(self, n: int, generator: torch.Generator | None = None, sde_steps: int | None = None,
-               progress: bool = False) -> Tensor:
-        """n samples from the reverse SDE, (n, dim)."""
-        return sample_model(self.model, self.config, self.energy, n, generator, sde_steps, progress)
+               progress: bool = False, forward: nn.Module | None = None) -> Tensor:
+        """n samples from the reverse SDE, (n, dim); ``forward`` (e.g. the compiled model) as in
+        :func:`~boltzlab.training.sampler.sample_model`."""
+        return sample_model(self.model, self.config, self.energy, n, generator, sde_steps, progress, forward)
 
 
 def load_sampler(path: str | Path) -> TrainedSampler:

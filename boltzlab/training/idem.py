@@ -438,7 +438,7 @@ def final_evaluation(out_dir: str | Path, n: int, progress: bool = True,
     generator = torch.Generator().manual_seed(config.seed + 10_007 * outer + 1)
     forward = maybe_compiled(sampler.model, network_compiled(config, compile))
     with torch.no_grad():
-        x = sample_model(sampler.model, config, sampler.energy, n, generator, progress=progress, forward=forward)
+        x = sampler.sample(n, generator, progress=progress, forward=forward)
     reference = evaluation_reference(config.target, None, torch.Generator().manual_seed(config.seed + 7))
     # x-W2 subsamples with its own seeded generator, so the metrics can be recomputed from the files
     metrics_gen = torch.Generator().manual_seed(config.seed)
