@@ -222,6 +222,8 @@ class Chapter06Sizes:
     retrain: bool  # retrain every target with its shipped config and rerun equal-budget MCMC
     hybrid_samples: int  # DW-4 samples per switch level where the Monte Carlo score replaces the network
     hybrid_sde_steps: int  # reverse-SDE steps of those samples
+    from_data_samples: int  # LJ-13 reference configurations noised and brought back per noise level
+    from_data_steps: int  # reverse-SDE steps per unit of t there (the shipped sampler: 1000)
 
 
 @dataclass(frozen=True)
@@ -361,21 +363,22 @@ _REGISTRY: dict[str, dict[str, Any]] = {
                                 yardstick_draws=3, spread_seeds=2, spread_samples=200,
                                 equivariance_batch=4, estimator_points=16, estimator_repeats=4,
                                 estimator_ref_k=20_000, floor_samples=500, corrector_steps=20, widget_samples=400,
-                                widget_sde_steps=200, retrain=False, hybrid_samples=64, hybrid_sde_steps=50),
+                                widget_sde_steps=200, retrain=False, hybrid_samples=64, hybrid_sde_steps=50,
+                                from_data_samples=64, from_data_steps=100),
         "laptop": Chapter06Sizes(demo_outer=10, demo_inner=40, demo_batch=128, demo_n_mc=128, demo_refill=500,
                                  demo_sde_steps=100, demo_eval=1_000, fresh_samples=64, fresh_sde_steps=100,
                                  yardstick_draws=10, spread_seeds=3, spread_samples=2_000,
                                  equivariance_batch=16, estimator_points=32, estimator_repeats=8,
                                  estimator_ref_k=20_000, floor_samples=1_000, corrector_steps=100,
                                  widget_samples=1_000, widget_sde_steps=200, retrain=False, hybrid_samples=1_000,
-                                 hybrid_sde_steps=100),
+                                 hybrid_sde_steps=100, from_data_samples=500, from_data_steps=400),
         "full": Chapter06Sizes(demo_outer=40, demo_inner=100, demo_batch=256, demo_n_mc=256, demo_refill=1_000,
                                demo_sde_steps=200, demo_eval=1_000, fresh_samples=1_000, fresh_sde_steps=200,
                                yardstick_draws=10, spread_seeds=5, spread_samples=2_000,
                                equivariance_batch=64, estimator_points=128, estimator_repeats=16,
                                estimator_ref_k=100_000, floor_samples=2_000, corrector_steps=200,
                                widget_samples=2_000, widget_sde_steps=200, retrain=True, hybrid_samples=2_000,
-                               hybrid_sde_steps=200),
+                               hybrid_sde_steps=200, from_data_samples=1_000, from_data_steps=1_000),
     },
     "07": {
         "smoke": Chapter07Sizes(n_train=2_000, batch_size=128, hidden=32, gmm_steps=150, dw_steps=150,

@@ -73,6 +73,7 @@ AXIS_LABELS: dict[str, str] = {
     "loss": "loss",
     "ess_fraction": "ESS / n",
     "log_z": "log Z",
+    "sigma_start": "noise level started from (sigma)",
 }
 """Human labels of the metric keys that records and configs use (see :func:`axis_label`)."""
 

@@ -163,3 +163,58 @@ def test_a_variant_held_by_a_live_process_is_skipped_and_a_stale_claim_is_taken(
     assert not (tmp_path / "base" / ".running").exists()  # released after training
     assert (tmp_path / "k128" / ".running").read_text() == str(sleeper.pid)
     assert os.path.isfile(tmp_path / "base" / "ablation.json")
+
+
+class _GMMScore(torch.nn.Module):
+    """The exact noised score of GMM-40, times ``factor`` where ``band[0] < sigma_t < band[1]`` (a
+    score that is wrong in one band of noise levels only)."""
+
+    def __init__(self, schedule, factor: float = 1.0, band: tuple[float, float] = (0.0, 0.0)) -> None:
+        super().__init__()
+        from boltzlab.energies import GaussianMixture
+
+        self.gmm, self.schedule, self.factor, self.band = GaussianMixture(), schedule, factor, band
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        from boltzlab.estimators import gmm_noised_score
+
+        sigma = self.schedule.std(t)
+        scale = torch.where((sigma > self.band[0]) & (sigma < self.band[1]), self.factor, 1.0).to(x.dtype)
+        return scale[:, None] * gmm_noised_score(self.gmm, x, sigma)
+
+
+def test_denoise_from_reference_finds_the_band_where_a_score_is_wrong() -> None:
+    from boltzlab.energies import GaussianMixture
+    from boltzlab.training.checkpoints import TrainedSampler
+
+    config = config_for("gmm40")
+    torch.manual_seed(0)  # GMM-40's whole "reference set" is a fresh exact draw
+
+    def rows_of(model: torch.nn.Module) -> dict[str, dict[str, float]]:
+        sampler = TrainedSampler(model, config, GaussianMixture(), 0, 0.0, [])
+        rows = ablation.denoise_from_reference(sampler, [30.0, 0.3], n=2000, steps_per_unit=200, seed=3)
+        assert [r["start"] for r in rows] == ["reference", "data", "data", "prior"]
+        assert [r["sigma_start"] for r in rows[1:3]] == [0.3, 30.0]  # sorted
+        return {f"{r['start']}{r['sigma_start']:g}": r for r in rows}
+
+    exact = rows_of(_GMMScore(config.schedule))
+    floor = exact["reference0"]["energy_w2"]  # exact samples against exact samples: sampling noise
+    for key, r in exact.items():
+        assert r["modes_covered"] == 40, key
+        assert r["energy_w2"] < 3 * floor + 0.05, (key, r, floor)
+    # half the score for 0.5 < sigma < 3: a start below the band never meets it, one above does
+    wrong = rows_of(_GMMScore(config.schedule, factor=0.5, band=(0.5, 3.0)))
+    assert wrong["data0.3"]["energy_w2"] < 3 * floor + 0.05, wrong["data0.3"]
+    assert wrong["data30"]["energy_w2"] > 10 * max(wrong["data0.3"]["energy_w2"], floor), wrong
+    assert wrong["prior70"]["energy_w2"] > 10 * max(wrong["data0.3"]["energy_w2"], floor), wrong
+    with pytest.raises(TrainingConfigError, match="n must be between 2"):
+        ablation.denoise_from_reference(TrainedSampler(_GMMScore(config.schedule), config, GaussianMixture(), 0, 0.0, []),
+                                        [1.0], n=1)
+
+
+def test_from_data_command_refuses_a_checkpoint_of_another_target(capsys: pytest.CaptureFixture[str]) -> None:
+    from boltzlab.training.idem import shipped_checkpoint
+
+    with pytest.raises(SystemExit):
+        ablation.main(["lj13", "--from-data", str(shipped_checkpoint("dw4")), "--n-eval", "8"])
+    assert "is a dw4 checkpoint, not lj13" in capsys.readouterr().err

@@ -111,6 +111,66 @@ def test_reverse_sde_with_the_exact_score_recovers_the_gaussian_target():
     assert torch.equal(again, D.reverse_sde_sample(exact_score, SCHEDULE, x1[:100], 20, generator=gen(1)))
 
 
+def chain_variance_from(sigma_start: float, n_steps: int, score_factor) -> float:
+    """Exact per-coordinate variance of the Euler reverse-SDE chain started at t(sigma_start) from
+    p_t = N(0, S0^2 + sigma_start^2) with the score c(sigma_t) * (exact score)."""
+    t_s = float(SCHEDULE.time_at_std(torch.tensor(sigma_start, dtype=torch.float64)))
+    times = torch.linspace(t_s, 0.0, n_steps + 1, dtype=torch.float64)
+    deltas = D.sde_variance_increments(SCHEDULE, times, "euler")
+    v = S0**2 + sigma_start**2
+    for k in range(n_steps):
+        var_k = float(SCHEDULE.variance(times[k]))
+        a = 1.0 - score_factor(math.sqrt(var_k)) * float(deltas[k]) / (S0**2 + var_k)
+        v = a * a * v + float(deltas[k])
+    return v
+
+
+def test_reverse_sde_from_data_localises_a_wrong_score_in_noise_level():
+    n, dim, steps = 20_000, 2, 200
+    x0 = torch.randn(n, dim, generator=gen(4), dtype=torch.float64) * S0  # exact samples of p_0
+    se_rel = math.sqrt(2.0 / (n * dim))
+    # the exact score: from every noise level the chain returns p_0 (to its O(dt) bias)
+    for sigma_s in (0.05, 0.3, 0.9):
+        x = D.reverse_sde_from_data(exact_score, SCHEDULE, x0, sigma_s, steps, generator=gen(5))
+        v_chain = chain_variance_from(sigma_s, steps, lambda s_: 1.0)
+        assert abs(v_chain / S0**2 - 1) < 0.02
+        assert float(x.pow(2).mean()) / v_chain == pytest.approx(1.0, abs=5 * se_rel)
+
+    # a score that is half what it should be above sigma_t = 0.2, exact below
+    def half_above(sigma_t: float) -> float:
+        return 0.5 if sigma_t > 0.2 else 1.0
+
+    def wrong_score(x, t):
+        factor = torch.where(SCHEDULE.std(t) > 0.2, 0.5, 1.0).to(x.dtype)
+        return factor[:, None] * exact_score(x, t)
+
+    below = D.reverse_sde_from_data(wrong_score, SCHEDULE, x0, 0.15, steps, generator=gen(6))
+    above = D.reverse_sde_from_data(wrong_score, SCHEDULE, x0, 0.9, steps, generator=gen(6))
+    v_below, v_above = chain_variance_from(0.15, steps, half_above), chain_variance_from(0.9, steps, half_above)
+    assert v_below == pytest.approx(chain_variance_from(0.15, steps, lambda s_: 1.0), rel=1e-12)  # never sees it
+    assert float(below.pow(2).mean()) / S0**2 == pytest.approx(1.0, abs=0.02 + 5 * se_rel)
+    assert v_above / S0**2 > 1.2  # the error lives above 0.2, and only a start above it shows it
+    assert float(above.pow(2).mean()) / v_above == pytest.approx(1.0, abs=5 * se_rel)
+    # seeded, and the default start of the reverse SDE is unchanged
+    assert torch.equal(D.reverse_sde_from_data(exact_score, SCHEDULE, x0[:50], 0.3, 10, generator=gen(7)),
+                       D.reverse_sde_from_data(exact_score, SCHEDULE, x0[:50], 0.3, 10, generator=gen(7)))
+    x1 = exact_prior(50, dim, seed=8)
+    assert torch.equal(D.reverse_sde_sample(exact_score, SCHEDULE, x1, 10, generator=gen(9)),
+                       D.reverse_sde_sample(exact_score, SCHEDULE, x1, 10, generator=gen(9), t_start=1.0))
+
+
+def test_reverse_sde_from_data_rejects_bad_input():
+    x0 = torch.zeros(4, 2)
+    with pytest.raises(D.DiffusionInputError, match="sigma_start must be positive"):
+        D.reverse_sde_from_data(exact_score, SCHEDULE, x0, 0.0, 10)
+    with pytest.raises(D.DiffusionInputError, match="beyond the schedule's sigma_1"):
+        D.reverse_sde_from_data(exact_score, SCHEDULE, x0, 5.0, 10)
+    with pytest.raises(D.DiffusionInputError, match="x0 contains NaN"):
+        D.reverse_sde_from_data(exact_score, SCHEDULE, torch.full((4, 2), float("nan")), 0.3, 10)
+    with pytest.raises(D.DiffusionInputError, match="t_end < t_start"):
+        D.reverse_sde_sample(exact_score, SCHEDULE, x0, 10, t_start=0.2, t_end=0.5)
+
+
 def test_euler_maruyama_bias_is_first_order():
     # halving dt halves the variance error: the recursion tracks the scheme, not the SDE
     errs = [abs(euler_maruyama_variance(k) - S0**2) for k in (100, 200, 400)]

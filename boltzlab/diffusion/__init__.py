@@ -40,7 +40,8 @@ Every public name is importable from ``boltzlab.diffusion`` itself; the modules:
 - :mod:`boltzlab.diffusion.schedule`  the forward process: :class:`GeometricNoiseSchedule`,
   :func:`sample_prior`, :func:`perturb`, :func:`sample_times`
 - :mod:`boltzlab.diffusion.sampling`  the reverse SDE (:func:`sde_variance_increments`,
-  :func:`reverse_sde_sample`, :func:`reverse_sde_step`) and the probability-flow ODE
+  :func:`reverse_sde_sample`, :func:`reverse_sde_step`), the diagnostics that localise a
+  score's error in noise level (:func:`reverse_sde_from_data`, :func:`score_with_mc_below`) and the probability-flow ODE
   (:func:`pf_ode_drift`, :func:`probability_flow_sample`)
 - :mod:`boltzlab.diffusion.dsm`       denoising score matching: :func:`denoising_score_matching_loss`,
   :func:`dsm_loss`, :func:`tweedie_denoise` and the training loop :func:`fit_score_model`
@@ -68,6 +69,7 @@ from boltzlab.diffusion.sampling import (
     SDE_INCREMENTS,
     pf_ode_drift,
     probability_flow_sample,
+    reverse_sde_from_data,
     reverse_sde_sample,
     reverse_sde_step,
     score_with_mc_below,
@@ -96,6 +98,7 @@ __all__ = [
     "perturb",
     "pf_ode_drift",
     "probability_flow_sample",
+    "reverse_sde_from_data",
     "reverse_sde_sample",
     "reverse_sde_step",
     "sample_prior",

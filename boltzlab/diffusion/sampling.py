@@ -63,13 +63,16 @@ def reverse_sde_sample(
     return_trajectory: bool = False,
     increment: str = "euler",
     diffusion_scale: float = 1.0,
+    t_start: float = 1.0,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """The reverse SDE from t = 1 to ``t_end`` (:mod:`boltzlab.diffusion`'s docstring for the update).
+    """The reverse SDE from ``t_start`` (default 1) to ``t_end`` (:mod:`boltzlab.diffusion`'s
+    docstring for the update).
 
     Args:
         score: s(x, t), (B, dim), (B,) -> (B, dim).
-        x1: starting states at t = 1, (B, dim) (see :func:`sample_prior`).
-        n_steps: equal steps of size dt = (1 - t_end) / n_steps.
+        x1: starting states at ``t_start``, (B, dim) (at t = 1: :func:`sample_prior`; at an
+            earlier time: :func:`reverse_sde_from_data`).
+        n_steps: equal steps of size dt = (t_start - t_end) / n_steps.
         project: projection applied to each noise draw and state (centre-of-mass removal).
         return_trajectory: also return the states at every step, (n_steps + 1, B, dim).
         increment: ``"euler"`` (Delta = g(t)^2 dt, Euler-Maruyama) or ``"exact"``
@@ -85,11 +88,13 @@ def reverse_sde_sample(
     _check_steps(n_steps)
     if not (math.isfinite(diffusion_scale) and diffusion_scale >= 0):
         raise DiffusionInputError(f"diffusion_scale must be finite and >= 0, got {diffusion_scale}")
+    if not (0.0 <= t_end < t_start <= 1.0):
+        raise DiffusionInputError(f"need 0 <= t_end < t_start <= 1, got t_start={t_start}, t_end={t_end}")
     x = _check_state(x1, name="x1").clone()
     project = project or _identity
-    times = _time_grid(n_steps, 1.0, t_end, x)
+    times = _time_grid(n_steps, t_start, t_end, x)
     deltas = sde_variance_increments(schedule, times, increment)  # also rejects an unknown increment
-    dt = (1.0 - t_end) / n_steps
+    dt = (t_start - t_end) / n_steps
     trajectory = [x.clone()] if return_trajectory else []
     for k in tqdm(range(n_steps), desc="reverse SDE", disable=not progress, leave=False):
         t = times[k].expand(x.shape[0])
@@ -107,6 +112,46 @@ def reverse_sde_sample(
     if return_trajectory:
         return x, torch.stack(trajectory)
     return x
+
+
+def reverse_sde_from_data(
+    score: ScoreFn,
+    schedule: GeometricNoiseSchedule,
+    x0: Tensor,
+    sigma_start: float,
+    n_steps: int,
+    *,
+    project: Projection | None = None,
+    generator: torch.Generator | None = None,
+    increment: str = "euler",
+    diffusion_scale: float = 1.0,
+) -> Tensor:
+    r"""Noise samples of the target to ``sigma_start`` and run the reverse SDE back to t = 0:
+    (B, dim) -> (B, dim).
+
+        x_s = x_0 + sigma_start * eps,   t_s = t(sigma_start),   then reverse SDE t_s -> 0
+
+    in ``n_steps`` equal steps. If ``x0`` are exact samples of p_0, then x_s are exact samples
+    of p_{t_s}, so with the exact score the output is distributed as p_0 again (up to the
+    steps' discretisation) for every ``sigma_start``: whatever is wrong with the output was
+    done by the score on sigma_t <= ``sigma_start`` alone. Repeated for increasing
+    ``sigma_start``, it shows the noise band where a learned score goes wrong; unlike replacing
+    the score by a Monte Carlo estimate there (:func:`score_with_mc_below`) it needs no energy
+    evaluations, so it also works where no affordable estimate is accurate.
+    ``x0`` (B, dim), e.g. a reference set; ``project`` as in :func:`reverse_sde_sample`.
+    """
+    x0 = _check_state(x0, name="x0")
+    if not (math.isfinite(sigma_start) and sigma_start > 0):
+        raise DiffusionInputError(f"sigma_start must be positive and finite, got {sigma_start}")
+    t_start = float(schedule.time_at_std(torch.tensor(float(sigma_start), dtype=torch.float64)))
+    if t_start > 1.0:
+        raise DiffusionInputError(f"sigma_start {sigma_start} lies beyond the schedule's sigma_1 "
+                                  f"{float(schedule.std(torch.tensor(1.0, dtype=torch.float64))):.4g}")
+    project = project or _identity
+    eps = project(torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device))
+    return reverse_sde_sample(score, schedule, project(x0 + sigma_start * eps), n_steps, project=project,
+                              generator=generator, increment=increment, diffusion_scale=diffusion_scale,
+                              t_start=t_start)
 
 
 def pf_ode_drift(score: ScoreFn, schedule: GeometricNoiseSchedule, x: Tensor, t: Tensor) -> Tensor:

@@ -1,5 +1,6 @@
 """What matters in iDEM, measured: one-factor ablations of a base config at a fixed CPU budget,
-and sweeps of the sampler (SDE steps, diffusion scale) on one trained checkpoint.
+sweeps of the sampler (SDE steps, diffusion scale) on one trained checkpoint, and where in
+noise level a checkpoint's score goes wrong (:func:`denoise_from_reference`).
 
 Each variant changes one thing in which the course's CPU recipe departs from the public iDEM
 code's config (:data:`~boltzlab.training.idem_config.PAPER_CONFIGS`): the target's form, the
@@ -25,8 +26,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
-from boltzlab.training.checkpoints import _load_payload, _sampler_from_payload
+from boltzlab.training.checkpoints import (
+    TrainedSampler,
+    _load_payload,
+    _sampler_from_payload,
+)
 from boltzlab.training.idem import (
     CHECKPOINT,
     CONFIGS,
@@ -186,6 +192,64 @@ def sampler_sweep(path: str | Path, n: int, sde_steps: list[int], diffusion_scal
     return rows
 
 
+def denoise_from_reference(path: str | Path | TrainedSampler, sigmas: list[float], n: int,
+                           steps_per_unit: int | None = None, seed: int = 0, compile: bool = False,
+                           progress: bool = False) -> list[dict[str, float]]:
+    """Where in noise level a checkpoint's score goes wrong, measured without energy evaluations.
+
+    ``n`` configurations of the reference set are noised to each ``sigmas`` level and brought
+    back to t = 0 by the checkpoint's own sampler (its reverse SDE, diffusion scale and
+    negative-time steps included; :func:`~boltzlab.diffusion.reverse_sde_from_data`), in about
+    ``steps_per_unit`` steps per unit of t (default: the checkpoint's ``sde_steps``, its
+    sampler's step size). With the exact score every row would match the
+    reference, so a row's error is made by the network on sigma_t <= its level alone. Two more
+    rows bracket them: the configurations themselves ("reference": the metrics' floor at ``n``
+    samples) and the sampler from the prior ("prior": t = 1 with ``steps_per_unit`` steps).
+    Metrics are :func:`~boltzlab.training.idem.evaluate_samples` against the whole reference
+    set; every row uses the same ``n`` configurations and ``seed``. ``path``: a checkpoint
+    directory or a loaded :class:`~boltzlab.training.checkpoints.TrainedSampler`. Returns one
+    dict per row.
+    """
+    from boltzlab.diffusion import (
+        reverse_sde_from_data,
+        reverse_sde_sample,
+        sample_prior,
+    )
+    from boltzlab.training.compiled import CompiledForward
+    from boltzlab.training.sampler import chunked_score, negative_time, score_chunk
+
+    sampler = path if isinstance(path, TrainedSampler) else _sampler_from_payload(_load_payload(Path(path)))
+    config, energy = sampler.config, sampler.energy
+    steps_per_unit = config.sde_steps if steps_per_unit is None else steps_per_unit
+    reference = evaluation_reference(config.target, None)
+    if not 2 <= n <= reference.shape[0]:
+        raise TrainingConfigError(f"n must be between 2 and the reference set's {reference.shape[0]}, got {n}")
+    generator = torch.Generator().manual_seed(seed)
+    x0 = reference[torch.randperm(reference.shape[0], generator=generator)[:n]]
+    project = getattr(energy, "remove_com", None)
+    score = chunked_score(CompiledForward(sampler.model) if compile else sampler.model, score_chunk(energy))
+    sde = {"project": project, "increment": config.sde_increment, "diffusion_scale": config.diffusion_scale}
+
+    def row(label: str, sigma: float, t: float, steps: int, x: torch.Tensor) -> dict[str, float]:
+        metrics = evaluate_samples(energy, x, reference, torch.Generator().manual_seed(seed + 8))
+        return {"start": label, "sigma_start": sigma, "t_start": t, "sde_steps": float(steps), **metrics}
+
+    rows = [row("reference", 0.0, 0.0, 0, x0)]
+    with torch.no_grad():
+        for sigma in tqdm(sorted(sigmas), desc="noise levels", disable=not progress):
+            t = float(config.schedule.time_at_std(torch.tensor(float(sigma), dtype=torch.float64)))
+            steps = max(1, math.ceil(t * steps_per_unit))
+            x = reverse_sde_from_data(score, config.schedule, x0, sigma, steps,
+                                      generator=torch.Generator().manual_seed(seed + 1), **sde)
+            rows.append(row("data", sigma, t, steps, negative_time(config, energy, x)))
+        g = torch.Generator().manual_seed(seed + 1)
+        x1 = sample_prior(config.schedule, n, energy.dim, project=project, generator=g)
+        x = reverse_sde_sample(score, config.schedule, x1, steps_per_unit, generator=g, **sde)
+        rows.append(row("prior", float(config.schedule.std(torch.tensor(1.0))), 1.0, steps_per_unit,
+                        negative_time(config, energy, x)))
+    return rows
+
+
 RECORDS_DIR = Path(__file__).resolve().parents[1] / "data" / "records"
 
 
@@ -286,6 +350,16 @@ def load_scaling_records(target: str, records_dir: Path = RECORDS_DIR) -> list[d
     return [r for r in records if r["target"] == target]
 
 
+def load_from_data_record(target: str, records_dir: Path = RECORDS_DIR) -> dict[str, Any]:
+    """The saved :func:`denoise_from_reference` rows of ``target``'s shipped checkpoint
+    (``python -m boltzlab ablate TARGET --from-data CHECKPOINT``)."""
+    path = records_dir / f"from_data_{target}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no from-data record for {target!r} at {path}; run `python -m boltzlab ablate "
+                                f"{target} --from-data boltzlab/data/checkpoints/{target}`")
+    return json.loads(path.read_text())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m boltzlab ablate", description=__doc__.split("\n\n")[0])
     # any target's run can be recorded as a scaling curve (--record); the ablation itself has a base for LJ-13
@@ -304,6 +378,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spread", type=Path, metavar="ABLATION_DIR",
                         help="instead: re-evaluate ABLATION_DIR's base checkpoint on fresh samples with seeds "
                              "1 and 2 (the metrics' sampling noise), saved beside it for --publish")
+    parser.add_argument("--from-data", type=Path, metavar="CHECKPOINT",
+                        help="instead: noise reference configurations to each of --sigmas and run CHECKPOINT's "
+                             "sampler back to t = 0 (where in noise level its score goes wrong), saved as "
+                             "boltzlab/data/records/from_data_TARGET.json")
+    parser.add_argument("--sigmas", type=float, nargs="+", default=[0.03, 0.1, 0.2, 0.3, 0.5, 1.0],
+                        help="noise levels for --from-data")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: the budget is process CPU time, and two "
                              "processes splitting the variants with --only should not compete)")
@@ -316,6 +396,20 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--cpu-minutes must be positive and --n-eval at least 2")
     if args.publish is not None:
         print(save_ablation_record(args.publish, args.target))
+        return 0
+    if args.from_data is not None:
+        trained_on = _load_payload(args.from_data)["config"]["target"]
+        if trained_on != args.target:
+            parser.error(f"{args.from_data} is a {trained_on} checkpoint, not {args.target}")
+        rows = denoise_from_reference(args.from_data, args.sigmas, args.n_eval, compile=True,
+                                      progress=not args.no_progress)
+        RECORDS_DIR.mkdir(parents=True, exist_ok=True)
+        path = RECORDS_DIR / f"from_data_{args.target}.json"  # what load_from_data_record reads
+        path.write_text(json.dumps({"target": args.target, "checkpoint": str(args.from_data), "n": args.n_eval,
+                                    "sigmas": sorted(args.sigmas), "seed": 0, "rows": rows}, indent=1) + "\n")
+        for r in rows:
+            print(json.dumps(r))
+        print(path)
         return 0
     if args.spread is not None:
         for row in sampling_spread(args.spread):
