@@ -1394,8 +1394,10 @@ if lj55_runs:
 # the clip loosened below as in LJ-13's second phase ($6/\sigma_t$), brought LJ-55's distances
 # under the target within about ten outer iterations and kept them near it for forty, with the
 # energies still far above the reference's (one evaluation even had an overlapping pair), and
-# then lost them again; continued at a lower learning rate it did not come back in the time
-# this was run. The looser clips never came close. So the LJ-55 target is within this network's
+# then lost them again (continued from there at learning rate $10^{-3}$ or $3\cdot10^{-4}$, they did
+# not come back in the time this was run). From the second phase's weights at $3\cdot10^{-4}$ (record
+# `lj55_clip_tight_lr3e-4`) the distances went lower still, 0.03-0.09, but every evaluation
+# held overlapping pairs. The looser clips never came close. So the LJ-55 target is within this network's
 # reach, but not yet as a stable result of training: the shipped LJ-55 checkpoint stays the
 # second phase's, and its target stays missed (the verdict table above). On LJ-13 the same
 # tighter clip changed nothing measurable in 30 outer iterations (`benchmarks/README.md`).
