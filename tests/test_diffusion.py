@@ -111,20 +111,6 @@ def test_reverse_sde_with_the_exact_score_recovers_the_gaussian_target():
     assert torch.equal(again, D.reverse_sde_sample(exact_score, SCHEDULE, x1[:100], 20, generator=gen(1)))
 
 
-def chain_variance_from(sigma_start: float, n_steps: int, score_factor) -> float:
-    """Exact per-coordinate variance of the Euler reverse-SDE chain started at t(sigma_start) from
-    p_t = N(0, S0^2 + sigma_start^2) with the score c(sigma_t) * (exact score)."""
-    t_s = float(SCHEDULE.time_at_std(torch.tensor(sigma_start, dtype=torch.float64)))
-    times = torch.linspace(t_s, 0.0, n_steps + 1, dtype=torch.float64)
-    deltas = D.sde_variance_increments(SCHEDULE, times, "euler")
-    v = S0**2 + sigma_start**2
-    for k in range(n_steps):
-        var_k = float(SCHEDULE.variance(times[k]))
-        a = 1.0 - score_factor(math.sqrt(var_k)) * float(deltas[k]) / (S0**2 + var_k)
-        v = a * a * v + float(deltas[k])
-    return v
-
-
 def test_reverse_sde_from_data_localises_a_wrong_score_in_noise_level():
     n, dim, steps = 20_000, 2, 200
     x0 = torch.randn(n, dim, generator=gen(4), dtype=torch.float64) * S0  # exact samples of p_0
@@ -132,7 +118,7 @@ def test_reverse_sde_from_data_localises_a_wrong_score_in_noise_level():
     # the exact score: from every noise level the chain returns p_0 (to its O(dt) bias)
     for sigma_s in (0.05, 0.3, 0.9):
         x = D.reverse_sde_from_data(exact_score, SCHEDULE, x0, sigma_s, steps, generator=gen(5))
-        v_chain = chain_variance_from(sigma_s, steps, lambda s_: 1.0)
+        v_chain = chain_variance(steps, sigma_start=sigma_s)
         assert abs(v_chain / S0**2 - 1) < 0.02
         assert float(x.pow(2).mean()) / v_chain == pytest.approx(1.0, abs=5 * se_rel)
 
@@ -146,8 +132,9 @@ def test_reverse_sde_from_data_localises_a_wrong_score_in_noise_level():
 
     below = D.reverse_sde_from_data(wrong_score, SCHEDULE, x0, 0.15, steps, generator=gen(6))
     above = D.reverse_sde_from_data(wrong_score, SCHEDULE, x0, 0.9, steps, generator=gen(6))
-    v_below, v_above = chain_variance_from(0.15, steps, half_above), chain_variance_from(0.9, steps, half_above)
-    assert v_below == pytest.approx(chain_variance_from(0.15, steps, lambda s_: 1.0), rel=1e-12)  # never sees it
+    v_below = chain_variance(steps, sigma_start=0.15, score_factor=half_above)
+    v_above = chain_variance(steps, sigma_start=0.9, score_factor=half_above)
+    assert v_below == pytest.approx(chain_variance(steps, sigma_start=0.15), rel=1e-12)  # never sees it
     assert float(below.pow(2).mean()) / S0**2 == pytest.approx(1.0, abs=0.02 + 5 * se_rel)
     assert v_above / S0**2 > 1.2  # the error lives above 0.2, and only a start above it shows it
     assert float(above.pow(2).mean()) / v_above == pytest.approx(1.0, abs=5 * se_rel)
@@ -177,14 +164,21 @@ def test_euler_maruyama_bias_is_first_order():
     assert 1.6 < errs[0] / errs[1] < 2.2 and 1.6 < errs[1] / errs[2] < 2.2
 
 
-def chain_variance(n_steps: int, increment: str) -> float:
-    """Exact per-coordinate variance of the reverse-SDE chain with the exact score, for either
-    increment: one step is x <- (1 - D_k / (S0^2 + sigma_k^2)) x + sqrt(D_k) z."""
-    times = torch.linspace(1.0, 0.0, n_steps + 1, dtype=torch.float64)
+def chain_variance(n_steps: int, increment: str = "euler", sigma_start: float | None = None,
+                   score_factor=lambda sigma_t: 1.0) -> float:
+    """Exact per-coordinate variance of the reverse-SDE chain with the score
+    c(sigma_t) * (exact score), for either increment, started at t = 1 from p_1 or at
+    t(sigma_start) from p_t = N(0, S0^2 + sigma_start^2): one step is
+    x <- (1 - c D_k / (S0^2 + sigma_k^2)) x + sqrt(D_k) z."""
+    if sigma_start is None:
+        t_s, v = 1.0, S0**2 + SCHEDULE.prior_std**2
+    else:
+        t_s, v = float(SCHEDULE.time_at_std(torch.tensor(sigma_start, dtype=torch.float64))), S0**2 + sigma_start**2
+    times = torch.linspace(t_s, 0.0, n_steps + 1, dtype=torch.float64)
     deltas = D.sde_variance_increments(SCHEDULE, times, increment)
-    v = S0**2 + SCHEDULE.prior_std**2
     for k in range(n_steps):
-        a = 1.0 - float(deltas[k]) / (S0**2 + float(SCHEDULE.variance(times[k])))
+        var_k = float(SCHEDULE.variance(times[k]))
+        a = 1.0 - score_factor(math.sqrt(var_k)) * float(deltas[k]) / (S0**2 + var_k)
         v = a * a * v + float(deltas[k])
     return v
 

@@ -146,7 +146,7 @@ def reverse_sde_from_data(
     t_start = float(schedule.time_at_std(torch.tensor(float(sigma_start), dtype=torch.float64)))
     if t_start > 1.0:
         raise DiffusionInputError(f"sigma_start {sigma_start} lies beyond the schedule's sigma_1 "
-                                  f"{float(schedule.std(torch.tensor(1.0, dtype=torch.float64))):.4g}")
+                                  f"{schedule.prior_std:.4g}")
     project = project or _identity
     eps = project(torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device))
     return reverse_sde_sample(score, schedule, project(x0 + sigma_start * eps), n_steps, project=project,

@@ -210,13 +210,14 @@ def denoise_from_reference(path: str | Path | TrainedSampler, sigmas: list[float
     directory or a loaded :class:`~boltzlab.training.checkpoints.TrainedSampler`. Returns one
     dict per row.
     """
-    from boltzlab.diffusion import (
-        reverse_sde_from_data,
-        reverse_sde_sample,
-        sample_prior,
-    )
+    from boltzlab.diffusion import reverse_sde_from_data
     from boltzlab.training.compiled import CompiledForward
-    from boltzlab.training.sampler import chunked_score, negative_time, score_chunk
+    from boltzlab.training.sampler import (
+        _projection,
+        model_score,
+        negative_time,
+        sample_model,
+    )
 
     sampler = path if isinstance(path, TrainedSampler) else _sampler_from_payload(_load_payload(Path(path)))
     config, energy = sampler.config, sampler.energy
@@ -226,9 +227,8 @@ def denoise_from_reference(path: str | Path | TrainedSampler, sigmas: list[float
         raise TrainingConfigError(f"n must be between 2 and the reference set's {reference.shape[0]}, got {n}")
     generator = torch.Generator().manual_seed(seed)
     x0 = reference[torch.randperm(reference.shape[0], generator=generator)[:n]]
-    project = getattr(energy, "remove_com", None)
-    score = chunked_score(CompiledForward(sampler.model) if compile else sampler.model, score_chunk(energy))
-    sde = {"project": project, "increment": config.sde_increment, "diffusion_scale": config.diffusion_scale}
+    forward = CompiledForward(sampler.model) if compile else None
+    score = model_score(sampler.model, config, energy, forward)  # the sampler's own (chunked; NEM-aware)
 
     def row(label: str, sigma: float, t: float, steps: int, x: torch.Tensor) -> dict[str, float]:
         metrics = evaluate_samples(energy, x, reference, torch.Generator().manual_seed(seed + 8))
@@ -239,14 +239,13 @@ def denoise_from_reference(path: str | Path | TrainedSampler, sigmas: list[float
         for sigma in tqdm(sorted(sigmas), desc="noise levels", disable=not progress):
             t = float(config.schedule.time_at_std(torch.tensor(float(sigma), dtype=torch.float64)))
             steps = max(1, math.ceil(t * steps_per_unit))
-            x = reverse_sde_from_data(score, config.schedule, x0, sigma, steps,
-                                      generator=torch.Generator().manual_seed(seed + 1), **sde)
+            x = reverse_sde_from_data(score, config.schedule, x0, sigma, steps, project=_projection(energy),
+                                      generator=torch.Generator().manual_seed(seed + 1),
+                                      increment=config.sde_increment, diffusion_scale=config.diffusion_scale)
             rows.append(row("data", sigma, t, steps, negative_time(config, energy, x)))
-        g = torch.Generator().manual_seed(seed + 1)
-        x1 = sample_prior(config.schedule, n, energy.dim, project=project, generator=g)
-        x = reverse_sde_sample(score, config.schedule, x1, steps_per_unit, generator=g, **sde)
-        rows.append(row("prior", float(config.schedule.std(torch.tensor(1.0))), 1.0, steps_per_unit,
-                        negative_time(config, energy, x)))
+        x = sample_model(sampler.model, config, energy, n, torch.Generator().manual_seed(seed + 1), steps_per_unit,
+                         forward=forward)
+        rows.append(row("prior", config.schedule.prior_std, 1.0, steps_per_unit, x))
     return rows
 
 
@@ -398,10 +397,10 @@ def main(argv: list[str] | None = None) -> int:
         print(save_ablation_record(args.publish, args.target))
         return 0
     if args.from_data is not None:
-        trained_on = _load_payload(args.from_data)["config"]["target"]
-        if trained_on != args.target:
-            parser.error(f"{args.from_data} is a {trained_on} checkpoint, not {args.target}")
-        rows = denoise_from_reference(args.from_data, args.sigmas, args.n_eval, compile=True,
+        sampler = _sampler_from_payload(_load_payload(args.from_data))
+        if sampler.config.target != args.target:
+            parser.error(f"{args.from_data} is a {sampler.config.target} checkpoint, not {args.target}")
+        rows = denoise_from_reference(sampler, args.sigmas, args.n_eval, compile=True,
                                       progress=not args.no_progress)
         RECORDS_DIR.mkdir(parents=True, exist_ok=True)
         path = RECORDS_DIR / f"from_data_{args.target}.json"  # what load_from_data_record reads

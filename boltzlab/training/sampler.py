@@ -6,6 +6,8 @@ r"""The iDEM score network and its sampler: what a checkpoint needs to make samp
 - :func:`sample_model`: n samples from its reverse SDE, x_{t-dt} = x_t + g^2 s dt + g sqrt(dt) z,
   started from N(0, sigma_1^2 I), then the config's negative-time steps on the target itself
   (:func:`negative_time`);
+- :func:`model_score`: the score function it integrates (chunked; NEM's through autograd), also
+  what :func:`boltzlab.training.ablation.denoise_from_reference` runs from noised data;
 - :func:`sampling_energy_evaluations`: what those steps cost in target energies.
 
 Used by the training loop (:mod:`boltzlab.training.idem`) and by the checkpoints
@@ -99,19 +101,25 @@ def sample_model(model: nn.Module, config: IDEMConfig, energy: Energy, n: int,
     x1 = sample_prior(config.schedule, n, energy.dim, project=project, generator=generator)
     was_training = model.training
     model.eval()
-    if config.method == "nem":
-        # the score of an energy network needs autograd even while sampling
-        def score(x: Tensor, t: Tensor) -> Tensor:
-            with torch.enable_grad():
-                return model(x, t).detach()
-    else:
-        score = forward if forward is not None else model
-    x = reverse_sde_sample(chunked_score(score, score_chunk(energy)), config.schedule, x1,
+    x = reverse_sde_sample(model_score(model, config, energy, forward), config.schedule, x1,
                            sde_steps or config.sde_steps, project=project, generator=generator,
                            progress=progress, increment=config.sde_increment,
                            diffusion_scale=config.diffusion_scale)
     model.train(was_training)
     return negative_time(config, energy, x)
+
+
+def model_score(model: nn.Module, config: IDEMConfig, energy: Energy, forward: nn.Module | None = None) -> ScoreFn:
+    """The score function the sampler integrates: ``forward`` (or ``model``) evaluated
+    :func:`score_chunk` samples at a time, s(x (B, dim), t (B,)) -> (B, dim). NEM's is
+    -grad E_theta / kT, which needs autograd even inside ``torch.no_grad``."""
+    if config.method == "nem":
+        def score(x: Tensor, t: Tensor) -> Tensor:
+            with torch.enable_grad():
+                return model(x, t).detach()
+    else:
+        score = forward if forward is not None else model
+    return chunked_score(score, score_chunk(energy))
 
 
 def negative_time(config: IDEMConfig, energy: Energy, x: Tensor) -> Tensor:
