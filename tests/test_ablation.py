@@ -218,3 +218,23 @@ def test_from_data_command_refuses_a_checkpoint_of_another_target(capsys: pytest
     with pytest.raises(SystemExit):
         ablation.main(["lj13", "--from-data", str(shipped_checkpoint("dw4")), "--n-eval", "8"])
     assert "is a dw4 checkpoint, not lj13" in capsys.readouterr().err
+
+
+def test_from_data_command_names_its_record_after_the_checkpoint_folder(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    from boltzlab.training.idem import shipped_checkpoint
+
+    # two checkpoints of one target (a shipped one and an earlier phase) must not overwrite each other's record
+    copy = tmp_path / "dw4_somephase"
+    shutil.copytree(shipped_checkpoint("dw4"), copy)
+    monkeypatch.setattr(ablation, "RECORDS_DIR", tmp_path / "records")
+    assert ablation.main(["dw4", "--from-data", str(copy), "--n-eval", "8", "--sigmas", "0.5",
+                          "--no-compile", "--no-progress"]) == 0
+    record = ablation.load_from_data_record("dw4_somephase", tmp_path / "records")
+    assert record["target"] == "dw4" and record["checkpoint"] == str(copy) and record["n"] == 8
+    assert [r["start"] for r in record["rows"]] == ["reference", "data", "prior"]
+    assert record["rows"][1]["sigma_start"] == 0.5
+    with pytest.raises(FileNotFoundError, match="no from-data record for 'dw4'"):
+        ablation.load_from_data_record("dw4", tmp_path / "records")

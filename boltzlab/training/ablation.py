@@ -349,13 +349,14 @@ def load_scaling_records(target: str, records_dir: Path = RECORDS_DIR) -> list[d
     return [r for r in records if r["target"] == target]
 
 
-def load_from_data_record(target: str, records_dir: Path = RECORDS_DIR) -> dict[str, Any]:
-    """The saved :func:`denoise_from_reference` rows of ``target``'s shipped checkpoint
-    (``python -m boltzlab ablate TARGET --from-data CHECKPOINT``)."""
-    path = records_dir / f"from_data_{target}.json"
+def load_from_data_record(name: str, records_dir: Path = RECORDS_DIR) -> dict[str, Any]:
+    """The saved :func:`denoise_from_reference` rows of the checkpoint directory ``name`` (a
+    shipped checkpoint's name, e.g. ``"lj13"`` or ``"lj55_phase2"``), made by ``python -m
+    boltzlab ablate TARGET --from-data CHECKPOINT`` (the record is named after CHECKPOINT's folder)."""
+    path = records_dir / f"from_data_{name}.json"
     if not path.is_file():
-        raise FileNotFoundError(f"no from-data record for {target!r} at {path}; run `python -m boltzlab ablate "
-                                f"{target} --from-data boltzlab/data/checkpoints/{target}`")
+        raise FileNotFoundError(f"no from-data record for {name!r} at {path}; run `python -m boltzlab ablate "
+                                f"TARGET --from-data boltzlab/data/checkpoints/{name}`")
     return json.loads(path.read_text())
 
 
@@ -380,9 +381,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--from-data", type=Path, metavar="CHECKPOINT",
                         help="instead: noise reference configurations to each of --sigmas and run CHECKPOINT's "
                              "sampler back to t = 0 (where in noise level its score goes wrong), saved as "
-                             "boltzlab/data/records/from_data_TARGET.json")
+                             "boltzlab/data/records/from_data_NAME.json, NAME being CHECKPOINT's folder")
     parser.add_argument("--sigmas", type=float, nargs="+", default=[0.03, 0.1, 0.2, 0.3, 0.5, 1.0],
                         help="noise levels for --from-data")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                        help="torch.compile the network for --from-data (float32 rounding only)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: the budget is process CPU time, and two "
                              "processes splitting the variants with --only should not compete)")
@@ -400,10 +403,11 @@ def main(argv: list[str] | None = None) -> int:
         sampler = _sampler_from_payload(_load_payload(args.from_data))
         if sampler.config.target != args.target:
             parser.error(f"{args.from_data} is a {sampler.config.target} checkpoint, not {args.target}")
-        rows = denoise_from_reference(sampler, args.sigmas, args.n_eval, compile=True,
+        rows = denoise_from_reference(sampler, args.sigmas, args.n_eval, compile=args.compile,
                                       progress=not args.no_progress)
         RECORDS_DIR.mkdir(parents=True, exist_ok=True)
-        path = RECORDS_DIR / f"from_data_{args.target}.json"  # what load_from_data_record reads
+        # named after the checkpoint's folder, so that a target's several checkpoints keep their own records
+        path = RECORDS_DIR / f"from_data_{args.from_data.resolve().name}.json"  # what load_from_data_record reads
         path.write_text(json.dumps({"target": args.target, "checkpoint": str(args.from_data), "n": args.n_eval,
                                     "sigmas": sorted(args.sigmas), "seed": 0, "rows": rows}, indent=1) + "\n")
         for r in rows:

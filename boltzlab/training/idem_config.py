@@ -208,12 +208,18 @@ PRESETS: dict[str, dict[str, IDEMConfig]] = {"course": CONFIGS, "paper": PAPER_C
 # (blend_scale: the blended target's noise form is shrunk at intermediate noise) with K = 1000,
 # then K = 4000 at a lower learning rate. LJ-55: the course recipe, then refills and evaluations
 # with the public code's noise scale 0.5 (a colder sampler; the weights of the first phase gave
-# distance W2 0.51 with scale 1 and 0.27 with 0.5).
+# distance W2 0.51 with scale 1 and 0.27 with 0.5; kept as checkpoints/lj55_phase2), then the clip
+# tightened to 10 above sigma = 0.6 (6 / sigma below, as LJ-13's second phase) in bfloat16, evaluated
+# every other outer iteration: its distances reached the target at outer iteration 270 and were
+# lost at 320, and the checkpoint is the state at 274 (logged distance W2 0.090), kept by watching
+# the logged evaluations (benchmarks/README.md, "Reverse-SDE steps").
 SHIPPED_PHASES: dict[str, list[tuple[dict[str, Any], int]]] = {
     "lj13": [({}, 159), ({"clip_sigma": 0.3}, 209), ({"clip_sigma": 0.3, "sde_steps": 1000}, 209)],
     "dw4": [({}, 100), ({"blend_scale": 1.0, "n_mc": 1000}, 1000),
             ({"blend_scale": 1.0, "n_mc": 4000, "lr": 3e-4}, 1200)],
-    "lj55": [({}, 186), ({"diffusion_scale": 0.5}, 259)],
+    "lj55": [({}, 186), ({"diffusion_scale": 0.5}, 259),
+             ({"diffusion_scale": 0.5, "max_norm": 10.0, "clip_sigma": 0.6, "precision": "bfloat16",
+               "eval_every": 2}, 274)],
 }
 
 
