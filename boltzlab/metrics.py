@@ -6,10 +6,12 @@ float32 samples are not limited by float32 rounding.
 
 ============================  ============================================================
 distributions of scalars      :func:`wasserstein_1d`, :func:`energy_w2`,
-                              :func:`weighted_wasserstein_1d` (importance-weighted sample)
+                              :func:`weighted_wasserstein_1d` (importance-weighted sample),
+                              :func:`wasserstein_1d_by_quantile` (where W_p comes from)
 histograms                    :func:`histogram`, :func:`histogram_tvd`
 interatomic distances         :func:`interatomic_distances`, :func:`distance_histogram`,
-                              :func:`distance_w2`, :func:`distance_tvd`
+                              :func:`distance_w2`, :func:`distance_tvd`,
+                              :func:`distance_w2_by_quantile`, :func:`cluster_radius`
 configurations                :func:`x_w2` (exact optimal transport; saturates in high d)
 importance weights            :func:`self_normalized_weights`, :func:`kish_ess`,
                               :func:`normalized_ess`, :func:`log_z_estimate`,
@@ -38,6 +40,9 @@ from torch import Tensor
 __all__ = [
     "MetricInputError",
     "wasserstein_1d",
+    "QuantileBand",
+    "DISTANCE_QUANTILE_EDGES",
+    "wasserstein_1d_by_quantile",
     "energy_w2",
     "weighted_wasserstein_1d",
     "interatomic_distances",
@@ -45,6 +50,8 @@ __all__ = [
     "histogram",
     "distance_histogram",
     "distance_w2",
+    "distance_w2_by_quantile",
+    "cluster_radius",
     "distance_tvd",
     "histogram_tvd",
     "x_w2",
@@ -153,20 +160,66 @@ def wasserstein_1d(a: Tensor, b: Tensor, p: float = 2.0) -> float:
 
     Returns W_p (not W_p^p), in the units of the values. Cost: O((n + m) log(n + m)).
     """
+    _check_p(p)
+    _, du, diff = _quantile_steps(a, b)
+    return float((du * diff.abs().pow(p)).sum().pow(1.0 / p))
+
+
+def _check_p(p: float) -> None:
     if not (p >= 1 and math.isfinite(p)):
         raise MetricInputError(f"p must be a finite number >= 1, got {p}")
+
+
+def _quantile_steps(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The intervals [u, u + du) on which both empirical quantile functions are constant, and
+    F_a^{-1}(u) - F_b^{-1}(u) on each: three float64 tensors (u, du, difference) of one length."""
     a_sorted = torch.sort(_finite_1d(a, "a")).values
     b_sorted = torch.sort(_finite_1d(b, "b")).values
     n, m = a_sorted.numel(), b_sorted.numel()
     if n == m:
-        gaps = (a_sorted - b_sorted).abs()
-        return float(gaps.pow(p).mean().pow(1.0 / p))
+        return torch.arange(n, dtype=torch.float64) / n, torch.full((n,), 1.0 / n, dtype=torch.float64), a_sorted - b_sorted
     # breakpoints u = k / (n m) with k in {i m} ∪ {j n}; each interval [k_lo, k_hi) lies
     # inside one quantile step of a (index k_lo // m) and one of b (index k_lo // n)
     k = torch.unique(torch.cat([torch.arange(n + 1) * m, torch.arange(m + 1) * n]))
     k_lo, du = k[:-1], torch.diff(k).to(torch.float64) / (n * m)
-    gaps = (a_sorted[k_lo // m] - b_sorted[k_lo // n]).abs()
-    return float((du * gaps.pow(p)).sum().pow(1.0 / p))
+    return k_lo.to(torch.float64) / (n * m), du, a_sorted[k_lo // m] - b_sorted[k_lo // n]
+
+
+@dataclass(frozen=True)
+class QuantileBand:
+    """One band [lo, hi) of quantile levels u and what it adds to W_p^p = ∫_0^1 |F_a^{-1} - F_b^{-1}|^p du."""
+
+    lo: float
+    hi: float
+    wp_p: float  # ∫_lo^hi |F_a^{-1}(u) - F_b^{-1}(u)|^p du: the bands' values add up to W_p^p
+    share: float  # wp_p / W_p^p (0 where W_p = 0)
+    mean_difference: float  # (1 / (hi - lo)) ∫_lo^hi (F_a^{-1}(u) - F_b^{-1}(u)) du: > 0 where a is larger
+
+
+DISTANCE_QUANTILE_EDGES = (0.0, 0.01, 0.1, 0.5, 0.9, 0.99, 0.999, 1.0)
+
+
+def wasserstein_1d_by_quantile(a: Tensor, b: Tensor, edges: tuple[float, ...] = DISTANCE_QUANTILE_EDGES,
+                               p: float = 2.0) -> list[QuantileBand]:
+    r"""Where in the distribution W_p between two 1-D samples comes from: W_p^p split into bands
+    of quantile levels, :math:`W_p^p = \sum_j \int_{e_j}^{e_{j+1}} |F_a^{-1}(u) - F_b^{-1}(u)|^p du`
+    (the same exact sum over quantile steps as :func:`wasserstein_1d`, each step cut at the band
+    edges). ``edges`` run from 0 to 1, increasing. A shift of the bulk shows up in the middle
+    bands; missing or extra tails in the outer ones, with the sign of ``mean_difference``."""
+    _check_p(p)
+    e = [float(x) for x in edges]
+    if len(e) < 2 or e[0] != 0.0 or e[-1] != 1.0 or any(hi <= lo for lo, hi in zip(e, e[1:])):
+        raise MetricInputError(f"edges must increase from 0 to 1, got {tuple(edges)}")
+    u, du, diff = _quantile_steps(a, b)
+    total = float((du * diff.abs().pow(p)).sum())
+    bands = []
+    for lo, hi in zip(e, e[1:]):
+        overlap = (torch.minimum(u + du, torch.tensor(hi, dtype=torch.float64))
+                   - torch.maximum(u, torch.tensor(lo, dtype=torch.float64))).clamp(min=0.0)
+        wp_p = float((overlap * diff.abs().pow(p)).sum())
+        bands.append(QuantileBand(lo, hi, wp_p, wp_p / total if total > 0 else 0.0,
+                                  float((overlap * diff).sum()) / (hi - lo)))
+    return bands
 
 
 def weighted_wasserstein_1d(a: Tensor, log_w_a: Tensor, b: Tensor, p: float = 2.0) -> float:
@@ -236,6 +289,13 @@ def interatomic_distances(x: Tensor, n_particles: int, spatial_dim: int) -> Tens
 
 
 def _pair_distances(x: Tensor, n_particles: int, spatial_dim: int, name: str) -> Tensor:
+    r = _configurations(x, n_particles, spatial_dim, name)
+    i, j = torch.triu_indices(n_particles, n_particles, 1)
+    return (r[:, i] - r[:, j]).norm(dim=-1).reshape(-1)
+
+
+def _configurations(x: Tensor, n_particles: int, spatial_dim: int, name: str) -> Tensor:
+    """``x`` of shape (..., n_particles * spatial_dim), checked, as (N, n_particles, spatial_dim)."""
     if n_particles < 2 or spatial_dim < 1:
         raise MetricInputError(f"need n_particles >= 2 and spatial_dim >= 1, got {n_particles}, {spatial_dim}")
     x = _as_tensor(x, name).detach()
@@ -245,9 +305,16 @@ def _pair_distances(x: Tensor, n_particles: int, spatial_dim: int, name: str) ->
             f"{name}: expected shape (..., {dim}) for {n_particles} particles in {spatial_dim}-D, "
             f"got {tuple(x.shape)}"
         )
-    r = _finite_2d(x.reshape(-1, dim), name).reshape(-1, n_particles, spatial_dim)
-    i, j = torch.triu_indices(n_particles, n_particles, 1)
-    return (r[:, i] - r[:, j]).norm(dim=-1).reshape(-1)
+    return _finite_2d(x.reshape(-1, dim), name).reshape(-1, n_particles, spatial_dim)
+
+
+def cluster_radius(x: Tensor, n_particles: int, spatial_dim: int) -> Tensor:
+    """Per configuration, the largest distance of a particle from the configuration's centroid,
+    max_i |x_i - (1/n) sum_j x_j|: shape (N,) for ``x`` of shape (N, n_particles * spatial_dim).
+    A particle that has left the cluster's surface shows up here long before it moves the pooled
+    distance histogram."""
+    r = _configurations(x, n_particles, spatial_dim, "x")
+    return (r - r.mean(dim=1, keepdim=True)).norm(dim=-1).amax(dim=1)
 
 
 @dataclass(frozen=True)
@@ -336,6 +403,16 @@ def distance_w2(x_a: Tensor, x_b: Tensor, n_particles: int, spatial_dim: int) ->
     d_a = _pair_distances(x_a, n_particles, spatial_dim, "x_a")
     d_b = _pair_distances(x_b, n_particles, spatial_dim, "x_b")
     return wasserstein_1d(d_a, d_b, p=2.0)
+
+
+def distance_w2_by_quantile(x_a: Tensor, x_b: Tensor, n_particles: int, spatial_dim: int,
+                            edges: tuple[float, ...] = DISTANCE_QUANTILE_EDGES) -> list[QuantileBand]:
+    """:func:`distance_w2` squared, split into bands of quantile levels of the pooled distances
+    (:func:`wasserstein_1d_by_quantile`): whether a sampler's distance error is a stretched
+    bulk (bands 0.1-0.9) or a missing tail of far-apart pairs (bands above 0.99)."""
+    d_a = _pair_distances(x_a, n_particles, spatial_dim, "x_a")
+    d_b = _pair_distances(x_b, n_particles, spatial_dim, "x_b")
+    return wasserstein_1d_by_quantile(d_a, d_b, edges)
 
 
 def histogram_tvd(h_a: Histogram, h_b: Histogram) -> float:

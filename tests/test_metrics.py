@@ -76,6 +76,56 @@ def test_w1_matches_scipy_for_unequal_sizes():
     assert M.wasserstein_1d(a, b, p=1) == pytest.approx(wasserstein_distance(a.numpy(), b.numpy()), rel=1e-10)
 
 
+@pytest.mark.parametrize("p", [1.0, 2.0, 3.0])
+def test_quantile_bands_add_up_to_w_p(p):
+    a = torch.randn(123, generator=gen(20), dtype=torch.float64)
+    b = torch.randn(457, generator=gen(21), dtype=torch.float64).exp()
+    bands = M.wasserstein_1d_by_quantile(a, b, edges=(0.0, 0.013, 0.5, 0.77, 0.999, 1.0), p=p)
+    assert sum(band.wp_p for band in bands) == pytest.approx(M.wasserstein_1d(a, b, p=p) ** p, rel=1e-12)
+    assert sum(band.share for band in bands) == pytest.approx(1.0, abs=1e-12)
+    # the signed band means integrate to the difference of the means (∫ F^-1 du is the mean)
+    assert sum(band.mean_difference * (band.hi - band.lo) for band in bands) == pytest.approx(
+        float(a.mean() - b.mean()), abs=1e-12)
+
+
+def test_quantile_bands_of_a_shift_and_of_one_outlier_by_hand():
+    a = torch.randn(400, generator=gen(22), dtype=torch.float64)
+    for band in M.wasserstein_1d_by_quantile(a, a + 0.3):  # a shift: every band, in proportion to its width
+        assert band.wp_p == pytest.approx(0.09 * (band.hi - band.lo), rel=1e-12)
+        assert band.mean_difference == pytest.approx(-0.3, rel=1e-12)
+    # one value of four moved by 10: W2^2 = 100 / 4, all of it in the top quarter of quantile levels
+    x, y = torch.tensor([0.0, 1.0, 2.0, 3.0]), torch.tensor([0.0, 1.0, 2.0, 13.0])
+    bands = M.wasserstein_1d_by_quantile(x, y, edges=(0.0, 0.5, 0.75, 1.0))
+    assert [(b.wp_p, b.share, b.mean_difference) for b in bands] == [(0.0, 0.0, 0.0), (0.0, 0.0, 0.0),
+                                                                     (25.0, 1.0, -10.0)]
+    # an edge inside a quantile step cuts it: 0.8 leaves 0.05 of the last step below and 0.2 above
+    low, high = M.wasserstein_1d_by_quantile(x, y, edges=(0.0, 0.8, 1.0))
+    assert (low.wp_p, high.wp_p) == (pytest.approx(5.0), pytest.approx(20.0))
+    with pytest.raises(ValueError, match="edges must increase from 0 to 1"):
+        M.wasserstein_1d_by_quantile(x, y, edges=(0.0, 0.5, 0.5, 1.0))
+    with pytest.raises(ValueError, match="edges must increase from 0 to 1"):
+        M.wasserstein_1d_by_quantile(x, y, edges=(0.1, 1.0))
+
+
+def test_cluster_radius_of_a_square_and_of_a_square_with_one_particle_moved_out():
+    square = torch.tensor([[0.0, 0.0, 2.0, 0.0, 2.0, 2.0, 0.0, 2.0]])
+    moved = square.clone()
+    moved[0, 4:6] = torch.tensor([6.0, 6.0])  # centroid (2, 2): that particle is 4 sqrt(2) from it
+    radius = M.cluster_radius(torch.cat([square, moved, square + 7.0]), 4, 2)
+    torch.testing.assert_close(radius, torch.tensor([math.sqrt(2), 4 * math.sqrt(2), math.sqrt(2)], dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"expected shape \(\.\.\., 8\)"):
+        M.cluster_radius(torch.zeros(3, 9), 4, 2)
+
+
+def test_distance_w2_by_quantile_adds_up_to_distance_w2():
+    x = torch.randn(50, 39, generator=gen(23), dtype=torch.float64)
+    y = 1.1 * torch.randn(70, 39, generator=gen(24), dtype=torch.float64)
+    bands = M.distance_w2_by_quantile(x, y, 13, 3)
+    assert [(b.lo, b.hi) for b in bands] == list(zip(M.DISTANCE_QUANTILE_EDGES, M.DISTANCE_QUANTILE_EDGES[1:]))
+    assert sum(b.wp_p for b in bands) == pytest.approx(M.distance_w2(x, y, 13, 3) ** 2, rel=1e-12)
+    assert all(b.mean_difference < 0 for b in bands)  # y is x stretched: every band of distances is longer
+
+
 def test_energy_w2_rejects_nan_inf_and_empty_with_counts():
     e = torch.randn(10)
     bad = e.clone()

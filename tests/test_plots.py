@@ -420,3 +420,24 @@ def test_seed_strip_marks_means_and_diverged_seeds(tmp_path):
     with pytest.raises(ValueError, match="'c' has no values"):
         P.seed_strip({"c": []})
     ax.figure.savefig(tmp_path / "strip.png")
+
+
+def test_quantile_band_chart_draws_each_band_of_each_sampler_and_legends_w2(tmp_path):
+    from boltzlab import metrics
+
+    a = torch.randn(300, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    bands = {"shifted": metrics.wasserstein_1d_by_quantile(a + 0.1, a),
+             "tail": metrics.wasserstein_1d_by_quantile(torch.cat([a[:-3], a[-3:] + 5]), a)}
+    ax = P.quantile_band_chart(bands)
+    heights = [p.get_height() for p in ax.patches]
+    expected = [b.wp_p for sampler in bands.values() for b in sampler]
+    np.testing.assert_allclose(heights, expected)
+    assert [t.get_text() for t in ax.get_xticklabels()][-2:] == ["99-99.9%", "99.9-100%"]
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend[0] == f"shifted (W2 {metrics.wasserstein_1d(a + 0.1, a):.3g})"
+    assert ax.get_yscale() == "log"
+    ax.figure.savefig(tmp_path / "bands.png")
+    with pytest.raises(ValueError, match="different edges"):
+        P.quantile_band_chart({"a": bands["shifted"], "b": metrics.wasserstein_1d_by_quantile(a, a, edges=(0.0, 1.0))})
+    with pytest.raises(ValueError, match="nothing to plot"):
+        P.quantile_band_chart({})
