@@ -1511,7 +1511,10 @@ for name in ("lj55_phase2", "lj55"):
 # checkpoint's), but its tail thinned further (2.8% of configurations beyond $r_{90}$), and
 # distance W2 got *worse*, 0.039 against 0.033 (its logged curve is the record `lj13_k4000_lr3e-4`
 # among the LJ-13 runs above; the evaluation with the shipped sampler is in `benchmarks/README.md`). So the last tenth of the
-# LJ-13 target is in the tail, and a better estimate of the mean score did not buy it. **LJ-55**
+# LJ-13 target is in the tail, and a better estimate of the mean score did not buy it. Nor did
+# refilling the buffer with a hotter sampler (noise scaled by 1.15 or 1.3 in the refills only,
+# `refill_diffusion_scale`; the regression's target does not depend on where its points come from):
+# distance W2 0.036 and 0.034, with 3.2% and 3.4% beyond $r_{90}$ (`benchmarks/README.md`). **LJ-55**
 # is the opposite: its error is a stretched bulk (every middle band too long) in both phases, and
 # the third phase shrank the stretch by about two thirds; it has too few far-out particles as
 # well, but they matter little to its $W_2$.

@@ -730,3 +730,24 @@ def test_precision_settings_are_checked() -> None:
         config_for("gmm40", method="nem", precision="bfloat16")
     with pytest.raises(ValueError, match="unknown precision"):
         with_precision(torch.nn.Identity(), "half")
+
+
+def test_refill_diffusion_scale_moves_only_the_refills(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[int, float]] = []
+    real = idem.sample_model
+
+    def recording(model, config, energy, n, *args, **kwargs):
+        calls.append((n, config.diffusion_scale))
+        return real(model, config, energy, n, *args, **kwargs)
+
+    monkeypatch.setattr(idem, "sample_model", recording)
+    config = config_for("dw4", **TINY, diffusion_scale=0.9, refill_diffusion_scale=1.3)
+    train_idem(config, tmp_path / "run", stop_after=2, progress=False)
+    refills = [scale for n, scale in calls if n == TINY["n_refill"]]
+    evaluations = [scale for n, scale in calls if n == TINY["n_eval"]]
+    # the seed fill and one refill per outer iteration at 1.3; the evaluation at outer 2 at 0.9
+    assert refills == [1.3, 1.3, 1.3] and evaluations == [0.9]
+    assert idem.refill_sampler_config(replace(config, refill_diffusion_scale=None)).diffusion_scale == 0.9
+    for bad in (-0.5, float("nan"), True):
+        with pytest.raises(TrainingConfigError, match="refill_diffusion_scale must be finite and >= 0"):
+            config_for("dw4", refill_diffusion_scale=bad)

@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -335,9 +336,10 @@ def train_idem(config: IDEMConfig, out_dir: str | Path | None = None, *, resume:
     local_refill = max(1, rank_share(config.n_refill, rank, world))
 
     from_prior = config.method == "pdem"  # pDEM trains at prior draws: no buffer, no refill
+    refill_config = refill_sampler_config(config)
     if len(state.buffer) == 0 and not from_prior:
         # the untrained network's samples seed the buffer: no data is ever used
-        state.buffer.add(sample_model(state.ema, config, energy, local_refill, state.generator))
+        state.buffer.add(sample_model(state.ema, refill_config, energy, local_refill, state.generator))
     last = config.n_outer if stop_after is None else min(config.n_outer, state.outer + stop_after)
     bar = tqdm(range(state.outer, last), desc=f"iDEM {config.target}", disable=not progress or rank != 0,
                initial=state.outer, total=config.n_outer)
@@ -369,7 +371,7 @@ def train_idem(config: IDEMConfig, out_dir: str | Path | None = None, *, resume:
         state.energy_evaluations += int(all_sum(config.inner_steps * per_step))
         if not from_prior:
             with timer("refill"):
-                state.buffer.add(sample_model(state.ema, config, energy, local_refill, state.generator,
+                state.buffer.add(sample_model(state.ema, refill_config, energy, local_refill, state.generator,
                                               forward=refill_forward))
             state.energy_evaluations += int(all_sum(sampling_energy_evaluations(config, local_refill)))
         state.outer = outer + 1
@@ -417,6 +419,14 @@ def train_idem(config: IDEMConfig, out_dir: str | Path | None = None, *, resume:
             save_checkpoint(state, config, out, rank_states)
     check_ranks_in_sync(state.model)
     return state
+
+
+def refill_sampler_config(config: IDEMConfig) -> IDEMConfig:
+    """The config the buffer refills sample with: ``config`` with its ``refill_diffusion_scale``
+    as the noise scale, where one is set (evaluations keep ``diffusion_scale``)."""
+    if config.refill_diffusion_scale is None:
+        return config
+    return replace(config, diffusion_scale=config.refill_diffusion_scale)
 
 
 def final_evaluation(out_dir: str | Path, n: int, progress: bool = True,

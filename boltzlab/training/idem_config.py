@@ -78,6 +78,11 @@ class IDEMConfig:
     # systems, which weighs small noise far more: by about (sigma_max / local_scale)^2)
     loss_weight: str = "scaled"
     diffusion_scale: float = 1.0  # noise multiplier of the sampler (1: the reverse SDE itself)
+    # noise multiplier of the buffer refills only (None: diffusion_scale). The refills choose where
+    # the regression is trained, not what it is trained towards (the Monte Carlo target is the
+    # score of p_t wherever x_t comes from), so a hotter refill reaches states that the sampler
+    # visits too rarely, without changing what the evaluations and the shipped sampler run
+    refill_diffusion_scale: float | None = None
     # after the reverse SDE, steps x += step * clip(grad log p(x)) on the target itself (the
     # public code's "negative time" for LJ-55); they cost n energy evaluations each
     negative_time_steps: int = 0
@@ -105,8 +110,12 @@ class IDEMConfig:
                                       f"{', '.join(SDE_INCREMENTS)}")
         if self.loss_weight not in LOSS_WEIGHTS:
             raise TrainingConfigError(f"unknown loss_weight {self.loss_weight!r}; use one of {', '.join(LOSS_WEIGHTS)}")
-        if not (math.isfinite(self.diffusion_scale) and self.diffusion_scale >= 0):
-            raise TrainingConfigError(f"diffusion_scale must be finite and >= 0, got {self.diffusion_scale}")
+        for name in ("diffusion_scale", "refill_diffusion_scale"):
+            value = getattr(self, name)
+            if name == "refill_diffusion_scale" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
+                raise TrainingConfigError(f"{name} must be finite and >= 0, got {value!r}")
         if isinstance(self.negative_time_steps, bool) or not isinstance(self.negative_time_steps, int) \
                 or self.negative_time_steps < 0:
             raise TrainingConfigError(f"negative_time_steps must be an int >= 0, got {self.negative_time_steps!r}")
