@@ -67,6 +67,8 @@ AXIS_LABELS: dict[str, str] = {
     "x_w2": "x-W2",
     "distance_w2": "distance W2",
     "distance_tvd": "distance TVD",
+    "distance_w2_tail": "distance W2 from the longest 1% of pairs",
+    "beyond_r90": "share beyond the reference's 90% cluster radius",
     "modes_covered": "modes covered",
     "energy_evaluations": "energy evaluations",
     "outer": "outer iteration",

@@ -751,3 +751,22 @@ def test_refill_diffusion_scale_moves_only_the_refills(tmp_path: Path, monkeypat
     for bad in (-0.5, float("nan"), True):
         with pytest.raises(TrainingConfigError, match="refill_diffusion_scale must be finite and >= 0"):
             config_for("dw4", refill_diffusion_scale=bad)
+
+
+def test_evaluation_tail_metrics_on_exact_samples_and_on_samples_without_the_tail() -> None:
+    from boltzlab import metrics
+    from boltzlab.reference import load_reference
+
+    lj = get_target("lj13")
+    reference = load_reference("lj13").double()
+    a, b = reference[:5000], reference[5000:]
+    exact = evaluate_samples(lj, a, b, torch.Generator().manual_seed(0))
+    # exact samples: 10% beyond the other half's r90, up to binomial noise (sd 0.004 at n = 5000)
+    assert abs(exact["beyond_r90"] - 0.1) < 0.015
+    assert exact["distance_w2_tail"] <= exact["distance_w2"]
+    # the same samples with the configurations of the largest 20% of radii removed: no tail
+    radius = metrics.cluster_radius(a, 13, 3)
+    cut = evaluate_samples(lj, a[radius < torch.quantile(radius, 0.8)], b, torch.Generator().manual_seed(0))
+    assert cut["beyond_r90"] == 0.0
+    assert cut["distance_w2_tail"] > 3 * exact["distance_w2_tail"]
+    assert cut["distance_w2_tail"] ** 2 > 0.3 * cut["distance_w2"] ** 2  # most of the damage is in the tail

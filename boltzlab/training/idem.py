@@ -210,7 +210,12 @@ def evaluate_samples(energy: Energy, x: Tensor, reference: Tensor,
 
     energy W2 (W2, not W2^2), x-W2 (exact OT, subsets of 1000; saturates in high dimension),
     and for particle systems the interatomic-distance W2 and TVD, for GMM-40 the modes covered.
-    Samples with non-finite energies are dropped before the energy metrics and counted.
+    Particle systems also get where distance W2 is made: ``distance_w2_tail``, the square root of
+    the part of W2^2 from the longest 1% of pairs (:func:`~boltzlab.metrics.distance_w2_by_quantile`),
+    and ``beyond_r90``, the share of samples whose :func:`~boltzlab.metrics.cluster_radius`
+    exceeds the reference's 90% quantile (0.1 for exact samples): a missing tail of particles
+    out of the cluster shows in both. Samples with non-finite energies are dropped before the
+    energy metrics and counted.
     """
     e_x, e_ref = energy.energy(x), energy.energy(reference)
     finite = torch.isfinite(e_x)
@@ -224,6 +229,10 @@ def evaluate_samples(energy: Energy, x: Tensor, reference: Tensor,
         n, d = energy.n_particles, energy.spatial_dim
         out["distance_w2"] = metrics.distance_w2(x, reference, n, d)
         out["distance_tvd"] = metrics.distance_tvd(x, reference, n, d)
+        tail = metrics.distance_w2_by_quantile(x, reference, n, d, edges=(0.0, 0.99, 1.0))[-1]
+        out["distance_w2_tail"] = math.sqrt(tail.wp_p)
+        r90 = torch.quantile(metrics.cluster_radius(reference, n, d), 0.9)
+        out["beyond_r90"] = float((metrics.cluster_radius(x, n, d) > r90).double().mean())
     if isinstance(energy, GaussianMixture):
         covered, _ = metrics.mode_coverage(x, energy.means, energy.std)
         out["modes_covered"] = float(covered)
