@@ -11,7 +11,8 @@ distributions of scalars      :func:`wasserstein_1d`, :func:`energy_w2`,
 histograms                    :func:`histogram`, :func:`histogram_tvd`
 interatomic distances         :func:`interatomic_distances`, :func:`distance_histogram`,
                               :func:`distance_w2`, :func:`distance_tvd`,
-                              :func:`distance_w2_by_quantile`, :func:`cluster_radius`
+                              :func:`distance_w2_by_quantile`, :func:`cluster_radius`,
+                              :func:`share_beyond_radius`
 configurations                :func:`x_w2` (exact optimal transport; saturates in high d)
 importance weights            :func:`self_normalized_weights`, :func:`kish_ess`,
                               :func:`normalized_ess`, :func:`log_z_estimate`,
@@ -52,6 +53,7 @@ __all__ = [
     "distance_w2",
     "distance_w2_by_quantile",
     "cluster_radius",
+    "share_beyond_radius",
     "distance_tvd",
     "histogram_tvd",
     "x_w2",
@@ -315,6 +317,17 @@ def cluster_radius(x: Tensor, n_particles: int, spatial_dim: int) -> Tensor:
     distance histogram."""
     r = _configurations(x, n_particles, spatial_dim, "x")
     return (r - r.mean(dim=1, keepdim=True)).norm(dim=-1).amax(dim=1)
+
+
+def share_beyond_radius(x: Tensor, reference: Tensor, n_particles: int, spatial_dim: int,
+                        level: float = 0.9) -> float:
+    """The share of configurations in ``x`` whose :func:`cluster_radius` exceeds the ``level``
+    quantile of the reference's (1 - ``level`` for exact samples, up to sampling noise): too
+    small a share means too few particles out of the cluster, too large a cluster that falls apart."""
+    if not 0.0 < level < 1.0:
+        raise MetricInputError(f"level must lie in (0, 1), got {level}")
+    threshold = torch.quantile(cluster_radius(reference, n_particles, spatial_dim), level)
+    return float((cluster_radius(x, n_particles, spatial_dim) > threshold).double().mean())
 
 
 @dataclass(frozen=True)

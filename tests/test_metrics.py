@@ -115,6 +115,11 @@ def test_cluster_radius_of_a_square_and_of_a_square_with_one_particle_moved_out(
     torch.testing.assert_close(radius, torch.tensor([math.sqrt(2), 4 * math.sqrt(2), math.sqrt(2)], dtype=torch.float64))
     with pytest.raises(ValueError, match=r"expected shape \(\.\.\., 8\)"):
         M.cluster_radius(torch.zeros(3, 9), 4, 2)
+    # squares of side 2s have radius s sqrt 2: of s = 1, 2, 3, 4 above the 50% level (2.5 sqrt 2) lie 3 and 4
+    reference = torch.cat([square * s for s in (1.0, 2.0, 3.0, 4.0)])
+    assert M.share_beyond_radius(torch.cat([square * 3.0, square, square]), reference, 4, 2, level=0.5) == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match="level must lie in"):
+        M.share_beyond_radius(square, reference, 4, 2, level=1.0)
 
 
 def test_distance_w2_by_quantile_adds_up_to_distance_w2():
