@@ -330,6 +330,41 @@ def share_beyond_radius(x: Tensor, reference: Tensor, n_particles: int, spatial_
     return float((cluster_radius(x, n_particles, spatial_dim) > threshold).double().mean())
 
 
+def score_virial(x: Tensor, score: Tensor, n_particles: int | None = None, spatial_dim: int | None = None) -> Tensor:
+    r"""Per sample, the virial of a score, (x - c) . s(x): shape (N,) for ``x`` and ``score`` of
+    shape (N, dim). For a particle system c is each configuration's centroid; otherwise c = 0.
+
+    Integration by parts (Stein's identity) gives, for x ~ p with p smooth and decaying,
+
+        E_p[(x - c) . grad log p(x)] = -d_free,
+
+    d_free = (n_particles - 1) * spatial_dim for centre-of-mass-free particles, dim otherwise
+    (:func:`virial_expectation`), whatever p is. So the mean virial of a score at exact samples
+    of p_t checks it without knowing p_t: above -d_free the score pushes particles apart on
+    average, below it pulls them together.
+    """
+    if x.ndim != 2 or score.shape != x.shape:
+        raise MetricInputError(f"x and score must have the same shape (N, dim), got {tuple(x.shape)} and "
+                               f"{tuple(score.shape)}")
+    if n_particles is None:
+        return (_finite_2d(_as_tensor(x, "x").detach(), "x") * _finite_2d(_as_tensor(score, "score").detach(), "score")).sum(dim=1)
+    if spatial_dim is None:
+        raise MetricInputError("give spatial_dim with n_particles")
+    r = _configurations(x, n_particles, spatial_dim, "x")
+    s = _configurations(score, n_particles, spatial_dim, "score")
+    return ((r - r.mean(dim=1, keepdim=True)) * s).sum(dim=(1, 2))
+
+
+def virial_expectation(dim: int, n_particles: int | None = None, spatial_dim: int | None = None) -> float:
+    """The exact E_p[(x - c) . grad log p] of :func:`score_virial`: -(n_particles - 1) * spatial_dim
+    for a centre-of-mass-free particle system, -dim otherwise."""
+    if n_particles is None:
+        return -float(dim)
+    if spatial_dim is None or n_particles * spatial_dim != dim:
+        raise MetricInputError(f"{n_particles} particles in {spatial_dim} dimensions do not make dim {dim}")
+    return -float((n_particles - 1) * spatial_dim)
+
+
 @dataclass(frozen=True)
 class Histogram:
     """A normalised histogram that keeps track of the mass outside its range.

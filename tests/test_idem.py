@@ -509,6 +509,17 @@ def test_clip_sigma_loosens_the_clip_at_small_noise_where_the_target_is_the_forc
         config_for("lj13", clip_sigma=-1.0)
     with pytest.raises(TrainingConfigError, match="needs max_norm"):
         config_for("dw4", clip_sigma=0.1, max_norm=None)
+    # a separate clip from sigma_high up, alone or on top of clip_sigma
+    high = replace(config, max_norm_high=40.0, sigma_high=0.1)
+    torch.testing.assert_close(idem.target_clip(high, sigma), torch.tensor([20.0, 20.0, 40.0, 40.0]))
+    both = replace(loose, max_norm_high=40.0, sigma_high=0.5)
+    torch.testing.assert_close(idem.target_clip(both, sigma), torch.tensor([400.0, 40.0, 20.0, 40.0]))
+    with pytest.raises(TrainingConfigError, match="max_norm_high replaces max_norm"):
+        config_for("dw4", max_norm=None, max_norm_high=40.0)
+    with pytest.raises(TrainingConfigError, match="max_norm_high must be positive"):
+        config_for("lj13", max_norm_high=0.0)
+    with pytest.raises(TrainingConfigError, match="sigma_high must be positive"):
+        config_for("lj13", sigma_high=float("nan"))
 
 
 def test_warm_start_continues_exactly_and_records_the_earlier_phase(tmp_path: Path) -> None:
@@ -770,3 +781,42 @@ def test_evaluation_tail_metrics_on_exact_samples_and_on_samples_without_the_tai
     assert cut["beyond_r90"] == 0.0
     assert cut["distance_w2_tail"] > 3 * exact["distance_w2_tail"]
     assert cut["distance_w2_tail"] ** 2 > 0.3 * cut["distance_w2"] ** 2  # most of the damage is in the tail
+
+
+def test_virial_penalty_is_the_binned_squared_virial_error_and_moves_the_score() -> None:
+    from boltzlab import metrics
+    from boltzlab.training.idem import virial_penalty
+
+    energy = get_target("lj13")
+    gen = torch.Generator().manual_seed(0)
+    x_t = energy.remove_com(torch.randn(4, 39, generator=gen))
+    centred = (x_t.view(4, 13, 3) - x_t.view(4, 13, 3).mean(1, keepdim=True)).reshape(4, 39)
+    a = torch.tensor([-1.0, -3.0, 0.5, -2.0], requires_grad=True)
+    score = a[:, None] * centred  # virial a_b |x_b - c_b|^2
+    t = torch.tensor([0.1, 0.2, 0.7, 0.9])
+    v = metrics.score_virial(x_t, score.detach(), 13, 3)
+    expected = 0.5 * ((v[:2].mean() + 36) / 36) ** 2 + 0.5 * ((v[2:].mean() + 36) / 36) ** 2
+    penalty = virial_penalty(energy, x_t, t, score, n_bins=2)
+    assert torch.allclose(penalty.double(), expected, rtol=1e-5)
+    penalty.backward()
+    assert a.grad is not None and bool((a.grad != 0).all())
+    # one point per bin, empty bins skipped; a score with the exact mean virial costs nothing
+    exact = -36.0 / (centred ** 2).sum(1)
+    assert float(virial_penalty(energy, x_t, t, exact[:, None] * centred, n_bins=8)) < 1e-10
+    with pytest.raises(TrainingConfigError, match="particle system"):
+        virial_penalty(get_target("gmm40"), torch.zeros(2, 2), torch.tensor([0.1, 0.5]), torch.zeros(2, 2), 2)
+    with pytest.raises(TrainingConfigError, match="virial_weight must be finite"):
+        config_for("lj13", virial_weight=-1.0)
+    with pytest.raises(TrainingConfigError, match="method='idem'"):
+        config_for("lj13", method="pdem", virial_weight=1.0)
+
+
+def test_a_run_with_the_virial_penalty_trains_and_resumes_to_the_same_state(tmp_path: Path) -> None:
+    config = config_for("dw4", **{**TINY, "virial_weight": 100.0, "n_outer": 2})
+    full = train_idem(config, tmp_path / "full", progress=False)
+    train_idem(config, tmp_path / "split", stop_after=1, progress=False)
+    resumed = train_idem(config, tmp_path / "split", resume=True, progress=False)
+    for p, q in zip(full.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(p, q)
+    plain = train_idem(replace(config, virial_weight=0.0), None, progress=False)
+    assert any(not torch.equal(p, q) for p, q in zip(full.model.parameters(), plain.model.parameters()))

@@ -442,3 +442,39 @@ def test_count_transitions_of_a_two_state_markov_chain():
     total = int(M.count_transitions(coord, -1.0, 1.0).sum())
     expected = int(flips[1:].sum())
     assert total == expected
+
+
+def test_score_virial_obeys_steins_identity_for_exact_scores_and_catches_a_scaled_one():
+    # particles: COM-free Gaussian N(0, s^2) on the (n - 1) d free coordinates, exact score -x / s^2:
+    # per sample -|x|^2 / s^2 ~ -chi^2_{36}, mean -36 = -(n - 1) d
+    gen = torch.Generator().manual_seed(0)
+    energy = lj13()
+    x = energy.remove_com(0.7 * torch.randn(20_000, 39, generator=gen, dtype=torch.float64))
+    values = M.score_virial(x, -x / 0.49, 13, 3)
+    assert M.virial_expectation(39, 13, 3) == -36.0
+    assert abs(float(values.mean()) + 36.0) < 4 * float(values.std()) / math.sqrt(20_000)
+    # a non-Gaussian density: the 2-D GMM-40 noised to sigma = 2, exact samples and exact score
+    from boltzlab.estimators import gmm_noised_score
+
+    gmm = GaussianMixture()
+    x = gmm.sample(20_000, generator=gen, dtype=torch.float64)
+    x_t = x + 2.0 * torch.randn(x.shape, generator=gen, dtype=torch.float64)
+    values = M.score_virial(x_t, gmm_noised_score(gmm, x_t, 2.0))
+    se = float(values.std()) / math.sqrt(20_000)
+    assert M.virial_expectation(2) == -2.0
+    assert abs(float(values.mean()) + 2.0) < 4 * se, (float(values.mean()), se)
+    # half the score breaks it by about 1 (a score that pulls too weakly)
+    assert abs(float(M.score_virial(x_t, 0.5 * gmm_noised_score(gmm, x_t, 2.0)).mean()) + 1.0) < 4 * se
+    # the centroid is removed: translating every particle of a configuration changes nothing
+    y = torch.randn(5, 39, generator=gen, dtype=torch.float64)
+    s = energy.remove_com(torch.randn(5, 39, generator=gen, dtype=torch.float64))
+    assert torch.allclose(M.score_virial(y + torch.tensor([1.0, -2.0, 3.0]).repeat(13), s, 13, 3),
+                          M.score_virial(y, s, 13, 3))
+    with pytest.raises(M.MetricInputError, match="same shape"):
+        M.score_virial(y, s[:, :30], 13, 3)
+    with pytest.raises(M.MetricInputError, match="spatial_dim"):
+        M.score_virial(y, s, 13)
+    with pytest.raises(M.MetricInputError, match="do not make dim"):
+        M.virial_expectation(39, 13, 2)
+    with pytest.raises(M.MetricInputError, match="NaN or inf"):
+        M.score_virial(torch.full((2, 2), float("nan")), torch.zeros(2, 2))

@@ -441,3 +441,20 @@ def test_quantile_band_chart_draws_each_band_of_each_sampler_and_legends_w2(tmp_
         P.quantile_band_chart({"a": bands["shifted"], "b": metrics.wasserstein_1d_by_quantile(a, a, edges=(0.0, 1.0))})
     with pytest.raises(ValueError, match="nothing to plot"):
         P.quantile_band_chart({})
+
+
+def test_virial_chart_draws_one_line_per_score_and_the_exact_value(tmp_path):
+    rows = [{"sigma": 0.5, "exact": -36.0, "network": -41.0, "target_1000": -43.6},
+            {"sigma": 0.1, "exact": -36.0, "network": 13.4, "target_1000": 17.9}]
+    ax = P.virial_chart(rows, ["network", "target_1000"], labels={"network": "the network"})
+    lines = ax.get_lines()
+    assert [line.get_label() for line in lines] == ["the network", "target_1000", "exact (Stein's identity)"]
+    np.testing.assert_allclose(lines[0].get_xdata(), [0.1, 0.5])  # sorted by sigma
+    np.testing.assert_allclose(lines[0].get_ydata(), [13.4, -41.0])
+    np.testing.assert_allclose(lines[2].get_ydata(), [-36.0, -36.0])
+    assert ax.get_xscale() == "log"
+    ax.figure.savefig(tmp_path / "virial.png")
+    with pytest.raises(ValueError, match="rows lack target_4000"):
+        P.virial_chart(rows, ["target_4000"])
+    with pytest.raises(ValueError, match="nothing to plot"):
+        P.virial_chart([], ["network"])

@@ -382,8 +382,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="instead: noise reference configurations to each of --sigmas and run CHECKPOINT's "
                              "sampler back to t = 0 (where in noise level its score goes wrong), saved as "
                              "boltzlab/data/records/from_data_NAME.json, NAME being CHECKPOINT's folder")
+    parser.add_argument("--target-virial", type=Path, metavar="CHECKPOINT",
+                        help="instead: the virial identity per noise level for CHECKPOINT's network and its "
+                             "Monte Carlo training target at K = 1000, 4000, 32000 (boltzlab.training.target_bias), "
+                             "saved as boltzlab/data/records/target_virial_NAME.json")
+    parser.add_argument("--dsm-ceiling", type=Path, metavar="CHECKPOINT",
+                        help="instead: train CHECKPOINT's network by denoising score matching on half the "
+                             "reference set and evaluate its sampler on the other half, saved as "
+                             "boltzlab/data/records/dsm_ceiling_NAME.json")
+    parser.add_argument("--dsm-steps", type=int, default=5000, help="DSM steps for --dsm-ceiling")
+    parser.add_argument("--n-points", type=int, default=200, help="noised reference points for --target-virial")
     parser.add_argument("--sigmas", type=float, nargs="+", default=[0.03, 0.1, 0.2, 0.3, 0.5, 1.0],
-                        help="noise levels for --from-data")
+                        help="noise levels for --from-data and --target-virial")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                         help="torch.compile the network for --from-data (float32 rounding only)")
     parser.add_argument("--threads", type=int, default=1,
@@ -412,6 +422,29 @@ def main(argv: list[str] | None = None) -> int:
                                     "sigmas": sorted(args.sigmas), "seed": 0, "rows": rows}, indent=1) + "\n")
         for r in rows:
             print(json.dumps(r))
+        print(path)
+        return 0
+    for flag in ("target_virial", "dsm_ceiling"):
+        checkpoint = getattr(args, flag)
+        if checkpoint is None:
+            continue
+        from boltzlab.training import target_bias
+        sampler = _sampler_from_payload(_load_payload(checkpoint))
+        if sampler.config.target != args.target:
+            parser.error(f"{checkpoint} is a {sampler.config.target} checkpoint, not {args.target}")
+        if flag == "target_virial":
+            record = target_bias.target_virial_record(sampler, sorted(args.sigmas), args.n_points)
+            for r in record["rows"]:
+                print(json.dumps(r))
+        else:
+            if args.dsm_steps < 1:
+                parser.error("--dsm-steps must be at least 1")
+            record, _ = target_bias.dsm_ceiling(sampler, args.dsm_steps, args.n_eval, progress=not args.no_progress)
+            print(json.dumps(record["metrics"]))
+        record["checkpoint"] = str(checkpoint)
+        RECORDS_DIR.mkdir(parents=True, exist_ok=True)
+        path = RECORDS_DIR / f"{flag}_{checkpoint.resolve().name}.json"
+        path.write_text(json.dumps(record, indent=1) + "\n")
         print(path)
         return 0
     if args.spread is not None:

@@ -157,10 +157,17 @@ def regression_target(config: IDEMConfig, energy: Energy, x0: Tensor,
 
 def target_clip(config: IDEMConfig, sigma: Tensor) -> float | Tensor | None:
     """The clip norm of each regression target, for noise levels ``sigma`` (B,): ``max_norm``,
-    or with ``clip_sigma`` > 0 the per-point ``max_norm * max(1, clip_sigma / sigma)`` (B,)."""
-    if config.max_norm is None or config.clip_sigma == 0:
+    or with ``clip_sigma`` > 0 the per-point ``max_norm * max(1, clip_sigma / sigma)`` (B,); with
+    ``max_norm_high`` that norm instead wherever sigma >= ``sigma_high``."""
+    if config.max_norm is None:
+        return None
+    if config.clip_sigma == 0 and config.max_norm_high is None:
         return config.max_norm
-    return config.max_norm * (config.clip_sigma / sigma).clamp(min=1.0)
+    clip = config.max_norm * (config.clip_sigma / sigma).clamp(min=1.0) if config.clip_sigma > 0 \
+        else torch.full_like(sigma, config.max_norm)
+    if config.max_norm_high is not None:
+        clip = torch.where(sigma >= config.sigma_high, torch.full_like(clip, config.max_norm_high), clip)
+    return clip
 
 
 def target_loss(model: nn.Module, config: IDEMConfig, energy: Energy, x_t: Tensor, t: Tensor,
@@ -175,11 +182,35 @@ def target_loss(model: nn.Module, config: IDEMConfig, energy: Energy, x_t: Tenso
         inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
         # energies in kT units, equally weighted over t (their scale does not blow up at small t)
         return ((inner.energy(x_t, t) - target).pow(2) / energy.kT**2).mean()
-    squared = (model(x_t, t) - target).pow(2).sum(-1)
+    score = model(x_t, t)
+    squared = (score - target).pow(2).sum(-1)
     if config.loss_weight == "one":
-        return squared.mean()
-    weight = config.schedule.variance(t) + config.local_scale**2
-    return (weight * squared).mean()
+        loss = squared.mean()
+    else:
+        loss = ((config.schedule.variance(t) + config.local_scale**2) * squared).mean()
+    if config.virial_weight > 0:
+        loss = loss + config.virial_weight * virial_penalty(energy, x_t, t, score, config.virial_bins, config.t_min)
+    return loss
+
+
+def virial_penalty(energy: Energy, x_t: Tensor, t: Tensor, score: Tensor, n_bins: int, t_min: float = 0.0) -> Tensor:
+    """sum_b (n_b / B) ((V_b + d_free) / d_free)^2, differentiable in ``score`` (B, dim): V_b the
+    mean virial (x_t - c) . s of the points whose t (B,) falls in bin b of ``n_bins`` equal bins
+    of [t_min, 1], n_b their number, d_free = (n - 1) d. Zero in expectation-squared terms for
+    the exact score at exact samples of p_t (:func:`boltzlab.metrics.score_virial`); only bins
+    with points count."""
+    if not isinstance(energy, PairPotential):
+        raise TrainingConfigError("the virial penalty needs a particle system (centre-of-mass-free)")
+    n, d = energy.n_particles, energy.spatial_dim
+    r = x_t.reshape(-1, n, d)
+    virial = ((r - r.mean(dim=1, keepdim=True)) * score.reshape(-1, n, d).float()).sum(dim=(1, 2))
+    bins = ((t - t_min) / (1.0 - t_min) * n_bins).long().clamp(0, n_bins - 1)
+    sums = torch.zeros(n_bins, dtype=virial.dtype, device=virial.device).index_add(0, bins, virial)
+    counts = torch.bincount(bins, minlength=n_bins).to(virial.dtype)
+    used = counts > 0
+    d_free = float((n - 1) * d)
+    means = sums[used] / counts[used]
+    return ((counts[used] / x_t.shape[0]) * ((means + d_free) / d_free).pow(2)).sum()
 
 
 # exact GMM-40 samples standing in for "the whole reference set" (the MCMC sets hold 10,000)

@@ -57,6 +57,12 @@ class IDEMConfig:
     # at large noise; at small noise the estimate is the force itself, and in equilibrium
     # LJ-13 about 28% of particles feel more than 20, so a fixed clip teaches too weak a force
     clip_sigma: float = 0.0
+    # from this noise level up the clip is max_norm_high instead (None: no separate clip there).
+    # The virial identity (boltzlab.training.target_bias) shows the clipped target pulling the
+    # particles together too hard at sigma ~ 0.5, where a looser clip brings it closer. On
+    # LJ-13 (clip 40 from 0.4 up) the samples ran hot and stretched (benchmarks/README.md)
+    max_norm_high: float | None = None
+    sigma_high: float = 0.4
     batch_size: int = 256
     lr: float = 5e-4
     grad_clip: float = 1.0
@@ -92,6 +98,17 @@ class IDEMConfig:
     # float32). The refills only choose where the regression trains, so their rounding cannot
     # bias the learned score; evaluations and the shipped sampler always run in float32
     precision: str = "float32"
+    # weight of the virial penalty on the regression (particle systems; 0: plain iDEM). For exact
+    # samples of p_t every correct score has mean virial E[(x - c) . s] = -(n - 1) d (Stein's
+    # identity, boltzlab.metrics.score_virial), and the Monte Carlo target breaks it band by band
+    # (boltzlab.training.target_bias). The penalty is sum_b (n_b / B) ((mean_b virial + d_free) /
+    # d_free)^2 over ``virial_bins`` equal bins of t: one scalar per band, so it moves only the
+    # breathing mode of the score. It assumes the buffer is close to p_0 (then its noised points
+    # are close to p_t); the exact score is a fixed point of the penalised regression. On LJ-13
+    # (weights 1e3, 1e4) it dissolved the clusters (benchmarks/README.md): an experiment, kept
+    # so that the record can be reproduced, not a recipe.
+    virial_weight: float = 0.0
+    virial_bins: int = 8
 
     def __post_init__(self) -> None:
         from boltzlab.energies import TARGETS
@@ -103,7 +120,7 @@ class IDEMConfig:
         if self.network not in NETWORKS:
             raise TrainingConfigError(f"unknown network {self.network!r}; use one of {', '.join(NETWORKS)}")
         for name in ("hidden", "n_layers", "n_mc", "batch_size", "n_outer", "inner_steps", "n_refill",
-                     "sde_steps", "buffer_capacity", "eval_every", "n_eval"):
+                     "sde_steps", "buffer_capacity", "eval_every", "n_eval", "virial_bins"):
             check_positive_int(getattr(self, name), name, TrainingConfigError)
         if self.sde_increment not in SDE_INCREMENTS:
             raise TrainingConfigError(f"unknown sde_increment {self.sde_increment!r}; use one of "
@@ -116,6 +133,11 @@ class IDEMConfig:
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
                 raise TrainingConfigError(f"{name} must be finite and >= 0, got {value!r}")
+        if isinstance(self.virial_weight, bool) or not isinstance(self.virial_weight, (int, float)) \
+                or not (math.isfinite(self.virial_weight) and self.virial_weight >= 0):
+            raise TrainingConfigError(f"virial_weight must be finite and >= 0, got {self.virial_weight!r}")
+        if self.virial_weight > 0 and self.method != "idem":
+            raise TrainingConfigError("virial_weight is a penalty on iDEM's score regression; use method='idem'")
         if isinstance(self.negative_time_steps, bool) or not isinstance(self.negative_time_steps, int) \
                 or self.negative_time_steps < 0:
             raise TrainingConfigError(f"negative_time_steps must be an int >= 0, got {self.negative_time_steps!r}")
@@ -134,6 +156,13 @@ class IDEMConfig:
             raise TrainingConfigError(f"clip_sigma must be finite and >= 0, got {self.clip_sigma}")
         if self.clip_sigma > 0 and self.max_norm is None:
             raise TrainingConfigError("clip_sigma loosens the clip at small noise: it needs max_norm")
+        if self.max_norm_high is not None:
+            if self.max_norm is None:
+                raise TrainingConfigError("max_norm_high replaces max_norm at high noise: it needs max_norm")
+            if not (math.isfinite(self.max_norm_high) and self.max_norm_high > 0):
+                raise TrainingConfigError(f"max_norm_high must be positive and finite, got {self.max_norm_high}")
+        if not (math.isfinite(self.sigma_high) and self.sigma_high > 0):
+            raise TrainingConfigError(f"sigma_high must be positive and finite, got {self.sigma_high}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise TrainingConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         GeometricNoiseSchedule(self.sigma_min, self.sigma_max)  # validates the schedule

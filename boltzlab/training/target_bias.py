@@ -1,0 +1,191 @@
+"""Is the regression target right? Two measurements that need no trained sampler to be good.
+
+1. **The virial identity, band by band.** For exact samples x_t of p_t (reference configurations
+   plus N(0, sigma_t^2) noise) every correct score obeys E[(x_t - c) . grad log p_t(x_t)] =
+   -(n - 1) d (:func:`boltzlab.metrics.score_virial`). :func:`virial_by_sigma` measures that
+   expectation for any set of score functions at the same noised points: the iDEM Monte Carlo
+   target (clipped as in training) for several K, a checkpoint's network, or a network trained on
+   data. A target whose virial is above the exact value pushes particles apart on average; below,
+   it pulls them together. A network regressed onto a biased target inherits its bias.
+2. **The network's ceiling.** :func:`dsm_ceiling` trains the same network by denoising score
+   matching on half of the reference set (exact samples, no energy evaluations) and samples it
+   with the same reverse SDE, evaluated against the other half. If that meets a target the
+   data-free sampler misses, the network and the sampler are not what limits it; the target is.
+
+The records are written by
+
+    python -m boltzlab ablate lj13 --target-virial boltzlab/data/checkpoints/lj13
+    python -m boltzlab ablate lj13 --dsm-ceiling boltzlab/data/checkpoints/lj13
+
+(``boltzlab/data/records/{target_virial,dsm_ceiling}_lj13.json``) and chapter 06 shows them.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from boltzlab import metrics
+from boltzlab.diffusion.dsm import fit_score_model
+from boltzlab.energies import Energy, PairPotential
+from boltzlab.estimators import clip_for
+from boltzlab.kernels import mc_score_estimate
+from boltzlab.training.checkpoints import TrainedSampler
+from boltzlab.training.idem import evaluate_samples, evaluation_reference, target_clip
+from boltzlab.training.sampler import _projection, build_model, sample_model
+
+# f(x (B, dim) float64, t (B,), generator) -> (B, dim)
+VirialScore = Callable[[Tensor, Tensor, torch.Generator], Tensor]
+
+# the halves of the reference set: DSM trains on the first, everything is evaluated on the second
+SPLIT_SEED = 123
+
+
+def _particles(energy: Energy) -> tuple[int, int] | tuple[()]:
+    """(n_particles, spatial_dim) of a particle system, () otherwise (for metrics.score_virial)."""
+    return (energy.n_particles, energy.spatial_dim) if isinstance(energy, PairPotential) else ()
+
+
+def reference_halves(target: str) -> tuple[Tensor, Tensor]:
+    """The whole reference set of ``target`` split at random (seed :data:`SPLIT_SEED`) into two
+    halves, ``(train, test)``, each (n / 2, dim)."""
+    # the generator only matters for GMM-40, whose "reference set" is drawn exactly each time
+    reference = evaluation_reference(target, None, torch.Generator().manual_seed(SPLIT_SEED))
+    perm = torch.randperm(reference.shape[0], generator=torch.Generator().manual_seed(SPLIT_SEED))
+    half = reference.shape[0] // 2
+    return reference[perm[:half]], reference[perm[half:]]
+
+
+def virial_by_sigma(sampler: TrainedSampler, scores: dict[str, VirialScore],
+                    sigmas: list[float], n_points: int, seed: int = 0) -> list[dict[str, float]]:
+    """Mean virial (1/n) sum_b (x_b - c_b) . s(x_b, t) of every score in ``scores`` at the same
+    ``n_points`` exact samples of p_t per noise level sigma in ``sigmas`` (held-out reference
+    configurations plus sigma N(0, I), centre-of-mass-free), with the exact value
+    -(n_particles - 1) d. A score is ``f(x (B, dim) float64, t (B,), generator) -> (B, dim)``.
+    Returns one row per sigma: ``{"sigma", "exact", NAME: mean virial, ...}``."""
+    energy = sampler.energy
+    particles = _particles(energy)
+    _, test = reference_halves(sampler.config.target)
+    x0 = test[:n_points].double()
+    # the points come from their own generator, so every set of scores sees the same points
+    points, generator = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
+    rows = []
+    for sigma in sigmas:
+        project = _projection(energy) or (lambda v: v)
+        x_t = project(x0 + sigma * project(torch.randn(x0.shape, generator=points, dtype=x0.dtype)))
+        t = sampler.config.schedule.time_at_std(torch.full((x0.shape[0],), sigma, dtype=x0.dtype))
+        row = {"sigma": sigma, "exact": metrics.virial_expectation(energy.dim, *particles)}
+        for name, score in scores.items():
+            values = metrics.score_virial(x_t, score(x_t, t, generator), *particles)
+            row[name] = float(values.mean())
+        rows.append(row)
+    return rows
+
+
+def mc_target_score(sampler: TrainedSampler, n_mc: int, repeats: int = 1) -> VirialScore:
+    """The iDEM regression target of ``sampler``'s config with K = ``n_mc`` copies (the fused
+    LSE force-form estimate, clipped per particle as in training by
+    :func:`~boltzlab.training.idem.target_clip`), averaged over ``repeats`` independent draws:
+    its mean is what a regression onto it converges to, so averaging shows the bias."""
+    config, energy = sampler.config, sampler.energy
+
+    def score(x: Tensor, t: Tensor, generator: torch.Generator) -> Tensor:
+        sigma = config.schedule.std(t)
+        clip = target_clip(config, sigma)
+        draws = [mc_score_estimate(energy, x, sigma, n_mc, generator=generator).score for _ in range(repeats)]
+        return torch.stack([d if clip is None else clip_for(energy, d, clip) for d in draws]).mean(0)
+    return score
+
+
+def network_score(model: torch.nn.Module) -> VirialScore:
+    """A score network as a :func:`virial_by_sigma` score (float32 inside, float64 out)."""
+    def score(x: Tensor, t: Tensor, generator: torch.Generator) -> Tensor:
+        model.eval()
+        with torch.no_grad():
+            return model(x.float(), t.float()).double()
+    return score
+
+
+def target_virial_record(sampler: TrainedSampler, sigmas: list[float], n_points: int = 200,
+                         ks: tuple[int, ...] = (1000, 4000, 32000), seed: int = 0) -> dict:
+    """:func:`virial_by_sigma` for the checkpoint's network (``"network"``) and its training
+    target at each K in ``ks`` (``"target_K"``, averaged over 32000 / (4 K) draws, at least 1),
+    the smallest K's target without the clip (``"target_K_unclipped"``), and the targets' mean
+    Kish ESS per sigma (``"ess_K"``). The record chapter 06 reads."""
+    scores: dict[str, VirialScore] = {"network": network_score(sampler.model)}
+    for k in ks:
+        scores[f"target_{k}"] = mc_target_score(sampler, k, repeats=max(1, 32000 // k // 4))
+    # the smallest K without any clip: what the clip does to the bias
+    unclipped = replace(sampler, config=replace(sampler.config, max_norm=None, clip_sigma=0.0))
+    scores[f"target_{ks[0]}_unclipped"] = mc_target_score(unclipped, ks[0], repeats=max(1, 32000 // ks[0] // 4))
+    rows = virial_by_sigma(sampler, scores, sigmas, n_points, seed)
+    # the weights' ESS at the same points (the same point generator), with fresh copies
+    points, generator = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 2)
+    _, test = reference_halves(sampler.config.target)
+    x0 = test[:n_points].double()
+    for row, sigma in zip(rows, sigmas):
+        project = _projection(sampler.energy) or (lambda v: v)
+        x_t = project(x0 + sigma * project(torch.randn(x0.shape, generator=points, dtype=x0.dtype)))
+        for k in ks:
+            est = mc_score_estimate(sampler.energy, x_t, torch.full((x0.shape[0],), sigma, dtype=x0.dtype), k,
+                                    generator=generator)
+            row[f"ess_{k}"] = float(est.ess.mean())
+    return {"target": sampler.config.target, "n_points": n_points, "ks": list(ks), "seed": seed, "rows": rows}
+
+
+def dsm_ceiling(sampler: TrainedSampler, n_steps: int, n_samples: int = 2000, seed: int = 0,
+                progress: bool = True, compile: bool = True) -> tuple[dict, torch.nn.Module]:
+    """Train a fresh network of ``sampler``'s config (same architecture, schedule, output scaling)
+    by denoising score matching on the first reference half (batch = the config's batch size,
+    Adam at its learning rate, cosine decay, ``n_steps`` steps), sample ``n_samples`` with the
+    config's reverse SDE, and evaluate against the second half with
+    :func:`~boltzlab.training.idem.evaluate_samples`. Returns the record and the network."""
+    config, energy = sampler.config, sampler.energy
+    if not isinstance(energy, PairPotential):
+        raise TypeError(f"dsm_ceiling evaluates particle systems (distance W2); {config.target!r} is not one")
+    train, test = reference_halves(config.target)
+    torch.manual_seed(seed)  # the network's initialisation
+    model = build_model(config, energy)
+    start = time.perf_counter()
+    history = fit_score_model(model, train, config.schedule, n_steps, batch_size=config.batch_size, lr=config.lr,
+                              t_min=config.t_min, project=_projection(energy), seed=seed, progress=progress,
+                              desc="DSM on reference configurations")
+    train_s = time.perf_counter() - start
+    with torch.no_grad():
+        x = sample_model(model, config, energy, n_samples, torch.Generator().manual_seed(seed + 1),
+                         forward=torch.compile(model) if compile else None)
+    result = evaluate_samples(energy, x, test, torch.Generator().manual_seed(seed + 8))
+    halves = metrics.distance_w2(train[:n_samples], test, energy.n_particles, energy.spatial_dim)
+    record = {"target": config.target, "n_steps": n_steps, "n_samples": n_samples, "seed": seed,
+              "train_configurations": train.shape[0], "test_configurations": test.shape[0],
+              "train_seconds": round(train_s, 1), "final_loss": sum(history.values["loss"][-200:]) / len(history.values["loss"][-200:]),
+              "metrics": result, "exact_halves_distance_w2": halves,
+              "config": {k: v for k, v in asdict(replace(config)).items()
+                         if k in ("hidden", "n_layers", "sigma_min", "sigma_max", "sde_steps", "diffusion_scale",
+                                  "batch_size", "lr", "data_scale", "local_scale")}}
+    return record, model
+
+
+RECORD_KINDS = ("target_virial", "dsm_ceiling")
+
+
+def load_record(kind: str, name: str, records_dir: Path | None = None) -> dict:
+    """The saved record ``kind`` (``"target_virial"`` or ``"dsm_ceiling"``) of the checkpoint
+    directory ``name`` (e.g. ``"lj13"``), written by ``python -m boltzlab ablate TARGET
+    --target-virial CHECKPOINT`` or ``--dsm-ceiling CHECKPOINT``."""
+    from boltzlab.training.ablation import RECORDS_DIR
+
+    if kind not in RECORD_KINDS:
+        raise ValueError(f"unknown record kind {kind!r}; use one of {', '.join(RECORD_KINDS)}")
+    path = (records_dir or RECORDS_DIR) / f"{kind}_{name}.json"
+    if not path.is_file():
+        flag = "--" + kind.replace("_", "-")
+        raise FileNotFoundError(f"no {kind} record for {name!r} at {path}; run `python -m boltzlab ablate TARGET "
+                                f"{flag} boltzlab/data/checkpoints/{name}`")
+    return json.loads(path.read_text())
