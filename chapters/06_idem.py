@@ -1597,7 +1597,7 @@ assert ceiling["metrics"]["energy_w2"] < 3 and shipped_lj13["distance_w2"] > 0.0
 # outward push at small-to-middle noise) and too few configurations with a particle out of the
 # shell (the inward pull at the noise levels where a particle's place is decided).
 # **The network and the sampler are not what limits LJ-13.** The same EGNN with the same noise
-# schedule, trained on exact samples by denoising score matching for 5000 steps (868 s on one
+# schedule, trained on exact samples by denoising score matching for 5000 steps (576 s on one
 # core, against the iDEM checkpoint's 5862 s and 1.3 G energy evaluations), meets all three LJ-13 targets with the
 # shipped sampler: distance W2 0.018, distance TVD 0.023, energy W2 2.4. **What iDEM has to
 # overcome is its own target**: the shipped checkpoint (distance W2 0.033) is as good as it is

@@ -68,9 +68,32 @@ def test_the_target_virial_command_writes_a_record_named_after_the_checkpoint(tm
     assert "is a dw4 checkpoint, not lj13" in capsys.readouterr().err
 
 
-def test_dsm_ceiling_needs_a_particle_system() -> None:
+def test_data_ceiling_regresses_onto_the_chosen_target_at_reference_points(monkeypatch: pytest.MonkeyPatch) -> None:
+    from boltzlab.training.idem import load_sampler
+
     with pytest.raises(TypeError, match="not one"):
-        target_bias.dsm_ceiling(_gmm_sampler(), 1)
+        target_bias.data_ceiling(_gmm_sampler(), 1)
+    sampler = load_sampler(shipped_checkpoint("dw4"))
+    with pytest.raises(ValueError, match="unknown regression"):
+        target_bias.data_ceiling(sampler, 1, regression="nem")
+    seen = []
+    real = target_bias.regression_target
+
+    def counting(config, energy, x0, generator, compile=None):
+        seen.append(x0.clone())
+        return real(config, energy, x0, generator, compile)
+
+    monkeypatch.setattr(target_bias, "regression_target", counting)
+    train, _ = target_bias.reference_halves("dw4")
+    record, _ = target_bias.data_ceiling(sampler, 3, n_samples=8, progress=False, compile=False,
+                                         regression="mc_target")
+    # three regression steps, each on a batch of the first reference half (exact samples), none from a buffer
+    assert len(seen) == 3 and all(x.shape == (sampler.config.batch_size, 8) for x in seen)
+    rows = {tuple(r.tolist()) for r in train}
+    assert all(tuple(r.tolist()) in rows for x in seen for r in x)
+    assert record["regression"] == "mc_target" and record["n_steps"] == 3 and record["config"]["n_mc"] == sampler.config.n_mc
+    dsm, _ = target_bias.data_ceiling(sampler, 3, n_samples=8, progress=False, compile=False)
+    assert dsm["regression"] == "dsm" and len(seen) == 3  # DSM spends no Monte Carlo targets
 
 
 def test_the_lj13_records_show_a_target_that_breaks_the_virial_identity_and_a_network_that_does_not() -> None:

@@ -390,7 +390,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="instead: train CHECKPOINT's network by denoising score matching on half the "
                              "reference set and evaluate its sampler on the other half, saved as "
                              "boltzlab/data/records/dsm_ceiling_NAME.json")
-    parser.add_argument("--dsm-steps", type=int, default=5000, help="DSM steps for --dsm-ceiling")
+    parser.add_argument("--mc-target-ceiling", type=Path, metavar="CHECKPOINT",
+                        help="instead: as --dsm-ceiling, but regressing onto iDEM's Monte Carlo target at the "
+                             "same noised reference configurations, saved as mc_target_ceiling_NAME.json")
+    parser.add_argument("--dsm-steps", type=int, default=5000,
+                        help="regression steps for --dsm-ceiling and --mc-target-ceiling")
     parser.add_argument("--n-points", type=int, default=200, help="noised reference points for --target-virial")
     parser.add_argument("--sigmas", type=float, nargs="+", default=[0.03, 0.1, 0.2, 0.3, 0.5, 1.0],
                         help="noise levels for --from-data and --target-virial")
@@ -424,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(r))
         print(path)
         return 0
-    for flag in ("target_virial", "dsm_ceiling"):
+    for flag in ("target_virial", "dsm_ceiling", "mc_target_ceiling"):
         checkpoint = getattr(args, flag)
         if checkpoint is None:
             continue
@@ -439,7 +443,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             if args.dsm_steps < 1:
                 parser.error("--dsm-steps must be at least 1")
-            record, _ = target_bias.dsm_ceiling(sampler, args.dsm_steps, args.n_eval, progress=not args.no_progress)
+            record, _ = target_bias.data_ceiling(sampler, args.dsm_steps, args.n_eval, progress=not args.no_progress,
+                                                 regression="dsm" if flag == "dsm_ceiling" else "mc_target")
             print(json.dumps(record["metrics"]))
         record["checkpoint"] = str(checkpoint)
         RECORDS_DIR.mkdir(parents=True, exist_ok=True)

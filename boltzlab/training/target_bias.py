@@ -7,17 +7,21 @@
    target (clipped as in training) for several K, a checkpoint's network, or a network trained on
    data. A target whose virial is above the exact value pushes particles apart on average; below,
    it pulls them together. A network regressed onto a biased target inherits its bias.
-2. **The network's ceiling.** :func:`dsm_ceiling` trains the same network by denoising score
+2. **The network's ceiling.** :func:`data_ceiling` trains the same network by denoising score
    matching on half of the reference set (exact samples, no energy evaluations) and samples it
    with the same reverse SDE, evaluated against the other half. If that meets a target the
-   data-free sampler misses, the network and the sampler are not what limits it; the target is.
+   data-free sampler misses, the network and the sampler are not what limits it. The same
+   function with ``regression="mc_target"`` regresses onto iDEM's own Monte Carlo target at the
+   same exact points: whatever separates the two records is the target, not the buffer.
 
 The records are written by
 
-    python -m boltzlab ablate lj13 --target-virial boltzlab/data/checkpoints/lj13
+    python -m boltzlab ablate lj13 --target-virial boltzlab/data/checkpoints/lj13 --sigmas 0.03 0.1 0.2 0.3 0.5 1.0 2.0
     python -m boltzlab ablate lj13 --dsm-ceiling boltzlab/data/checkpoints/lj13
+    python -m boltzlab ablate lj13 --mc-target-ceiling boltzlab/data/checkpoints/lj13
 
-(``boltzlab/data/records/{target_virial,dsm_ceiling}_lj13.json``) and chapter 06 shows them.
+(``boltzlab/data/records/{target_virial,dsm_ceiling,mc_target_ceiling}_lj13.json``) and chapter
+06 shows them.
 """
 
 from __future__ import annotations
@@ -37,7 +41,14 @@ from boltzlab.energies import Energy, PairPotential
 from boltzlab.estimators import clip_for
 from boltzlab.kernels import mc_score_estimate
 from boltzlab.training.checkpoints import TrainedSampler
-from boltzlab.training.idem import evaluate_samples, evaluation_reference, target_clip
+from boltzlab.training.generative import TrainingHistory, run_training
+from boltzlab.training.idem import (
+    evaluate_samples,
+    evaluation_reference,
+    regression_target,
+    target_clip,
+    target_loss,
+)
 from boltzlab.training.sampler import _projection, build_model, sample_model
 
 # f(x (B, dim) float64, t (B,), generator) -> (B, dim)
@@ -139,46 +150,85 @@ def target_virial_record(sampler: TrainedSampler, sigmas: list[float], n_points:
     return {"target": sampler.config.target, "n_points": n_points, "ks": list(ks), "seed": seed, "rows": rows}
 
 
-def dsm_ceiling(sampler: TrainedSampler, n_steps: int, n_samples: int = 2000, seed: int = 0,
-                progress: bool = True, compile: bool = True) -> tuple[dict, torch.nn.Module]:
+REGRESSIONS = ("dsm", "mc_target")
+
+
+def data_ceiling(sampler: TrainedSampler, n_steps: int, n_samples: int = 2000, seed: int = 0,
+                 progress: bool = True, compile: bool = True, regression: str = "dsm") -> tuple[dict, torch.nn.Module]:
     """Train a fresh network of ``sampler``'s config (same architecture, schedule, output scaling)
-    by denoising score matching on the first reference half (batch = the config's batch size,
-    Adam at its learning rate, cosine decay, ``n_steps`` steps), sample ``n_samples`` with the
-    config's reverse SDE, and evaluate against the second half with
-    :func:`~boltzlab.training.idem.evaluate_samples`. Returns the record and the network."""
+    at noised configurations of the first reference half (exact samples of p_t), batch = the
+    config's batch size, Adam at its learning rate with cosine decay, ``n_steps`` steps; sample
+    ``n_samples`` with the config's reverse SDE and evaluate against the second half with
+    :func:`~boltzlab.training.idem.evaluate_samples`. Returns the record and the network.
+
+    ``regression="dsm"``: denoising score matching (the target -eps / sigma_t, whose conditional
+    mean is the exact score). ``"mc_target"``: iDEM's own regression target at the same kind of
+    points (:func:`~boltzlab.training.idem.regression_target`: K = ``n_mc`` copies, the training
+    clip, the config's loss weight and gradient clipping). Same points, same network, same
+    sampler: whatever separates the two is the Monte Carlo target, not the buffer."""
     config, energy = sampler.config, sampler.energy
     if not isinstance(energy, PairPotential):
-        raise TypeError(f"dsm_ceiling evaluates particle systems (distance W2); {config.target!r} is not one")
+        raise TypeError(f"data_ceiling evaluates particle systems (distance W2); {config.target!r} is not one")
+    if regression not in REGRESSIONS:
+        raise ValueError(f"unknown regression {regression!r}; use one of {', '.join(REGRESSIONS)}")
     train, test = reference_halves(config.target)
     torch.manual_seed(seed)  # the network's initialisation
     model = build_model(config, energy)
     start = time.perf_counter()
-    history = fit_score_model(model, train, config.schedule, n_steps, batch_size=config.batch_size, lr=config.lr,
-                              t_min=config.t_min, project=_projection(energy), seed=seed, progress=progress,
-                              desc="DSM on reference configurations")
+    if regression == "dsm":
+        history = fit_score_model(model, train, config.schedule, n_steps, batch_size=config.batch_size, lr=config.lr,
+                                  t_min=config.t_min, project=_projection(energy), seed=seed, progress=progress,
+                                  desc="DSM on reference configurations")
+    else:
+        history = _fit_mc_target(model, sampler, train, n_steps, seed, progress)
     train_s = time.perf_counter() - start
+    model.eval()
     with torch.no_grad():
         x = sample_model(model, config, energy, n_samples, torch.Generator().manual_seed(seed + 1),
                          forward=torch.compile(model) if compile else None)
     result = evaluate_samples(energy, x, test, torch.Generator().manual_seed(seed + 8))
     halves = metrics.distance_w2(train[:n_samples], test, energy.n_particles, energy.spatial_dim)
-    record = {"target": config.target, "n_steps": n_steps, "n_samples": n_samples, "seed": seed,
-              "train_configurations": train.shape[0], "test_configurations": test.shape[0],
-              "train_seconds": round(train_s, 1), "final_loss": sum(history.values["loss"][-200:]) / len(history.values["loss"][-200:]),
+    losses = history.values["loss"][-200:]
+    record = {"target": config.target, "regression": regression, "n_steps": n_steps, "n_samples": n_samples,
+              "seed": seed, "train_configurations": train.shape[0], "test_configurations": test.shape[0],
+              "train_seconds": round(train_s, 1), "final_loss": sum(losses) / len(losses),
               "metrics": result, "exact_halves_distance_w2": halves,
               "config": {k: v for k, v in asdict(replace(config)).items()
                          if k in ("hidden", "n_layers", "sigma_min", "sigma_max", "sde_steps", "diffusion_scale",
-                                  "batch_size", "lr", "data_scale", "local_scale")}}
+                                  "batch_size", "lr", "data_scale", "local_scale", "n_mc", "max_norm",
+                                  "clip_sigma", "loss_weight")}}
     return record, model
 
 
-RECORD_KINDS = ("target_virial", "dsm_ceiling")
+def _fit_mc_target(model: torch.nn.Module, sampler: TrainedSampler, train: Tensor, n_steps: int, seed: int,
+                   progress: bool) -> TrainingHistory:
+    config, energy = sampler.config, sampler.energy
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=n_steps)
+    model.train()
+
+    def step(_: int) -> dict[str, float]:
+        x0 = train[torch.randint(train.shape[0], (config.batch_size,), generator=generator)]
+        x_t, t, target = regression_target(config, energy, x0, generator)
+        loss = target_loss(model, config, energy, x_t, t, target)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        return {"loss": loss.item()}
+
+    return run_training(step, n_steps, progress=progress, desc="iDEM target at reference configurations")
+
+
+RECORD_KINDS = ("target_virial", "dsm_ceiling", "mc_target_ceiling")
 
 
 def load_record(kind: str, name: str, records_dir: Path | None = None) -> dict:
-    """The saved record ``kind`` (``"target_virial"`` or ``"dsm_ceiling"``) of the checkpoint
-    directory ``name`` (e.g. ``"lj13"``), written by ``python -m boltzlab ablate TARGET
-    --target-virial CHECKPOINT`` or ``--dsm-ceiling CHECKPOINT``."""
+    """The saved record ``kind`` (one of :data:`RECORD_KINDS`) of the checkpoint directory
+    ``name`` (e.g. ``"lj13"``), written by ``python -m boltzlab ablate TARGET --KIND CHECKPOINT``
+    (``--target-virial``, ``--dsm-ceiling``, ``--mc-target-ceiling``)."""
     from boltzlab.training.ablation import RECORDS_DIR
 
     if kind not in RECORD_KINDS:
