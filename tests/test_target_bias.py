@@ -117,3 +117,8 @@ def test_the_lj13_records_show_a_target_that_breaks_the_virial_identity_and_a_ne
     ceiling = target_bias.load_record("dsm_ceiling", "lj13")
     assert ceiling["config"]["hidden"] == 64 and ceiling["config"]["n_layers"] == 4
     assert ceiling["metrics"]["distance_w2"] < 0.03 and ceiling["n_samples"] >= 2000
+    # the same points and network regressed onto iDEM's target instead: the target alone triples distance W2
+    mc = target_bias.load_record("mc_target_ceiling", "lj13")
+    assert mc["regression"] == "mc_target" and ceiling["regression"] == "dsm" and mc["n_steps"] == ceiling["n_steps"]
+    assert mc["metrics"]["distance_w2"] > 2.5 * ceiling["metrics"]["distance_w2"]
+    assert mc["metrics"]["mean_energy"] > ceiling["metrics"]["mean_energy"] + 1  # hotter
