@@ -42,8 +42,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from boltzlab.energies import Energy, GaussianMixture
-from boltzlab.kernels import draw_noise, mc_score_estimate
+from boltzlab.energies import Energy, GaussianMixture, PairPotential
+from boltzlab.kernels import draw_noise, lj_energy_forces, mc_score_estimate
 from boltzlab.kernels.estimate import ScoreInputError, ScoreInputs, check_score_inputs
 from boltzlab.kernels.noise import project_noise
 
@@ -56,6 +56,10 @@ split over points. Small on purpose: an energy's temporaries (GMM-40's differenc
 40x the copies' entries) then stay small and warm in cache; against 1 << 22 this made the GMM-40
 estimate about 3x faster, with identical results (benchmarks/bench_gmm_score.py). A point's K
 copies are never split."""
+
+
+_MAX_SHIFTED_ELEMENTS = 1 << 20
+"""Copy entries per chunk of :func:`shifted_lse_score` (its pair kernel is fastest on large batches)."""
 
 
 def draw_eps(
@@ -123,6 +127,36 @@ def lse_score(energy: Energy, x_t: Tensor, sigma: float | Tensor, eps: Tensor) -
     centre-of-mass-free subspace there for particle systems), never holding the K copies."""
     inputs = _checked(energy, x_t, sigma, eps)
     return mc_score_estimate(energy, inputs.x_t, inputs.sigma, noise=inputs.noise).score
+
+
+def shifted_lse_score(energy: Energy, x_t: Tensor, sigma: float | Tensor, shift: Tensor, eps: Tensor) -> Tensor:
+    """The self-normalised force-form estimate with the copies drawn around a shifted centre,
+    y_k = x_t + delta + sigma eps_k, reweighted to the posterior
+    pi(y) ∝ exp(-E(y)/kT) N(x_t; y, sigma^2 I) against the proposal N(x_t + delta, sigma^2 I):
+
+        log w_k = -E(y_k)/kT - delta . eps_k / sigma,    S = sum_k softmax_k(log w) F(y_k)/kT.
+
+    Any ``shift`` delta (B, dim) leaves the K -> inf limit at grad log p_t(x_t); a good one
+    (sigma^2 times a learned score: Tweedie's first guess of the posterior mean) puts the copies
+    where the posterior is. delta = 0 is :func:`lse_score`. Shapes: x_t (B, dim), sigma float or
+    (B,), shift (B, dim), eps (B, K, dim) -> (B, dim). The copies are materialised in chunks of
+    points (pair potentials through the fast pair kernel)."""
+    inputs = _checked(energy, x_t, sigma, eps)
+    if shift.shape != inputs.x_t.shape:
+        raise ValueError(f"shift must have the shape of x_t {tuple(inputs.x_t.shape)}, got {tuple(shift.shape)}")
+    if not torch.isfinite(shift).all():
+        raise ValueError("shift has NaN or infinite entries")
+    noise = project_noise(inputs.noise, energy)
+    sig, centre = inputs.sigma, inputs.x_t + shift
+    step = max(1, _MAX_SHIFTED_ELEMENTS // (noise.shape[1] * noise.shape[2]))
+    out = []
+    for b0 in range(0, centre.shape[0], step):
+        sl = slice(b0, b0 + step)
+        copies = centre[sl, None, :] + sig[sl, None, None] * noise[sl]
+        e, f = lj_energy_forces(energy, copies) if isinstance(energy, PairPotential) else energy.energy_and_forces(copies)
+        log_w = -e / energy.kT - (noise[sl] * shift[sl, None, :]).sum(-1) / sig[sl, None]
+        out.append(_combine(log_w, f, energy.kT, "lse"))
+    return torch.cat(out)
 
 
 def blend_weight(sigma: Tensor, local_scale: float) -> Tensor:

@@ -447,6 +447,23 @@ def run_mcmc(
                 target_acceptance, 1, generator, progress, keep_energy_trace)
 
 
+def mala_refine(energy: Energy, x: Tensor, n_steps: int, generator: torch.Generator | None = None,
+                step_size: float = 1e-3) -> Tensor:
+    """Move every state of ``x`` ``(n, dim)`` by ``n_steps`` MALA steps at ``energy.kT`` and return
+    the last states ``(n, dim)`` (in float64 internally, ``x``'s dtype out).
+
+    The step size starts at ``step_size`` and adapts per chain during the first half of the
+    steps (:func:`run_mcmc`). States with an overlapping pair simply reject every move. Costs
+    ``n * n_steps`` energy and force evaluations. Used to move iDEM's replay buffer towards p
+    (``IDEMConfig.buffer_mala_steps``)."""
+    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
+        raise ValueError(f"n_steps must be a positive int, got {n_steps!r}")
+    burn_in = n_steps // 2 if n_steps > 1 else 0
+    result = run_mcmc(energy, x.double(), n_steps, kernel="mala", step_size=step_size, burn_in=burn_in,
+                      thin=n_steps - burn_in, generator=generator, progress=False, keep_energy_trace=False)
+    return result.final_state.to(x.dtype)
+
+
 def run_parallel_tempering(
     energy: Energy,
     x0: Tensor,

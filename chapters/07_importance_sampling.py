@@ -693,7 +693,8 @@ assert int(torch.unique(res_lj).numel()) <= int(finite_lj.sum())
 # %% [markdown]
 # Read the numbers above together with chapter 06's evaluation of this checkpoint (its final
 # metrics, printed by the next cell: interatomic distances and energies close to the
-# reference's, the plain reverse-SDE sampler on 2000 samples). Close is not close enough for
+# reference's, the reverse-SDE sampler with its noise scaled by 0.95 on 2000 samples; the
+# probability-flow ODE here has no noise to scale). Close is not close enough for
 # weights. The ESS is a small fraction of the samples: a few samples carry the weight, and
 # resampling repeats them; the reweighted histogram moves toward the reference only as far as
 # those few samples allow. Three things multiply here. LJ-13 has 36 effective coordinates, and

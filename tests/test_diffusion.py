@@ -477,3 +477,14 @@ def test_score_with_mc_below_switches_to_the_monte_carlo_estimate_below_sigma_c(
         score_with_mc_below(zeros, gmm, schedule, -1.0, 10)
     with pytest.raises(D.DiffusionInputError, match="n_mc"):
         score_with_mc_below(zeros, gmm, schedule, 1.0, 0)
+
+
+def test_replay_buffer_replace_states_keeps_the_overwrite_order() -> None:
+    buf = D.ReplayBuffer(capacity=4, dim=2)
+    buf.add(torch.arange(6.0).view(3, 2))
+    buf.replace_states(-buf.data)
+    assert torch.equal(buf.data, -torch.arange(6.0).view(3, 2))
+    buf.add(torch.full((2, 2), 9.0))  # fills slot 3, then overwrites the oldest (slot 0)
+    assert torch.equal(buf.data[0], torch.full((2,), 9.0)) and torch.equal(buf.data[1], torch.tensor([-2.0, -3.0]))
+    with pytest.raises(D.DiffusionInputError, match="needs 4 states"):
+        buf.replace_states(torch.zeros(3, 2))

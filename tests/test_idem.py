@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from boltzlab.energies import GaussianMixture, get_target
-from boltzlab.estimators import clip_score, mc_score
+from boltzlab.estimators import clip_score, gmm_noised_score, mc_score
 from boltzlab.reference import load_reference
 from boltzlab.training import idem
 from boltzlab.training.compiled import LowPrecisionForward, with_precision
@@ -820,3 +820,61 @@ def test_a_run_with_the_virial_penalty_trains_and_resumes_to_the_same_state(tmp_
         assert torch.equal(p, q)
     plain = train_idem(replace(config, virial_weight=0.0), None, progress=False)
     assert any(not torch.equal(p, q) for p, q in zip(full.model.parameters(), plain.model.parameters()))
+
+
+def test_buffer_mala_steps_move_the_buffer_and_are_counted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With buffer_mala_steps every refill is followed by MALA on the whole buffer: each state
+    is moved (mala_refine is called on exactly the stored states) and the energy evaluations
+    grow by len(buffer) * steps per outer iteration over plain iDEM's count."""
+    config = config_for("dw4", **{**TINY, "n_outer": 2, "eval_every": 10})
+    calls: list[tuple[int, int]] = []
+    real = idem.mala_refine
+
+    def spy(energy, x, n_steps, generator=None, step_size=1e-3):  # type: ignore[no-untyped-def]
+        calls.append((x.shape[0], n_steps))
+        return real(energy, x, n_steps, generator, step_size)
+
+    monkeypatch.setattr(idem, "mala_refine", spy)
+    plain = train_idem(config, None, progress=False)
+    moved = train_idem(replace(config, buffer_mala_steps=3), None, progress=False)
+    assert calls == [(64, 3), (64, 3)]  # the first refill (32) plus one (32) fill the 64 slots
+    assert moved.energy_evaluations - plain.energy_evaluations == 2 * 64 * 3
+    assert not torch.equal(moved.buffer.data, plain.buffer.data)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(TrainingConfigError, match="buffer_mala_steps"):
+            config_for("dw4", buffer_mala_steps=bad)
+
+
+def test_model_informed_proposal_serves_only_low_noise_targets_and_keeps_their_limit() -> None:
+    """With proposal_sigma, targets at sigma_t <= proposal_sigma draw their copies around
+    x_t + sigma_t^2 s(x_t, t): the estimate there still converges to the exact noised GMM-40
+    score (K = 4000, the exact score as proposal), the other points keep the plain target, the
+    clip applies to both, and a bad proposal_sigma is named."""
+    gmm = get_target("gmm40")
+    assert isinstance(gmm, GaussianMixture)
+    config = config_for("gmm40", n_mc=4000, max_norm=None, proposal_sigma=5.0)
+    seen: list[int] = []
+
+    class ExactScore(torch.nn.Module):
+        def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            seen.append(x.shape[0])
+            return gmm_noised_score(gmm, x.double(), config.schedule.std(t).double()).float()
+
+    gen = torch.Generator().manual_seed(2)
+    x0 = gmm.sample(256, gen).float()
+    x_t, t, target = idem.regression_target(config, gmm, x0, gen, proposal=ExactScore())
+    sigma = config.schedule.std(t)
+    low = sigma <= 5.0
+    assert 0 < int(low.sum()) < 256 and seen == [256]  # one call on the whole batch
+    exact = gmm_noised_score(gmm, x_t.double(), sigma.double()).float()
+    error = (target - exact).norm(dim=1) / exact.norm(dim=1).clamp(min=1e-2)
+    assert float(error[low].median()) < 0.02 and float(error[~low].median()) < 0.15  # plain copies, large sigma
+    # the same points without a proposal: the plain estimate is worse where the shift applies
+    _, _, plain = idem.regression_target(config, gmm, x0, torch.Generator().manual_seed(2))
+    plain_error = (plain - exact).norm(dim=1) / exact.norm(dim=1).clamp(min=1e-2)
+    assert float(error[low].mean()) < float(plain_error[low].mean())
+    clipped = replace(config, max_norm=0.01)
+    _, _, target2 = idem.regression_target(clipped, gmm, x0, torch.Generator().manual_seed(2), proposal=ExactScore())
+    assert float(target2.norm(dim=1).max()) <= 0.01 * (1 + 1e-5)
+    with pytest.raises(TrainingConfigError, match="proposal_sigma"):
+        config_for("gmm40", proposal_sigma=-1.0)

@@ -322,3 +322,21 @@ def test_bad_input_raises_clear_value_errors() -> None:
         mcmc.rhat(torch.zeros(10, 2, 2))
     with pytest.raises(ValueError, match="zero variance"):
         mcmc.integrated_autocorrelation_time(torch.ones(100, 2))
+
+
+def test_mala_refine_keeps_exact_samples_exact_and_moves_a_shifted_start_to_the_target() -> None:
+    """mala_refine is MALA: from exact samples the correlated Gaussian's moments stay exact, and
+    a start far from it relaxes to those moments; it returns the input dtype and shape."""
+    g = torch.Generator().manual_seed(3)
+    chol = torch.linalg.cholesky(COVARIANCE)
+    exact = torch.randn(4000, 3, generator=g, dtype=torch.float64) @ chol.T
+    out = mcmc.mala_refine(CorrelatedGaussian(), exact.float(), 40, generator=g, step_size=0.05)
+    assert out.dtype == torch.float32 and out.shape == (4000, 3)
+    assert not torch.equal(out, exact.float())
+    for x in (out.double(), mcmc.mala_refine(CorrelatedGaussian(), exact + 4.0, 400, generator=g, step_size=0.05)):
+        cov = x.T @ x / x.shape[0]
+        se = (2.0 / x.shape[0]) ** 0.5 * 1.5
+        assert float(x.mean(0).abs().max()) < 4 * (1.0 / x.shape[0]) ** 0.5
+        assert float((cov - COVARIANCE).abs().max()) < 4 * se
+    with pytest.raises(ValueError, match="n_steps"):
+        mcmc.mala_refine(CorrelatedGaussian(), exact, 0)

@@ -36,11 +36,7 @@ from boltzlab.reference import load_reference
 EXTERNAL = Path(__file__).resolve().parents[2] / "shared" / "reference"
 
 # (target, metric) -> why it is not met yet; the test that checks it is a strict xfail
-NOT_MET: dict[tuple[str, str], str] = {
-    ("lj13", "distance_w2"): "issue 18: shipped LJ-13 checkpoint at distance W2 0.033 against the whole reference "
-                             "set (1000-step sampler; other seeds 0.030-0.031; 400 steps gave 0.034-0.036) after "
-                             "10,450 regression steps in two phases",
-}
+NOT_MET: dict[tuple[str, str], str] = {}
 
 
 def _samples(target: str) -> torch.Tensor:
@@ -134,7 +130,7 @@ def test_published_numbers_have_sources_and_targets_are_checked_whole() -> None:
 
 
 # the earlier phases kept as checkpoints of their own: (name, target, how many of its phases)
-EARLIER_PHASES = [("dw4_phase1", "dw4", 1), ("lj55_phase2", "lj55", 2)]
+EARLIER_PHASES = [("dw4_phase1", "dw4", 1), ("lj13_phase3", "lj13", 3), ("lj55_phase2", "lj55", 2)]
 
 
 @pytest.mark.parametrize(("name", "target", "n_phases"),
@@ -159,7 +155,7 @@ def test_a_shipped_checkpoint_was_trained_by_the_phases_its_recipe_lists(name: s
             k: v for k, v in expected.items() if k in saved and k != "n_outer"}
 
 
-@pytest.mark.parametrize("name", ["gmm40", "dw4", "dw4_phase1", "lj13", "lj55", "lj55_phase2"])
+@pytest.mark.parametrize("name", ["gmm40", "dw4", "dw4_phase1", "lj13", "lj13_phase3", "lj55", "lj55_phase2"])
 def test_a_shipped_mcmc_baseline_was_run_for_its_checkpoints_budget(name: str) -> None:
     path = shipped_checkpoint(name) / "mcmc_baseline.json"
     if not path.is_file():

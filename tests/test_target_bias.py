@@ -98,7 +98,7 @@ def test_data_ceiling_regresses_onto_the_chosen_target_at_reference_points(monke
 
 def test_the_lj13_records_show_a_target_that_breaks_the_virial_identity_and_a_network_that_does_not() -> None:
     """What chapter 06 says about the saved records (written by the commands in target_bias)."""
-    virial = target_bias.load_record("target_virial", "lj13")
+    virial = target_bias.load_record("target_virial", "lj13_phase3")
     rows = {r["sigma"]: r for r in virial["rows"]}
     assert all(r["exact"] == -36.0 for r in rows.values())
     # small noise: many copies carry weight and the target is nearly right
@@ -114,11 +114,11 @@ def test_the_lj13_records_show_a_target_that_breaks_the_virial_identity_and_a_ne
     # sigma 1 and 2: it pulls them together too hard, whatever K
     for s in (1.0, 2.0):
         assert all(rows[s][f"target_{k}"] < -45 for k in (1000, 4000, 32000)) and rows[s]["network"] < -45, rows[s]
-    ceiling = target_bias.load_record("dsm_ceiling", "lj13")
+    ceiling = target_bias.load_record("dsm_ceiling", "lj13_phase3")
     assert ceiling["config"]["hidden"] == 64 and ceiling["config"]["n_layers"] == 4
     assert ceiling["metrics"]["distance_w2"] < 0.03 and ceiling["n_samples"] >= 2000
     # the same points and network regressed onto iDEM's target instead: the target alone triples distance W2
-    mc = target_bias.load_record("mc_target_ceiling", "lj13")
+    mc = target_bias.load_record("mc_target_ceiling", "lj13_phase3")
     assert mc["regression"] == "mc_target" and ceiling["regression"] == "dsm" and mc["n_steps"] == ceiling["n_steps"]
     assert mc["metrics"]["distance_w2"] > 2.5 * ceiling["metrics"]["distance_w2"]
     assert mc["metrics"]["mean_energy"] > ceiling["metrics"]["mean_energy"] + 1  # hotter

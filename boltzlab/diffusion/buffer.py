@@ -44,6 +44,14 @@ class ReplayBuffer:
         self._next = int((self._next + x.shape[0]) % self.capacity)
         self._size = min(self.capacity, self._size + x.shape[0])
 
+    def replace_states(self, x: Tensor) -> None:
+        """Overwrite every stored state with ``x`` (len, dim), e.g. after moving each one by MCMC;
+        the insertion order (which state is overwritten next) is kept."""
+        x = _check_state(x, self.dim).detach().to(self._data.dtype).cpu()
+        if x.shape[0] != self._size:
+            raise DiffusionInputError(f"replace_states needs {self._size} states, got {x.shape[0]}")
+        self._data[: self._size] = x
+
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """n states drawn uniformly with replacement: (n, dim)."""
         if self._size == 0:

@@ -360,6 +360,16 @@ def load_from_data_record(name: str, records_dir: Path = RECORDS_DIR) -> dict[st
     return json.loads(path.read_text())
 
 
+def _write_record(kind: str, checkpoint: Path, record: dict[str, Any]) -> Path:
+    """Save ``record`` (with its checkpoint's path) as boltzlab/data/records/KIND_NAME.json, NAME
+    being the checkpoint's folder, so that a target's several checkpoints keep their own records
+    (what :func:`load_from_data_record` and :func:`boltzlab.training.target_bias.load_record` read)."""
+    RECORDS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RECORDS_DIR / f"{kind}_{checkpoint.resolve().name}.json"
+    path.write_text(json.dumps({**record, "checkpoint": str(checkpoint)}, indent=1) + "\n")
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m boltzlab ablate", description=__doc__.split("\n\n")[0])
     # any target's run can be recorded as a scaling curve (--record); the ablation itself has a base for LJ-13
@@ -413,29 +423,27 @@ def main(argv: list[str] | None = None) -> int:
     if args.publish is not None:
         print(save_ablation_record(args.publish, args.target))
         return 0
-    if args.from_data is not None:
-        sampler = _sampler_from_payload(_load_payload(args.from_data))
+    def checked_sampler(checkpoint: Path) -> TrainedSampler:
+        sampler = _sampler_from_payload(_load_payload(checkpoint))
         if sampler.config.target != args.target:
-            parser.error(f"{args.from_data} is a {sampler.config.target} checkpoint, not {args.target}")
+            parser.error(f"{checkpoint} is a {sampler.config.target} checkpoint, not {args.target}")
+        return sampler
+
+    if args.from_data is not None:
+        sampler = checked_sampler(args.from_data)
         rows = denoise_from_reference(sampler, args.sigmas, args.n_eval, compile=args.compile,
                                       progress=not args.no_progress)
-        RECORDS_DIR.mkdir(parents=True, exist_ok=True)
-        # named after the checkpoint's folder, so that a target's several checkpoints keep their own records
-        path = RECORDS_DIR / f"from_data_{args.from_data.resolve().name}.json"  # what load_from_data_record reads
-        path.write_text(json.dumps({"target": args.target, "checkpoint": str(args.from_data), "n": args.n_eval,
-                                    "sigmas": sorted(args.sigmas), "seed": 0, "rows": rows}, indent=1) + "\n")
         for r in rows:
             print(json.dumps(r))
-        print(path)
+        print(_write_record("from_data", args.from_data, {"target": args.target, "n": args.n_eval,
+                                                          "sigmas": sorted(args.sigmas), "seed": 0, "rows": rows}))
         return 0
     for flag in ("target_virial", "dsm_ceiling", "mc_target_ceiling"):
         checkpoint = getattr(args, flag)
         if checkpoint is None:
             continue
         from boltzlab.training import target_bias
-        sampler = _sampler_from_payload(_load_payload(checkpoint))
-        if sampler.config.target != args.target:
-            parser.error(f"{checkpoint} is a {sampler.config.target} checkpoint, not {args.target}")
+        sampler = checked_sampler(checkpoint)
         if flag == "target_virial":
             record = target_bias.target_virial_record(sampler, sorted(args.sigmas), args.n_points)
             for r in record["rows"]:
@@ -446,11 +454,7 @@ def main(argv: list[str] | None = None) -> int:
             record, _ = target_bias.data_ceiling(sampler, args.dsm_steps, args.n_eval, progress=not args.no_progress,
                                                  regression="dsm" if flag == "dsm_ceiling" else "mc_target")
             print(json.dumps(record["metrics"]))
-        record["checkpoint"] = str(checkpoint)
-        RECORDS_DIR.mkdir(parents=True, exist_ok=True)
-        path = RECORDS_DIR / f"{flag}_{checkpoint.resolve().name}.json"
-        path.write_text(json.dumps(record, indent=1) + "\n")
-        print(path)
+        print(_write_record(flag, checkpoint, record))
         return 0
     if args.spread is not None:
         for row in sampling_spread(args.spread):

@@ -70,7 +70,8 @@ from boltzlab.diffusion import (
     sample_times,
 )
 from boltzlab.energies import Energy, GaussianMixture, PairPotential, get_target
-from boltzlab.estimators import mc_score
+from boltzlab.estimators import clip_for, draw_eps, mc_score, shifted_lse_score
+from boltzlab.mcmc import mala_refine
 from boltzlab.training.checkpoints import (  # noqa: F401 (re-exported)
     WARM_START_FIXED,
     TrainedSampler,
@@ -132,14 +133,17 @@ def noised_energy_estimate(energy: Energy, x_t: Tensor, sigma: Tensor, n_mc: int
     return -energy.kT * (torch.logsumexp(-e / energy.kT, dim=1) - math.log(n_mc))
 
 
-def regression_target(config: IDEMConfig, energy: Energy, x0: Tensor,
-                      generator: torch.Generator, compile: bool | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def regression_target(config: IDEMConfig, energy: Energy, x0: Tensor, generator: torch.Generator,
+                      compile: bool | None = None, proposal: nn.Module | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Noised points and their regression targets for buffer states ``x0`` (B, dim).
 
     Returns ``x_t`` (B, dim), ``t`` (B,) and the target: for iDEM the clipped Monte Carlo
     score (B, dim) from one streamed pass of the fused estimator (``compile`` as in
     :func:`boltzlab.estimators.mc_score`); for NEM the noised-energy estimate (B,). No
-    gradients; this is where every target-energy evaluation happens.
+    gradients; this is where every target-energy evaluation happens. With ``proposal`` (a score
+    network: the EMA sampler in training) and ``config.proposal_sigma`` > 0, the targets at
+    sigma_t <= proposal_sigma draw their K copies around x_t + sigma_t^2 s(x_t, t) instead of x_t
+    (:func:`boltzlab.estimators.shifted_lse_score`: the same limit, reweighted exactly).
     """
     schedule = config.schedule
     t = sample_times(x0.shape[0], generator=generator, t_min=config.t_min, dtype=x0.dtype)
@@ -150,8 +154,25 @@ def regression_target(config: IDEMConfig, energy: Energy, x0: Tensor,
             return x_t, t, noised_energy_estimate(energy, x_t, sigma, config.n_mc, generator)
         switch = config.local_scale if config.blend_scale is None else config.blend_scale
         extra = {"local_scale": switch} if config.estimator == "blended" else {}
-        target = mc_score(energy, x_t, sigma, config.n_mc, generator=generator, max_norm=target_clip(config, sigma),
-                          estimator=config.estimator, compile=compile, **extra)  # type: ignore[arg-type]
+        clip = target_clip(config, sigma)
+        low = sigma <= config.proposal_sigma
+        if proposal is None or config.proposal_sigma <= 0 or not bool(low.any()):
+            target = mc_score(energy, x_t, sigma, config.n_mc, generator=generator, max_norm=clip,
+                              estimator=config.estimator, compile=compile, **extra)  # type: ignore[arg-type]
+            return x_t, t, target
+        # the proposal network sees the whole batch: one input shape, so a compiled one compiles once
+        shift = sigma[:, None] ** 2 * proposal(x_t, t).float().to(x_t.dtype)
+        project = _projection(energy)
+        shift = project(shift) if project is not None else shift
+        target = torch.empty_like(x_t)
+        high = ~low
+        if bool(high.any()):
+            target[high] = mc_score(energy, x_t[high], sigma[high], config.n_mc, generator=generator,
+                                    max_norm=clip[high] if isinstance(clip, Tensor) else clip,
+                                    estimator=config.estimator, compile=compile, **extra)  # type: ignore[arg-type]
+        eps = draw_eps(energy, int(low.sum()), config.n_mc, generator, dtype=x_t.dtype, device=x_t.device)
+        shifted = shifted_lse_score(energy, x_t[low], sigma[low], shift[low], eps)
+        target[low] = shifted if clip is None else clip_for(energy, shifted, clip[low] if isinstance(clip, Tensor) else clip)
     return x_t, t, target
 
 
@@ -385,6 +406,9 @@ def train_idem(config: IDEMConfig, out_dir: str | Path | None = None, *, resume:
     bar = tqdm(range(state.outer, last), desc=f"iDEM {config.target}", disable=not progress or rank != 0,
                initial=state.outer, total=config.n_outer)
     per_step = local_batch * config.n_mc
+    # the EMA sampler proposes the copies below proposal_sigma (its bfloat16 rounding moves the
+    # proposal only; the importance weights are exact for whatever it proposes)
+    proposal = {"proposal": refill_forward} if config.proposal_sigma > 0 else {}
     cpu_start = time.process_time()
     for outer in bar:
         start = time.perf_counter()
@@ -399,7 +423,8 @@ def train_idem(config: IDEMConfig, out_dir: str | Path | None = None, *, resume:
                 else:
                     x0 = state.buffer.sample(local_batch, state.generator)
                 # a long compiled run compiles the estimator's blocks too, whatever their size
-                x_t, t, target = regression_target(config, energy, x0, state.generator, compile=compiled or None)
+                x_t, t, target = regression_target(config, energy, x0, state.generator, compile=compiled or None,
+                                                   **proposal)
             with timer("network"):
                 loss = target_loss(train_forward, config, energy, x_t, t, target)
                 state.optimizer.zero_grad(set_to_none=True)
@@ -415,6 +440,11 @@ def train_idem(config: IDEMConfig, out_dir: str | Path | None = None, *, resume:
                 state.buffer.add(sample_model(state.ema, refill_config, energy, local_refill, state.generator,
                                               forward=refill_forward))
             state.energy_evaluations += int(all_sum(sampling_energy_evaluations(config, local_refill)))
+            if config.buffer_mala_steps:
+                with timer("refill"):  # moving the buffer is part of refilling it
+                    state.buffer.replace_states(mala_refine(energy, state.buffer.data, config.buffer_mala_steps,
+                                                            state.generator))
+                state.energy_evaluations += int(all_sum(len(state.buffer) * config.buffer_mala_steps))
         state.outer = outer + 1
         spent = cpu_budget_s is not None and all_sum(float(time.process_time() - cpu_start >= cpu_budget_s)) > 0
         if spent:

@@ -38,7 +38,7 @@ from torch import Tensor
 from boltzlab import metrics
 from boltzlab.diffusion.dsm import fit_score_model
 from boltzlab.energies import Energy, PairPotential
-from boltzlab.estimators import clip_for
+from boltzlab.estimators import mc_score
 from boltzlab.kernels import mc_score_estimate
 from boltzlab.training.checkpoints import TrainedSampler
 from boltzlab.training.generative import TrainingHistory, run_training
@@ -73,24 +73,38 @@ def reference_halves(target: str) -> tuple[Tensor, Tensor]:
     return reference[perm[:half]], reference[perm[half:]]
 
 
+def noised_reference(sampler: TrainedSampler, sigmas: list[float], n_points: int,
+                     seed: int = 0) -> list[tuple[float, Tensor, Tensor]]:
+    """``n_points`` exact samples of p_t per sigma in ``sigmas``: held-out reference configurations
+    (the second half of :func:`reference_halves`) plus sigma N(0, I), centre-of-mass-free, drawn
+    from a generator seeded ``seed``. Returns ``(sigma, x_t (n, dim) float64, t (n,))`` per sigma."""
+    energy = sampler.energy
+    _, test = reference_halves(sampler.config.target)
+    x0 = test[:n_points].double()
+    project = _projection(energy) or (lambda v: v)
+    points = torch.Generator().manual_seed(seed)
+    out = []
+    for sigma in sigmas:
+        x_t = project(x0 + sigma * project(torch.randn(x0.shape, generator=points, dtype=x0.dtype)))
+        out.append((sigma, x_t, sampler.config.schedule.time_at_std(torch.full((x0.shape[0],), sigma, dtype=x0.dtype))))
+    return out
+
+
 def virial_by_sigma(sampler: TrainedSampler, scores: dict[str, VirialScore],
-                    sigmas: list[float], n_points: int, seed: int = 0) -> list[dict[str, float]]:
+                    sigmas: list[float], n_points: int, seed: int = 0,
+                    noised: list[tuple[float, Tensor, Tensor]] | None = None) -> list[dict[str, float]]:
     """Mean virial (1/n) sum_b (x_b - c_b) . s(x_b, t) of every score in ``scores`` at the same
-    ``n_points`` exact samples of p_t per noise level sigma in ``sigmas`` (held-out reference
-    configurations plus sigma N(0, I), centre-of-mass-free), with the exact value
-    -(n_particles - 1) d. A score is ``f(x (B, dim) float64, t (B,), generator) -> (B, dim)``.
+    ``n_points`` exact samples of p_t per noise level sigma in ``sigmas``
+    (:func:`noised_reference` with ``seed``, or ``noised`` when given), with the exact value
+    -(n_particles - 1) d. A score is ``f(x (B, dim) float64, t (B,), generator) -> (B, dim)``;
+    the scores' own draws come from a generator seeded ``seed + 1``.
     Returns one row per sigma: ``{"sigma", "exact", NAME: mean virial, ...}``."""
     energy = sampler.energy
     particles = _particles(energy)
-    _, test = reference_halves(sampler.config.target)
-    x0 = test[:n_points].double()
-    # the points come from their own generator, so every set of scores sees the same points
-    points, generator = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
+    noised = noised_reference(sampler, sigmas, n_points, seed) if noised is None else noised
+    generator = torch.Generator().manual_seed(seed + 1)
     rows = []
-    for sigma in sigmas:
-        project = _projection(energy) or (lambda v: v)
-        x_t = project(x0 + sigma * project(torch.randn(x0.shape, generator=points, dtype=x0.dtype)))
-        t = sampler.config.schedule.time_at_std(torch.full((x0.shape[0],), sigma, dtype=x0.dtype))
+    for sigma, x_t, t in noised:
         row = {"sigma": sigma, "exact": metrics.virial_expectation(energy.dim, *particles)}
         for name, score in scores.items():
             values = metrics.score_virial(x_t, score(x_t, t, generator), *particles)
@@ -100,17 +114,21 @@ def virial_by_sigma(sampler: TrainedSampler, scores: dict[str, VirialScore],
 
 
 def mc_target_score(sampler: TrainedSampler, n_mc: int, repeats: int = 1) -> VirialScore:
-    """The iDEM regression target of ``sampler``'s config with K = ``n_mc`` copies (the fused
-    LSE force-form estimate, clipped per particle as in training by
-    :func:`~boltzlab.training.idem.target_clip`), averaged over ``repeats`` independent draws:
-    its mean is what a regression onto it converges to, so averaging shows the bias."""
+    """The iDEM regression target of ``sampler``'s config with K = ``n_mc`` copies (its estimator:
+    the fused LSE force form, or the blended force/noise form switching at ``blend_scale``;
+    clipped per particle as in training by :func:`~boltzlab.training.idem.target_clip`),
+    averaged over ``repeats`` independent draws: its mean is what a regression onto it
+    converges to, so averaging shows the bias."""
     config, energy = sampler.config, sampler.energy
+    switch = config.local_scale if config.blend_scale is None else config.blend_scale
+    extra = {"local_scale": switch} if config.estimator == "blended" else {}
 
     def score(x: Tensor, t: Tensor, generator: torch.Generator) -> Tensor:
         sigma = config.schedule.std(t)
         clip = target_clip(config, sigma)
-        draws = [mc_score_estimate(energy, x, sigma, n_mc, generator=generator).score for _ in range(repeats)]
-        return torch.stack([d if clip is None else clip_for(energy, d, clip) for d in draws]).mean(0)
+        draws = [mc_score(energy, x, sigma, n_mc, generator=generator, estimator=config.estimator,  # type: ignore[arg-type]
+                          max_norm=clip, **extra) for _ in range(repeats)]
+        return torch.stack(draws).mean(0)
     return score
 
 
@@ -135,16 +153,13 @@ def target_virial_record(sampler: TrainedSampler, sigmas: list[float], n_points:
     # the smallest K without any clip: what the clip does to the bias
     unclipped = replace(sampler, config=replace(sampler.config, max_norm=None, clip_sigma=0.0))
     scores[f"target_{ks[0]}_unclipped"] = mc_target_score(unclipped, ks[0], repeats=max(1, 32000 // ks[0] // 4))
-    rows = virial_by_sigma(sampler, scores, sigmas, n_points, seed)
-    # the weights' ESS at the same points (the same point generator), with fresh copies
-    points, generator = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 2)
-    _, test = reference_halves(sampler.config.target)
-    x0 = test[:n_points].double()
-    for row, sigma in zip(rows, sigmas):
-        project = _projection(sampler.energy) or (lambda v: v)
-        x_t = project(x0 + sigma * project(torch.randn(x0.shape, generator=points, dtype=x0.dtype)))
+    noised = noised_reference(sampler, sigmas, n_points, seed)
+    rows = virial_by_sigma(sampler, scores, sigmas, n_points, seed, noised=noised)
+    # the weights' ESS at the same points, with fresh copies
+    generator = torch.Generator().manual_seed(seed + 2)
+    for row, (sigma, x_t, _) in zip(rows, noised):
         for k in ks:
-            est = mc_score_estimate(sampler.energy, x_t, torch.full((x0.shape[0],), sigma, dtype=x0.dtype), k,
+            est = mc_score_estimate(sampler.energy, x_t, torch.full((x_t.shape[0],), sigma, dtype=x_t.dtype), k,
                                     generator=generator)
             row[f"ess_{k}"] = float(est.ess.mean())
     return {"target": sampler.config.target, "n_points": n_points, "ks": list(ks), "seed": seed, "rows": rows}
