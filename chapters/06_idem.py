@@ -1651,11 +1651,11 @@ assert mc_ceiling["metrics"]["distance_w2"] > 2.5 * ceiling["metrics"]["distance
 # record's 200 noised reference configurations (a scratch check, `benchmarks/README.md`, "Session
 # 18") the shifted copies move the mean virial at $\sigma_t$ = 0.1 and 0.2 from +18 and +2 to $-44$
 # and $-34$, and the blend moves it at $\sigma_t$ = 1 and 2 from $-53$ and $-105$ to $-45$ and $-37$
-# (exact: $-36$). Each change alone failed, as the identity predicts: the shifted copies alone
+# (exact: $-36$). Each change alone failed: the shifted copies alone
 # brought the bulk right and thinned the tail further (2.7% beyond $r_{90}$ after 30 outer
 # iterations), the blend alone made the clusters hot and stretched (a switch at 1.0 dissolved them
 # within 30). Together they keep the tail, but the fourth phase's samples still come out about
-# 3% too long in the bulk with the plain reverse SDE. The fifth phase trains nothing: it samples
+# 2% too long in the bulk with the plain reverse SDE. The fifth phase trains nothing: it samples
 # the same weights with the noise of each reverse-SDE step scaled by 0.95, a colder sampler (the
 # public code runs LJ-13 at 0.9, which here over-cools: distance W2 0.054). The cell below
 # compares the phases' final evaluations, 2000 fresh samples each against the whole reference set.
