@@ -152,14 +152,9 @@ def regression_target(config: IDEMConfig, energy: Energy, x0: Tensor, generator:
     with torch.no_grad():
         if config.method == "nem":
             return x_t, t, noised_energy_estimate(energy, x_t, sigma, config.n_mc, generator)
-        switch = config.local_scale if config.blend_scale is None else config.blend_scale
-        extra = {"local_scale": switch} if config.estimator == "blended" else {}
-        clip = target_clip(config, sigma)
         low = sigma <= config.proposal_sigma
         if proposal is None or config.proposal_sigma <= 0 or not bool(low.any()):
-            target = mc_score(energy, x_t, sigma, config.n_mc, generator=generator, max_norm=clip,
-                              estimator=config.estimator, compile=compile, **extra)  # type: ignore[arg-type]
-            return x_t, t, target
+            return x_t, t, mc_target(config, energy, x_t, sigma, generator, compile)
         # the proposal network sees the whole batch: one input shape, so a compiled one compiles once
         shift = sigma[:, None] ** 2 * proposal(x_t, t).float().to(x_t.dtype)
         project = _projection(energy)
@@ -167,13 +162,23 @@ def regression_target(config: IDEMConfig, energy: Energy, x0: Tensor, generator:
         target = torch.empty_like(x_t)
         high = ~low
         if bool(high.any()):
-            target[high] = mc_score(energy, x_t[high], sigma[high], config.n_mc, generator=generator,
-                                    max_norm=clip[high] if isinstance(clip, Tensor) else clip,
-                                    estimator=config.estimator, compile=compile, **extra)  # type: ignore[arg-type]
+            target[high] = mc_target(config, energy, x_t[high], sigma[high], generator, compile)
         eps = draw_eps(energy, int(low.sum()), config.n_mc, generator, dtype=x_t.dtype, device=x_t.device)
         shifted = shifted_lse_score(energy, x_t[low], sigma[low], shift[low], eps)
-        target[low] = shifted if clip is None else clip_for(energy, shifted, clip[low] if isinstance(clip, Tensor) else clip)
+        clip = target_clip(config, sigma[low])
+        target[low] = shifted if clip is None else clip_for(energy, shifted, clip)
     return x_t, t, target
+
+
+def mc_target(config: IDEMConfig, energy: Energy, x_t: Tensor, sigma: Tensor, generator: torch.Generator,
+              compile: bool | None = None) -> Tensor:
+    """iDEM's Monte Carlo target at ``x_t`` (B, dim) with noise levels ``sigma`` (B,): the config's
+    estimator over K = ``n_mc`` copies around x_t (the blended one switching at ``blend_scale``,
+    else ``local_scale``), clipped by :func:`target_clip`. (B, dim)."""
+    switch = config.local_scale if config.blend_scale is None else config.blend_scale
+    extra = {"local_scale": switch} if config.estimator == "blended" else {}
+    return mc_score(energy, x_t, sigma, config.n_mc, generator=generator, max_norm=target_clip(config, sigma),
+                    estimator=config.estimator, compile=compile, **extra)  # type: ignore[arg-type]
 
 
 def target_clip(config: IDEMConfig, sigma: Tensor) -> float | Tensor | None:

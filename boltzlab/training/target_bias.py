@@ -16,9 +16,9 @@
 
 The records are written by
 
-    python -m boltzlab ablate lj13 --target-virial boltzlab/data/checkpoints/lj13 --sigmas 0.03 0.1 0.2 0.3 0.5 1.0 2.0
-    python -m boltzlab ablate lj13 --dsm-ceiling boltzlab/data/checkpoints/lj13
-    python -m boltzlab ablate lj13 --mc-target-ceiling boltzlab/data/checkpoints/lj13
+    python -m boltzlab ablate lj13 --target-virial boltzlab/data/checkpoints/lj13_phase3 --sigmas 0.03 0.1 0.2 0.3 0.5 1.0 2.0
+    python -m boltzlab ablate lj13 --dsm-ceiling boltzlab/data/checkpoints/lj13_phase3
+    python -m boltzlab ablate lj13 --mc-target-ceiling boltzlab/data/checkpoints/lj13_phase3
 
 (``boltzlab/data/records/{target_virial,dsm_ceiling,mc_target_ceiling}_lj13.json``) and chapter
 06 shows them.
@@ -38,15 +38,14 @@ from torch import Tensor
 from boltzlab import metrics
 from boltzlab.diffusion.dsm import fit_score_model
 from boltzlab.energies import Energy, PairPotential
-from boltzlab.estimators import mc_score
 from boltzlab.kernels import mc_score_estimate
 from boltzlab.training.checkpoints import TrainedSampler
 from boltzlab.training.generative import TrainingHistory, run_training
 from boltzlab.training.idem import (
     evaluate_samples,
     evaluation_reference,
+    mc_target,
     regression_target,
-    target_clip,
     target_loss,
 )
 from boltzlab.training.sampler import _projection, build_model, sample_model
@@ -119,16 +118,11 @@ def mc_target_score(sampler: TrainedSampler, n_mc: int, repeats: int = 1) -> Vir
     clipped per particle as in training by :func:`~boltzlab.training.idem.target_clip`),
     averaged over ``repeats`` independent draws: its mean is what a regression onto it
     converges to, so averaging shows the bias."""
-    config, energy = sampler.config, sampler.energy
-    switch = config.local_scale if config.blend_scale is None else config.blend_scale
-    extra = {"local_scale": switch} if config.estimator == "blended" else {}
+    config, energy = replace(sampler.config, n_mc=n_mc), sampler.energy
 
     def score(x: Tensor, t: Tensor, generator: torch.Generator) -> Tensor:
         sigma = config.schedule.std(t)
-        clip = target_clip(config, sigma)
-        draws = [mc_score(energy, x, sigma, n_mc, generator=generator, estimator=config.estimator,  # type: ignore[arg-type]
-                          max_norm=clip, **extra) for _ in range(repeats)]
-        return torch.stack(draws).mean(0)
+        return torch.stack([mc_target(config, energy, x, sigma, generator) for _ in range(repeats)]).mean(0)
     return score
 
 
